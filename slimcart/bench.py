@@ -1,0 +1,143 @@
+"""Timing harness: warm-up, fixed threads, interleaved same-run measurement, medians and percentiles.
+
+Why interleaved: on a shared 2-core machine absolute throughput swings 10x between minutes, so a
+baseline timed at 14:00 and a candidate at 14:05 prove nothing. Here every round times every
+candidate back to back, in alternating order, and ratios are taken per round before the median.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .workloads.base import BenchInputs
+
+INTERESTING_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "avx_vnni")
+
+
+def set_threads(n: int) -> None:
+    """Pin intra-op threads for torch, ONNX Runtime (via env) and BLAS so every side gets the same budget."""
+    import torch
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    torch.set_num_threads(n)
+
+
+def default_threads() -> int:
+    return int(os.environ.get("SLIMCART_THREADS", min(os.cpu_count() or 1, 8)))
+
+
+def environment(threads: int | None = None) -> dict:
+    """What the numbers were measured on: CPU model and flags, threads, library versions."""
+    import importlib.metadata as md
+
+    cpu_model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu_model in ("unknown", "", "x86_64"):
+                cpu_model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "openvino", "numpy", "slimcart"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "cpu": cpu_model,
+        "cpu_flags": sorted(f for f in INTERESTING_CPU_FLAGS if f in flags),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads or default_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }
+
+
+@dataclass
+class SideTiming:
+    latency_ms: list[float] = field(default_factory=list)  # one entry per batch-1 call
+    throughput_per_s: list[float] = field(default_factory=list)  # one entry per round
+    extra_per_s: dict[str, list[float]] = field(default_factory=dict)  # name -> one entry per round
+
+    def summary(self) -> dict:
+        lat = np.asarray(self.latency_ms) if self.latency_ms else np.asarray([np.nan])
+        med = lambda xs: float(statistics.median(xs)) if xs else float("nan")  # noqa: E731
+        out = {
+            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
+            "throughput_per_s": med(self.throughput_per_s),
+        }
+        if self.extra_per_s:
+            out["extra_throughput_per_s"] = {k: med(v) for k, v in self.extra_per_s.items()}
+        return out
+
+
+def _timed(fn: Callable[[Any], Any], x: Any) -> float:
+    t0 = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t0
+
+
+def measure_interleaved(
+    sides: dict[str, Callable[[Any], Any]],
+    inputs: BenchInputs,
+    repeats: int = 5,
+    warmup: int = 2,
+    latency_samples: int = 32,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, SideTiming]:
+    """Time every side on the same inputs, round by round, alternating the order each round.
+
+    Latency: each round runs `latency_samples` single requests per side, request by request
+    interleaved across sides. Throughput: each round runs all serving batches per side.
+    """
+    names = list(sides)
+    result = {n: SideTiming() for n in names}
+    singles = inputs.single[:latency_samples] or inputs.serving[:1]
+    for name in names:  # warm-up: caches, lazy kernels, allocator pools
+        for _ in range(warmup):
+            for batch in inputs.serving[:2]:
+                sides[name](batch)
+            for x in singles[:4]:
+                sides[name](x)
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for x in singles:
+            for name in order:
+                result[name].latency_ms.append(_timed(sides[name], x) * 1e3)
+        for name in order:
+            t = sum(_timed(sides[name], b) for b in inputs.serving)
+            result[name].throughput_per_s.append(inputs.items_per_serving_batch * len(inputs.serving) / t)
+            for key, (batches, items) in inputs.extra.items():
+                t = sum(_timed(sides[name], b) for b in batches)
+                result[name].extra_per_s.setdefault(key, []).append(items * len(batches) / t)
+        if progress:
+            progress(f"round {r + 1}/{repeats}")
+    return result
+
+
+def paired_ratio(candidate: list[float], baseline: list[float]) -> float:
+    """Median of per-round ratios: robust to the machine speeding up or slowing down between rounds."""
+    pairs = [c / b for c, b in zip(candidate, baseline) if b > 0]
+    return float(statistics.median(pairs)) if pairs else float("nan")
+
+
+def dir_bytes(path: Path, suffixes: tuple[str, ...] | None = None) -> int:
+    """Bytes on disk of a model file or folder (optionally only files with the given suffixes)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(
+        f.stat().st_size for f in path.rglob("*") if f.is_file() and (suffixes is None or f.suffix in suffixes)
+    )

@@ -1,0 +1,1 @@
+"""Compression techniques. Each family is one verb with a typed config; recipes call them via steps."""

