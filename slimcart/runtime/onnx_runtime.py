@@ -44,8 +44,12 @@ class OnnxRunner:
 
 def export_onnx(module: torch.nn.Module, example: dict[str, Any], path: Path, dynamic_axes: dict, output_name: str) -> Path:
     """Export `module(**example)` to ONNX with the given dynamic axes; weights in one file."""
+    import inspect
+
     module = module.eval()
-    names = list(example)
+    # Positional export: order inputs as forward() declares them, not as the tokenizer returned them.
+    params = list(inspect.signature(module.forward).parameters)
+    names = sorted(example, key=lambda k: params.index(k) if k in params else len(params))
     args = tuple(torch.as_tensor(example[k]) for k in names)
     with torch.inference_mode():
         torch.onnx.export(
@@ -98,7 +102,7 @@ class OrtDynamicInt8(Step):
     kind: Literal["ort_dynamic_int8"] = "ort_dynamic_int8"
     per_channel: bool = False
     reduce_range: bool = False
-    op_types: list[str] = ["MatMul", "Attention"]
+    op_types: list[str] = ["MatMul", "Attention", "EmbedLayerNormalization", "Gather"]
 
     def apply(self, state, ctx):
         from onnxruntime.quantization import QuantType, quantize_dynamic

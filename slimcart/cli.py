@@ -1,0 +1,185 @@
+"""The `slimcart` command line: a thin typer layer over slimcart.api."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import SlimcartError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress and accelerate e-commerce models, with measured results.")
+console = Console(stderr=True)
+out_console = Console()
+
+WorkloadOpt = typer.Option(..., "--workload", "-w", help="search | llm | recsys")
+DataOpt = typer.Option(None, "--data", help="dataset folder or file (default: $SLIMCART_DATA, else synthetic data)")
+ThreadsOpt = typer.Option(None, "--threads", help="intra-op threads for every runtime (default: all cores, max 8)")
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _run(fn, *args, **kwargs):
+    """Call the API with a live status line; SlimcartError becomes one error line and exit code 2."""
+    with console.status("starting") as status:
+        def progress(msg: str) -> None:
+            if msg.startswith("WARNING") or msg.startswith("resuming") or msg.startswith("wrote"):
+                console.print(msg, style="bold yellow" if msg.startswith("WARNING") else None, highlight=False)
+            status.update(msg)
+        try:
+            return fn(*args, progress=progress, **kwargs)
+        except SlimcartError as e:
+            status.stop()
+            _fail(str(e))
+        except KeyboardInterrupt:
+            status.stop()
+            _fail("interrupted — rerun the same command to resume")
+
+
+def _print_compare(m: dict) -> None:
+    from .report.markdown import comparison_rows
+    from .workloads import get_workload
+
+    t = Table(title=f"{m['recipe']} on {m['workload']} / {m['model']}  ({m['data']['name']}, n={m['data']['n']})")
+    for col in ("metric", "baseline (torch fp32)", f"compressed ({m['compressed']['runtime']})", "change / ratio"):
+        t.add_column(col)
+    for row in comparison_rows(m, get_workload(m["workload"]).higher_is_better):
+        t.add_row(*row)
+    out_console.print(t)
+    if m["data"]["synthetic"]:
+        out_console.print("[bold yellow]SYNTHETIC DATA: quality figures only show the pipeline works.[/]")
+    if m.get("size_only"):
+        out_console.print(f"size-only (no speed-up kernel): {', '.join(m['size_only'])}")
+
+
+@app.command()
+def compress(
+    workload: str = WorkloadOpt,
+    model: str = typer.Option(..., "--model", "-m", help="alias (minilm, smollm2, sasrec) or model folder"),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="built-in recipe name or a recipe YAML file"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (refused if it exists, unless --overwrite)"),
+    data: Optional[str] = DataOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+    threads: Optional[int] = ThreadsOpt,
+    repeats: int = typer.Option(5, "--repeats", help="interleaved timing rounds"),
+    no_rss: bool = typer.Option(False, "--no-rss", help="skip the peak-memory probe processes"),
+) -> None:
+    """Compress MODEL with RECIPE; measure baseline and result in the same run; write OUT."""
+    from . import api
+
+    m = _run(api.compress, workload, model, recipe, out, data=data, overwrite=overwrite, threads=threads,
+             repeats=repeats, measure_rss=not no_rss)
+    _print_compare(m)
+
+
+@app.command("eval")
+def eval_(workload: str = WorkloadOpt, model: str = typer.Option(..., "--model", "-m"), data: Optional[str] = DataOpt,
+          threads: Optional[int] = ThreadsOpt, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Measure the quality of a model (alias, folder or slimcart output folder)."""
+    from . import api
+
+    r = _run(api.evaluate, workload, model, data=data, threads=threads)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    t = Table(title=f"{workload} / {model} on {r['runtime']} — {r['data']['name']} (n={r['data']['n']})")
+    t.add_column("metric")
+    t.add_column("value")
+    for k, v in r["quality"].items():
+        t.add_row(k, f"{v:.4f}")
+    out_console.print(t)
+    if r["data"]["synthetic"]:
+        out_console.print("[bold yellow]SYNTHETIC DATA: quality figures only show the pipeline works.[/]")
+
+
+@app.command()
+def bench(workload: str = WorkloadOpt, model: str = typer.Option(..., "--model", "-m"),
+          baseline: Optional[str] = typer.Option(None, "--baseline", help="model to time against (default: the output folder's source)"),
+          data: Optional[str] = DataOpt, threads: Optional[int] = ThreadsOpt, repeats: int = typer.Option(5, "--repeats"),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Time a model against its baseline, interleaved in one process."""
+    from . import api
+
+    r = _run(api.bench, workload, model, baseline=baseline, data=data, threads=threads, repeats=repeats)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    t = Table(title=f"{workload}: interleaved timing, {r['environment']['threads']} threads")
+    for col in ("side", "model", "runtime", "p50 ms", "p99 ms", f"{r['unit']}/s"):
+        t.add_column(col)
+    for name, s in r["sides"].items():
+        t.add_row(name, s["model"], s["runtime"], f"{s['latency_ms']['p50']:.2f}", f"{s['latency_ms']['p99']:.2f}",
+                  f"{s['throughput_per_s']:.1f}")
+    out_console.print(t)
+    if "ratios" in r:
+        out_console.print(f"throughput ratio model/baseline: {r['ratios']['throughput']:.2f}x")
+
+
+@app.command()
+def train(workload: str = WorkloadOpt, data: Optional[str] = DataOpt,
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="checkpoint folder (default: the alias location)"),
+          epochs: int = typer.Option(30, "--epochs", help="maximum epochs (early stopping on validation NDCG@10)"),
+          seed: int = typer.Option(0, "--seed"), threads: Optional[int] = ThreadsOpt) -> None:
+    """Train the workload's own model (recsys: SASRec on the interaction log). Resumes an interrupted run."""
+    from .bench import default_threads, set_threads
+    from .workloads import get_workload
+
+    set_threads(threads or default_threads())
+    try:
+        wl = get_workload(workload)
+        if not hasattr(wl, "train"):
+            raise SlimcartError(f"workload '{workload}' has no trainable model of its own (only recsys does)")
+        dataset = wl.load_data(data)
+        if wl.data_info(dataset).synthetic:
+            console.print("[bold yellow]WARNING: no real data found — training on SYNTHETIC data[/]")
+        from rich.progress import Progress
+
+        with Progress(console=console) as bar:
+            task = bar.add_task("training", total=None)
+            path = wl.train(dataset, out, epochs=epochs, seed=seed,
+                            progress=lambda msg: bar.update(task, description=msg))
+    except SlimcartError as e:
+        _fail(str(e))
+    out_console.print(f"checkpoint: {path}")
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes."""
+    from .recipe import builtin_recipes, load_recipe
+
+    t = Table(title="built-in recipes")
+    for col in ("name", "workloads", "steps"):
+        t.add_column(col)
+    for name in builtin_recipes():
+        r = load_recipe(name)
+        t.add_row(name, ", ".join(r.workloads or ["any"]), " → ".join(s.kind for s in r.steps))
+    out_console.print(t)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o"), data: Optional[str] = DataOpt,
+         threads: Optional[int] = ThreadsOpt) -> None:
+    """The main job: compress the bundled MiniLM for product search, print before/after, write the report."""
+    from . import api
+
+    console.print("[bold]slimcart demo[/]: all-MiniLM-L6-v2 for product search, recipe int8-dynamic")
+    m = _run(api.compress, "search", "minilm", "int8-dynamic", out, data=data, overwrite=True, threads=threads)
+    _print_compare(m)
+    out_console.print(f"report: {out / 'report.md'}   metrics: {out / 'metrics.json'}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,43 @@
+"""Peak resident memory of one side, measured in a fresh process so the other side's memory is not counted.
+
+    python -m slimcart.rss_probe --workload search --model minilm | --artifact OUT/model
+Prints one JSON line: {"peak_rss_bytes": N}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", required=True)
+    ap.add_argument("--model")
+    ap.add_argument("--artifact")
+    ap.add_argument("--data")
+    ap.add_argument("--threads", type=int)
+    a = ap.parse_args(argv)
+    from .bench import default_threads, set_threads
+    from .workloads import get_workload
+
+    set_threads(a.threads or default_threads())
+    wl = get_workload(a.workload)
+    data = wl.load_data(a.data)
+    if a.artifact:
+        runner, bundle = wl.load_artifact(Path(a.artifact))
+    else:
+        bundle = wl.load_model(a.model)
+        runner = wl.torch_runner(bundle)
+    inputs = wl.bench_inputs(bundle, data)
+    for batch in inputs.serving[:4] + inputs.single[:4]:
+        runner(batch)
+    # ru_maxrss is in KiB on Linux
+    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
