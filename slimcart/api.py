@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from . import artifacts
+from . import artifacts, formats
 from .bench import default_threads, environment, measure_interleaved, paired_ratio, set_threads
 from .compress.state import ModelState, StepContext
 from .errors import SlimcartError
@@ -29,7 +29,12 @@ def _save_state(wl, state: ModelState, folder: Path) -> None:
     """Write the compressed model in a format a standard runtime loads (ONNX, or an HF/safetensors folder)."""
     from .runtime.onnx_runtime import copy_onnx
 
-    if state.runtime == "onnxruntime":
+    if state.saver is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        state.saver(folder)
+        if hasattr(wl, "save_extras"):
+            wl.save_extras(state.bundle, folder)
+    elif state.runtime == "onnxruntime":
         copy_onnx(state.onnx_path, folder)
         wl.save_extras(state.bundle, folder)
     elif state.runtime.startswith("torch"):
@@ -129,7 +134,7 @@ def compress(
     work.mkdir(parents=True, exist_ok=True)
 
     progress("reloading the compressed model from disk")
-    cand_runner, cand_bundle = wl.load_artifact(model_dir)
+    cand_runner, cand_bundle = formats.load_model_dir(wl, model_dir)
     base_runner = wl.torch_runner(bundle)
 
     progress("evaluating baseline quality")
@@ -184,9 +189,9 @@ def load_any(wl, model: str):
     """(runner, bundle) for a model alias/folder, or a slimcart output folder."""
     p = Path(model)
     if p.is_dir() and (p / "metrics.json").exists() and (p / "model").is_dir():
-        return wl.load_artifact(p / "model")
-    if p.is_dir() and (p / "model.onnx").exists():
-        return wl.load_artifact(p)
+        return formats.load_model_dir(wl, p / "model")
+    if p.is_dir() and ((p / "model.onnx").exists() or (p / formats.FORMAT_FILE).exists()):
+        return formats.load_model_dir(wl, p)
     bundle = wl.load_model(model)
     return wl.torch_runner(bundle), bundle
 

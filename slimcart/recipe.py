@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from .errors import SlimcartError
 
 STEP_TYPES: dict[str, type["Step"]] = {}
-# Technique modules that define steps; imported lazily so `slimcart --help` stays fast.
-STEP_MODULES = ["slimcart.runtime.onnx_runtime", "slimcart.runtime.torch_runtime"]
+# Packages whose modules define steps; imported lazily (on first recipe parse) so `slimcart --help` stays fast.
+STEP_PACKAGES = ["slimcart.runtime", "slimcart.compress"]
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
 
@@ -46,8 +46,13 @@ def register_step(cls: type[Step]) -> type[Step]:
 
 
 def _load_step_modules() -> None:
-    for mod in STEP_MODULES:
-        importlib.import_module(mod)
+    """Import every module of the technique and runtime packages so their @register_step classes exist."""
+    import pkgutil
+
+    for pkg_name in STEP_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg_name + "."):
+            importlib.import_module(info.name)
 
 
 def parse_step(raw: Any) -> Step:

@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     wl = get_workload(a.workload)
     data = wl.load_data(a.data)
     if a.artifact:
-        runner, bundle = wl.load_artifact(Path(a.artifact))
+        from .formats import load_model_dir
+
+        runner, bundle = load_model_dir(wl, Path(a.artifact))
     else:
         bundle = wl.load_model(a.model)
         runner = wl.torch_runner(bundle)

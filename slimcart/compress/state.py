@@ -44,3 +44,6 @@ class ModelState:
     size_only: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    # A step whose result is neither plain PyTorch nor ONNX (e.g. packed int4 weights) sets a saver; the
+    # folder it writes must hold `slimcart-format.json` naming a loader registered in slimcart.formats.
+    saver: Callable[[Path], None] | None = None
