@@ -13,6 +13,12 @@ from rich.table import Table
 
 from .errors import SlimcartError
 
+# Library chatter (weight-loading bars, load reports, exporter warnings) would bury the one-line errors
+# and the result table; slimcart prints its own progress.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress and accelerate e-commerce models, with measured results.")
 console = Console(stderr=True)
 out_console = Console()
@@ -27,8 +33,24 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def _run(fn, *args, **kwargs):
     """Call the API with a live status line; SlimcartError becomes one error line and exit code 2."""
+    _quiet_libraries()
     with console.status("starting") as status:
         def progress(msg: str) -> None:
             if msg.startswith("WARNING") or msg.startswith("resuming") or msg.startswith("wrote"):

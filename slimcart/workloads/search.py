@@ -168,7 +168,7 @@ class SearchWorkload:
     def load_data(self, data: str | None) -> SearchData:
         path = resolve_dataset(data, "search-crowdflower")
         if path is None:
-            df, name = synthetic.search_pairs(), "synthetic-search"
+            df, name = self._normalize(synthetic.search_pairs(), Path("<synthetic>")), "synthetic-search"
             synthetic_flag = True
         else:
             df, name = self._read_real(path), path.name
@@ -192,6 +192,11 @@ class SearchWorkload:
             src = path
         else:
             df, src = read_table(path), path
+        return self._normalize(df, src)
+
+    @staticmethod
+    def _normalize(df: pd.DataFrame, src: Path) -> pd.DataFrame:
+        """Map a user's columns to query / product (title + start of description) / label."""
         cols = require_columns(
             df, src,
             {

@@ -1,0 +1,52 @@
+"""Atomic output folders."""
+import os
+
+import pytest
+
+from slimcart.artifacts import check_output_path, model_bytes, partial_dir, publish
+from slimcart.errors import SlimcartError
+
+
+def test_existing_output_refused_without_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SlimcartError, match="already exists"):
+        check_output_path(out, overwrite=False)
+    check_output_path(out, overwrite=True)
+
+
+def test_output_that_is_a_file(tmp_path):
+    f = tmp_path / "f"
+    f.write_text("x")
+    with pytest.raises(SlimcartError, match="not a folder"):
+        check_output_path(f, overwrite=True)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_parent(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    with pytest.raises(SlimcartError, match="not writable"):
+        check_output_path(ro / "out", overwrite=False)
+
+
+def test_publish_replaces_only_when_complete(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    tmp = partial_dir(out)
+    tmp.mkdir()
+    (tmp / "model.onnx").write_bytes(b"123")
+    (tmp / "tokenizer.json").write_text("{}")
+    publish(tmp, out)
+    assert not tmp.exists() and not (out / "old.txt").exists()
+    assert model_bytes(out) == 3  # tokenizer is not a weight file
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_parent_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SlimcartError, match="cannot create output parent folder"):
+        check_output_path(blocker / "sub" / "out", overwrite=False)

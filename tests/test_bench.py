@@ -1,0 +1,50 @@
+"""Timing harness behaviour, checked with functions of known cost."""
+import time
+
+import pytest
+
+from slimcart.bench import dir_bytes, environment, measure_interleaved, paired_ratio
+from slimcart.workloads.base import BenchInputs
+
+
+def _sleeper(seconds):
+    def fn(_batch):
+        time.sleep(seconds)
+    return fn
+
+
+def test_interleaved_ratio_recovers_known_speedup():
+    inputs = BenchInputs(single=[0] * 4, serving=[0] * 3, items_per_serving_batch=10, unit="items")
+    calls = []
+    sides = {"slow": _sleeper(0.004), "fast": _sleeper(0.002)}
+    wrapped = {k: (lambda f, k: (lambda b: (calls.append(k), f(b))))(f, k) for k, f in sides.items()}
+    res = measure_interleaved(wrapped, inputs, repeats=3, warmup=1, latency_samples=4)
+    ratio = paired_ratio(res["fast"].throughput_per_s, res["slow"].throughput_per_s)
+    assert 1.4 < ratio < 2.3  # 2x by construction; sleep overshoot makes it a little less
+    s = res["slow"].summary()
+    assert s["latency_ms"]["p50"] >= 4.0 and s["latency_ms"]["p99"] >= s["latency_ms"]["p50"]
+    assert s["throughput_per_s"] <= 10 / 0.004 + 1e-9
+    # interleaving: within the latency phase, consecutive calls alternate between the sides
+    timed = calls[(1 * (2 + 4)) * 2:]  # skip warm-up calls (2 serving + 4 singles per side)
+    assert timed[:4] in (["slow", "fast"] * 2, ["fast", "slow"] * 2)
+
+
+def test_extra_throughput_reported():
+    inputs = BenchInputs(single=[0], serving=[0], items_per_serving_batch=1, unit="x", extra={"prefill": ([0, 0], 100)})
+    res = measure_interleaved({"a": _sleeper(0.001)}, inputs, repeats=2, warmup=0)
+    assert "prefill" in res["a"].summary()["extra_throughput_per_s"]
+    assert res["a"].summary()["extra_throughput_per_s"]["prefill"] < 100 / 0.001
+
+
+def test_paired_ratio_is_median_of_per_round_ratios():
+    assert paired_ratio([2, 4, 30], [1, 2, 3]) == pytest.approx(2.0)
+
+
+def test_dir_bytes_and_environment(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.onnx").write_bytes(b"y" * 5)
+    assert dir_bytes(tmp_path) == 15
+    assert dir_bytes(tmp_path, (".onnx",)) == 5
+    env = environment(2)
+    assert env["threads"] == 2 and env["versions"]["torch"].startswith("2.")
