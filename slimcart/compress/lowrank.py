@@ -1,0 +1,391 @@
+"""Low-rank factorization: truncated SVD of nn.Linear layers (and embedding tables).
+
+W (out×in) ≈ U_r Σ_r V_rᵀ becomes two ordinary Linears, `down` = Σ_r^½ V_rᵀ (in→r, no bias) and
+`up` = U_r Σ_r^½ (r→out, the original bias): r·(in+out) weights instead of in·out. The best rank-r
+approximation in Frobenius norm (Eckart–Young), so the error is sqrt(Σ_{i>r} σ_i²).
+
+Ranks: per layer by an energy threshold (keep the smallest r with Σ_{i≤r} σ² ≥ energy·Σ σ²), or
+globally by a parameter budget: layers are shrunk greedily where the predicted damage per saved
+parameter is smallest; damage = sensitivity × discarded energy, and a layer's sensitivity is
+measured by truncating it alone and comparing the model's outputs on calibration batches.
+
+Saving: an HF/SASRec config cannot say "two Linears here", so the result is the workload's usual
+folder (weights under their factorized names) plus `slimcart-format.json` {"format": "lowrank",
+"ranks": ...}; the registered loader rebuilds the dense-shaped model through the workload's own
+loader, then swaps the factorized layers back in with the saved weights (see `load_lowrank`).
+An `export_onnx` step after `lowrank` gives a plain ONNX file instead.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..errors import SlimcartError
+from ..formats import register_format, write_format
+from ..recipe import Step, register_step
+
+
+class LowRankLinear(nn.Module):
+    """x -> up(down(x)): a Linear of rank `rank` as two Linears (exportable, trainable, quantizable)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+
+    in_features = property(lambda self: self.down.in_features)
+    out_features = property(lambda self: self.up.out_features)
+    rank = property(lambda self: self.down.out_features)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.up.weight @ self.down.weight
+
+
+class LowRankEmbedding(nn.Module):
+    """An embedding table E (num×dim) ≈ codes (num×r) @ proj (r×dim); `.weight` gives the product
+    for code that reads the table directly (e.g. SASRec's item scoring)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None):
+        super().__init__()
+        self.codes = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx)
+        self.proj = nn.Linear(rank, embedding_dim, bias=False)
+
+    num_embeddings = property(lambda self: self.codes.num_embeddings)
+    embedding_dim = property(lambda self: self.proj.out_features)
+    padding_idx = property(lambda self: self.codes.padding_idx)
+    rank = property(lambda self: self.codes.embedding_dim)
+    weight = property(lambda self: self.proj(self.codes.weight))
+
+    def forward(self, ids):
+        return self.proj(self.codes(ids))
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
+
+
+def _matrix(layer: nn.Module) -> torch.Tensor:
+    """The matrix to factorize, as (out, in) for Linear and (num, dim) for Embedding."""
+    return layer.weight.detach()
+
+
+def spectrum(layer: nn.Module) -> np.ndarray:
+    """Singular values of the layer's weight, descending (float64)."""
+    return torch.linalg.svdvals(_matrix(layer).double()).numpy()
+
+
+def check_rank(layer: nn.Module, rank: int, name: str = "layer") -> None:
+    full = min(_matrix(layer).shape)
+    if not 1 <= rank <= full:
+        raise SlimcartError(f"rank {rank} for {name} is outside 1..{full} (its weight is {tuple(_matrix(layer).shape)})")
+
+
+def factorize_layer(layer: nn.Module, rank: int, name: str = "layer") -> nn.Module:
+    """A LowRankLinear / LowRankEmbedding holding the best rank-`rank` approximation of `layer`."""
+    check_rank(layer, rank, name)
+    W = _matrix(layer).double()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    root = S[:rank].sqrt()
+    left, right = (U[:, :rank] * root).to(W.dtype), (root[:, None] * Vh[:rank]).to(W.dtype)  # W ≈ left @ right
+    dtype = layer.weight.dtype
+    if isinstance(layer, nn.Linear):
+        new = LowRankLinear(layer.in_features, layer.out_features, rank, layer.bias is not None)
+        with torch.no_grad():
+            new.down.weight.copy_(right.to(dtype))
+            new.up.weight.copy_(left.to(dtype))
+            if layer.bias is not None:
+                new.up.bias.copy_(layer.bias)
+    elif isinstance(layer, nn.Embedding):
+        new = LowRankEmbedding(layer.num_embeddings, layer.embedding_dim, rank, layer.padding_idx)
+        with torch.no_grad():
+            new.codes.weight.copy_(left.to(dtype))
+            new.proj.weight.copy_(right.T.to(dtype))
+    else:
+        raise SlimcartError(f"{name}: only nn.Linear and nn.Embedding can be factorized, not {type(layer).__name__}")
+    return new.to(layer.weight.device)
+
+
+def rank_for_energy(s: np.ndarray, energy: float) -> int:
+    """Smallest r whose top-r singular values hold `energy` of Σ σ²."""
+    e = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-300)
+    return int(min(np.searchsorted(e, energy - 1e-12) + 1, len(s)))
+
+
+def dense_params(layer: nn.Module) -> int:
+    m, n = _matrix(layer).shape
+    return m * n
+
+
+def lowrank_params(layer: nn.Module, rank: int) -> int:
+    m, n = _matrix(layer).shape
+    return rank * (m + n)
+
+
+def _set(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, new)
+
+
+def find_layers(module: nn.Module, targets: list[str], exclude: list[str], embeddings: bool) -> dict[str, nn.Module]:
+    """Linear (and optionally Embedding) layers whose names match `targets` and not `exclude`; layers
+    whose weight is shared with another module (tied LM head / input embeddings) are left alone."""
+    owners: dict[int, int] = {}
+    for _, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            owners[id(m.weight)] = owners.get(id(m.weight), 0) + 1
+    kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
+    return {name: m for name, m in module.named_modules()
+            if isinstance(m, kinds) and owners[id(m.weight)] == 1
+            and any(fnmatch.fnmatchcase(name, p) for p in targets) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)}
+
+
+def _outputs(module: nn.Module, batches: list) -> list[torch.Tensor]:
+    outs = []
+    with torch.inference_mode():
+        for b in batches:
+            out = module(**{k: torch.as_tensor(v) for k, v in b.items()})
+            out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+            outs.append(out.float())
+    return outs
+
+
+def measure_sensitivity(module: nn.Module, layers: dict[str, nn.Module], spectra: dict[str, np.ndarray], batches: list,
+                        probe: float = 0.25, progress=lambda m: None) -> dict[str, float]:
+    """Output damage per unit of discarded relative energy, per layer: truncate one layer at a time to
+    `probe` × its full rank (weights swapped in place, then restored) and compare outputs."""
+    ref = _outputs(module, batches)
+    denom = sum(float(r.pow(2).sum()) for r in ref)
+    sens = {}
+    for i, (name, layer) in enumerate(layers.items()):
+        progress(f"low-rank sensitivity {i + 1}/{len(layers)}: {name}")
+        s = spectra[name]
+        r = max(1, int(len(s) * probe))
+        lost = float(np.sum(s[r:] ** 2) / np.sum(s**2))
+        keep = layer.weight.data.clone()
+        U, S, Vh = torch.linalg.svd(keep.double(), full_matrices=False)
+        layer.weight.data.copy_(((U[:, :r] * S[:r]) @ Vh[:r]).to(keep.dtype))
+        try:
+            err = sum(float((o - r0).pow(2).sum()) for o, r0 in zip(_outputs(module, batches), ref)) / max(denom, 1e-30)
+        finally:
+            layer.weight.data.copy_(keep)
+        sens[name] = err / lost if lost > 0 else 0.0
+    return sens
+
+
+def allocate_budget(layers: dict[str, nn.Module], spectra: dict[str, np.ndarray], sensitivity: dict[str, float],
+                    keep: float, granularity: int = 8) -> dict[str, int | None]:
+    """Ranks (None = stays dense) so the layers hold at most `keep` × their dense parameters, shrinking
+    greedily where predicted damage (sensitivity × discarded energy) per saved parameter is lowest."""
+    budget = keep * sum(dense_params(m) for m in layers.values())
+    energy = {n: np.concatenate([[0.0], np.cumsum(s[::-1] ** 2)])[::-1] / max(np.sum(s**2), 1e-300) for n, s in spectra.items()}
+    # energy[n][r] = relative energy discarded when keeping rank r
+    ranks: dict[str, int | None] = {n: None for n in layers}
+    cost = {n: dense_params(m) for n, m in layers.items()}
+
+    def next_move(n):
+        m = layers[n]
+        r = ranks[n]
+        if r is None:  # first move: the largest rank (multiple of g) that saves anything
+            rows, cols = _matrix(m).shape
+            new = (rows * cols // (rows + cols) - 1) // granularity * granularity
+        else:
+            new = r - granularity
+        if new < granularity:
+            return None
+        saved = cost[n] - lowrank_params(m, new)
+        damage = sensitivity[n] * (energy[n][new] - (energy[n][r] if r is not None else 0.0))
+        return (damage / max(saved, 1), new, saved) if saved > 0 else None
+
+    total = sum(cost.values())
+    moves = {n: next_move(n) for n in layers}
+    while total > budget:
+        cands = [(mv[0], n) for n, mv in moves.items() if mv is not None]
+        if not cands:
+            raise SlimcartError(f"cannot reach keep_params={keep}: even the smallest ranks keep "
+                                f"{total / (budget / keep):.2f} of the parameters")
+        _, n = min(cands)
+        _, new, saved = moves[n]
+        ranks[n], cost[n], total = new, cost[n] - saved, total - saved
+        moves[n] = next_move(n)
+    return ranks
+
+
+def factorize(module: nn.Module, ranks: dict[str, int | None]) -> nn.Module:
+    """Replace each named layer with its rank-r factorization, in place (None = leave dense)."""
+    for name, r in ranks.items():
+        if r is not None:
+            _set(module, name, factorize_layer(module.get_submodule(name), r, name))
+    return module
+
+
+def factorized_ranks(module: nn.Module) -> dict[str, int]:
+    return {n: m.rank for n, m in module.named_modules() if isinstance(m, (LowRankLinear, LowRankEmbedding))}
+
+
+# ---------------------------------------------------------------- saving and loading
+def _weight_prefix(module: nn.Module, saved_keys: set[str]) -> str:
+    """How the workload's saved weight names relate to the module's own ('transformer.' for search)."""
+    own = set(module.state_dict())
+    for prefix in [""] + [f"{n}." for n, _ in module.named_children()]:
+        if saved_keys and all(prefix + k in own for k in saved_keys):
+            return prefix
+    raise SlimcartError("cannot match the saved weight names to the factorized model's layers")
+
+
+def save_lowrank(workload, bundle, folder: Path) -> None:
+    """The workload's own folder (factorized weights inside) plus the format file naming the ranks."""
+    from safetensors import safe_open
+
+    workload.save_model(bundle, folder)
+    ranks = factorized_ranks(bundle.module)
+    if not ranks:
+        return
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise SlimcartError(f"low-rank saving expects {weights} from the workload's save_model")
+    with safe_open(str(weights), "pt") as f:
+        keys = set(f.keys())
+    write_format(folder, "lowrank", ranks=ranks, prefix=_weight_prefix(bundle.module, keys), weights=weights.name)
+
+
+@register_format("lowrank")
+def load_lowrank(workload, folder: Path, meta: dict):
+    """Rebuild through the workload's loader from a dense copy of the weights, then put the saved
+    factors back: the reloaded model is the saved two-Linear model, weight for weight."""
+    from safetensors.torch import load_file, save_file
+
+    folder, prefix, ranks = Path(folder), meta.get("prefix", ""), meta["ranks"]
+    saved = load_file(str(folder / meta.get("weights", "model.safetensors")))
+    dense = dict(saved)
+    for name, _ in ranks.items():
+        base = (name[len(prefix):] if name.startswith(prefix) else name) + "."
+        if base + "down.weight" in saved:
+            dense[base + "weight"] = saved[base + "up.weight"] @ saved[base + "down.weight"]
+            if base + "up.bias" in saved:
+                dense[base + "bias"] = saved[base + "up.bias"]
+            for k in ("down.weight", "up.weight", "up.bias"):
+                dense.pop(base + k, None)
+        elif base + "codes.weight" in saved:
+            dense[base + "weight"] = saved[base + "codes.weight"] @ saved[base + "proj.weight"].T
+            dense.pop(base + "codes.weight"), dense.pop(base + "proj.weight")
+        else:
+            raise SlimcartError(f"{folder}: factorized layer {name} is missing from the weights")
+    tmp = Path(tempfile.mkdtemp(prefix="slimcart-lowrank-"))
+    try:
+        for p in folder.iterdir():
+            if p.name not in ("model.safetensors", "slimcart-format.json"):
+                (tmp / p.name).symlink_to(p.resolve())
+        save_file({k: v.contiguous() for k, v in dense.items()}, str(tmp / "model.safetensors"))
+        bundle = workload.load_model(str(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    module = bundle.module
+    for name, r in ranks.items():
+        layer = module.get_submodule(name)
+        new = (LowRankLinear(layer.in_features, layer.out_features, r, layer.bias is not None)
+               if isinstance(layer, nn.Linear) else LowRankEmbedding(layer.num_embeddings, layer.embedding_dim, r, layer.padding_idx))
+        _set(module, name, new.to(layer.weight.dtype))
+    factors = {k: v for k, v in saved.items() if any(k.startswith(n[len(prefix):] + ".") for n in ranks)}
+    result = module.load_state_dict({prefix + k: v for k, v in factors.items()}, strict=False)
+    missing = [k for k in result.missing_keys if any(k.startswith(n + ".") for n in ranks)]
+    if missing or result.unexpected_keys:
+        raise SlimcartError(f"{folder}: factorized weights do not match the model ({(missing + result.unexpected_keys)[:3]})")
+    bundle.module, bundle.source, bundle.name = module.eval(), folder, str(folder)
+    return workload.torch_runner(bundle), bundle
+
+
+# ---------------------------------------------------------------- recipe step
+class LayerOverride(BaseModel):
+    """Per-layer setting by fnmatch pattern on module names: a fixed rank, an energy, or skip."""
+
+    model_config = ConfigDict(extra="forbid")
+    pattern: str
+    rank: int | None = Field(None, ge=1)
+    energy: float | None = Field(None, gt=0, le=1)
+    skip: bool = False
+
+
+@register_step
+class LowRank(Step):
+    """Truncated-SVD factorization of Linear layers (optionally embeddings) by energy or parameter budget."""
+
+    kind: Literal["lowrank"] = "lowrank"
+    targets: list[str] = ["*"]
+    exclude: list[str] = []
+    embeddings: bool = False
+    mode: Literal["energy", "budget"] = "budget"
+    energy: float = Field(0.9, gt=0, le=1)
+    keep_params: float = Field(0.5, gt=0, lt=1)  # budget: fraction of the targeted layers' weights kept
+    sensitivity: Literal["measured", "spectrum"] = "measured"
+    calibration_batches: int = Field(4, ge=1)
+    granularity: int = Field(8, ge=1)
+    overrides: list[LayerOverride] = []
+    keep_teacher: bool = True  # keep the unfactorized model for a following `distill` recovery step
+
+    def apply(self, state, ctx):
+        module = state.bundle.module
+        layers = find_layers(module, self.targets, self.exclude, self.embeddings)
+        fixed: dict[str, int | None] = {}
+        for name, layer in list(layers.items()):
+            rule = next((o for o in self.overrides if fnmatch.fnmatchcase(name, o.pattern)), None)
+            if rule is None:
+                continue
+            if rule.skip:
+                fixed[name] = None
+            elif rule.rank is not None:
+                check_rank(layer, rule.rank, name)
+                fixed[name] = rule.rank
+            elif rule.energy is not None:
+                fixed[name] = rank_for_energy(spectrum(layer), rule.energy)
+            layers.pop(name)
+        if not layers and not any(r is not None for r in fixed.values()):
+            raise SlimcartError(f"lowrank: no Linear{'/Embedding' if self.embeddings else ''} layer matches {self.targets}")
+        ctx.progress(f"low-rank: singular values of {len(layers)} layers")
+        spectra = {n: spectrum(m) for n, m in layers.items()}
+        if self.mode == "energy":
+            ranks = {n: rank_for_energy(s, self.energy) for n, s in spectra.items()}
+            ranks = {n: (r if lowrank_params(layers[n], r) < dense_params(layers[n]) else None) for n, r in ranks.items()}
+        else:
+            sens = {n: 1.0 for n in layers}
+            if self.sensitivity == "measured" and layers:
+                sens = measure_sensitivity(module, layers, spectra, ctx.calibration(state.bundle, self.calibration_batches),
+                                           progress=ctx.progress)
+            ranks = allocate_budget(layers, spectra, sens, self.keep_params, self.granularity)
+        ranks.update(fixed)
+        all_layers = {**layers, **{n: module.get_submodule(n) for n in fixed}}
+        before = sum(dense_params(m) for m in all_layers.values())
+        if self.keep_teacher:
+            state.extra["teacher"] = copy.deepcopy(module).eval()
+        factorize(module, ranks)
+        after = sum(lowrank_params(all_layers[n], r) if r is not None else dense_params(all_layers[n]) for n, r in ranks.items())
+        done = {n: r for n, r in ranks.items() if r is not None}
+        state.notes.append(f"low-rank SVD: {len(done)}/{len(ranks)} layers factorized, their weights "
+                           f"{before:,} -> {after:,} ({after / before:.1%}); ranks {min(done.values(), default=0)}-"
+                           f"{max(done.values(), default=0)}")
+        state.extra["lowrank"] = {"ranks": done, "params_before": before, "params_after": after}
+        wl = ctx.workload
+        state.saver = lambda folder: _save_current(wl, state, folder)
+        return state
+
+
+def _save_current(workload, state, folder: Path) -> None:
+    """Saver hook: the low-rank folder while the model is in torch; a later ONNX export wins."""
+    from ..runtime.onnx_runtime import copy_onnx
+
+    if state.runtime == "onnxruntime" and state.onnx_path is not None:
+        copy_onnx(state.onnx_path, folder)
+        return
+    save_lowrank(workload, state.bundle, folder)

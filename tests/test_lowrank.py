@@ -1,0 +1,144 @@
+"""Low-rank factorization: exactness at full rank, Eckart–Young error, rank choice, save/reload/ONNX."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from slimcart import formats
+from slimcart.compress import lowrank as LR
+from slimcart.compress.state import ModelState, StepContext
+from slimcart.errors import SlimcartError
+from slimcart.workloads import get_workload
+
+
+def _linear(out_f=8, in_f=5, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f)
+
+
+def test_full_rank_reproduces_the_layer():
+    lin = _linear()
+    fac = LR.factorize_layer(lin, 5)
+    x = torch.randn(7, 5)
+    assert isinstance(fac.down, nn.Linear) and isinstance(fac.up, nn.Linear)
+    assert torch.allclose(fac(x), lin(x), atol=1e-5)
+    assert (fac.in_features, fac.out_features, fac.rank) == (5, 8, 5)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_truncation_error_is_the_discarded_singular_values(rank):
+    lin = _linear()
+    W = lin.weight.detach().numpy().astype(np.float64)
+    sigma = np.linalg.svd(W, compute_uv=False)  # numpy, independent of the torch SVD used inside
+    fac = LR.factorize_layer(lin, rank)
+    err = np.linalg.norm(W - fac.dense_weight().detach().numpy(), "fro")
+    assert err == pytest.approx(np.sqrt(np.sum(sigma[rank:] ** 2)), rel=1e-4)
+    assert torch.equal(fac.up.bias, lin.bias)  # the bias is carried, not approximated
+
+
+def test_embedding_factorization():
+    torch.manual_seed(1)
+    emb = nn.Embedding(20, 6, padding_idx=0)
+    sigma = np.linalg.svd(emb.weight.detach().numpy().astype(np.float64), compute_uv=False)
+    fac = LR.factorize_layer(emb, 3)
+    ids = torch.tensor([[1, 5, 19]])
+    assert fac(ids).shape == (1, 3, 6) and fac.weight.shape == (20, 6)
+    err = np.linalg.norm(emb.weight.detach().numpy() - fac.weight.detach().numpy(), "fro")
+    assert err == pytest.approx(np.sqrt(np.sum(sigma[3:] ** 2)), rel=1e-4)
+    assert torch.allclose(LR.factorize_layer(emb, 6)(ids), emb(ids), atol=1e-5)
+
+
+def test_rank_larger_than_layer_is_an_error():
+    with pytest.raises(SlimcartError, match="outside 1..5"):
+        LR.factorize_layer(_linear(), 6)
+    with pytest.raises(SlimcartError, match="outside"):
+        LR.factorize_layer(_linear(), 0)
+
+
+def test_rank_for_energy_by_hand():
+    s = np.array([3.0, 2.0, 1.0])  # energies 9, 4, 1 of 14: cumulative 0.643, 0.929, 1
+    assert LR.rank_for_energy(s, 0.6) == 1
+    assert LR.rank_for_energy(s, 0.9) == 2
+    assert LR.rank_for_energy(s, 0.95) == 3
+
+
+def test_budget_allocation_meets_budget_and_follows_sensitivity():
+    layers = {"a": _linear(64, 64, 1), "b": _linear(64, 64, 1)}  # identical spectra
+    spectra = {n: LR.spectrum(m) for n, m in layers.items()}
+    ranks = LR.allocate_budget(layers, spectra, {"a": 1.0, "b": 10.0}, keep=0.5, granularity=4)
+    kept = sum(LR.lowrank_params(layers[n], r) if r else LR.dense_params(layers[n]) for n, r in ranks.items())
+    assert kept <= 0.5 * 2 * 64 * 64
+    assert ranks["b"] > ranks["a"]  # the sensitive layer keeps more rank
+    with pytest.raises(SlimcartError, match="cannot reach"):
+        LR.allocate_budget(layers, spectra, {"a": 1, "b": 1}, keep=0.01, granularity=16)
+
+
+def _ctx(wl, data, tmp_path):
+    return StepContext(workload=wl, data=data, workdir=tmp_path)
+
+
+def test_lowrank_step_saves_reloads_and_exports(tmp_path, tiny_encoder_dir, synthetic_data):
+    from slimcart.recipe import parse_step
+    from slimcart.runtime.onnx_runtime import OnnxRunner
+
+    wl = get_workload("search")
+    bundle = wl.load_model(str(tiny_encoder_dir))
+    data = wl.load_data(None)
+    state = ModelState(bundle=bundle)
+    step = parse_step({"kind": "lowrank", "targets": ["*encoder.layer.*"], "keep_params": 0.5, "granularity": 4})
+    state = step.apply(state, _ctx(wl, data, tmp_path))
+    info = state.extra["lowrank"]
+    assert info["params_after"] <= 0.5 * info["params_before"]
+    assert any(isinstance(m, LR.LowRankLinear) for m in bundle.module.modules())
+    batch = wl.example_batch(bundle)
+    want = wl.torch_runner(bundle)(batch)
+
+    folder = tmp_path / "saved"
+    state.saver(folder)
+    runner, again = formats.load_model_dir(wl, folder)
+    assert LR.factorized_ranks(again.module) == LR.factorized_ranks(bundle.module)
+    np.testing.assert_allclose(runner(batch), want, atol=1e-5)
+
+    from slimcart.runtime.onnx_runtime import export_onnx
+
+    spec = wl.onnx_spec(bundle)
+    path = export_onnx(bundle.module, spec["example"], tmp_path / "m.onnx", spec["dynamic_axes"], spec["output_name"])
+    np.testing.assert_allclose(OnnxRunner(path, threads=1)(batch), want, atol=1e-4)
+
+
+def test_lowrank_overrides_and_bad_rank(tmp_path, tiny_encoder_dir, synthetic_data):
+    from slimcart.recipe import parse_step
+
+    wl = get_workload("search")
+    bundle = wl.load_model(str(tiny_encoder_dir))
+    ctx = _ctx(wl, wl.load_data(None), tmp_path)
+    step = parse_step({"kind": "lowrank", "targets": ["*encoder.layer.*"], "mode": "energy", "energy": 0.99,
+                       "overrides": [{"pattern": "*intermediate.dense", "rank": 16}, {"pattern": "*.query", "skip": True}]})
+    step.apply(ModelState(bundle=bundle), ctx)
+    ranks = LR.factorized_ranks(bundle.module)
+    assert all(r == 16 for n, r in ranks.items() if n.endswith("intermediate.dense"))
+    assert not any(n.endswith(".query") for n in ranks)
+    bad = parse_step({"kind": "lowrank", "overrides": [{"pattern": "*intermediate.dense", "rank": 999}]})
+    with pytest.raises(SlimcartError, match="rank 999"):
+        bad.apply(ModelState(bundle=wl.load_model(str(tiny_encoder_dir))), ctx)
+    with pytest.raises(SlimcartError, match="no Linear"):
+        parse_step({"kind": "lowrank", "targets": ["nothing*"]}).apply(ModelState(bundle=bundle), ctx)
+
+
+def test_sasrec_embedding_factorization_round_trip(tmp_path):
+    from slimcart.models.sasrec import SASRec, SASRecConfig, save_sasrec
+
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(n_items=40, max_len=8, hidden=16, heads=2, layers=1, dropout=0.0)).eval()
+    src = tmp_path / "src"
+    src.mkdir()
+    save_sasrec(model, src)
+    wl = get_workload("recsys")
+    bundle = wl.load_model(str(src))
+    LR.factorize(bundle.module, {"item_emb": 8, "blocks.0.fc1": 4})
+    seq = {"seq": np.array([[0, 0, 0, 3, 4, 5, 6, 7]])}
+    want = wl.torch_runner(bundle)(seq)
+    LR.save_lowrank(wl, bundle, tmp_path / "out")
+    runner, again = formats.load_model_dir(wl, tmp_path / "out")
+    assert isinstance(again.module.item_emb, LR.LowRankEmbedding)
+    np.testing.assert_allclose(runner(seq), want, atol=1e-5)
