@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ...errors import SlimcartError
-from .schemes import QuantParams, QuantScheme, dequantize, quantize_with, uniform_params
+from .schemes import QuantParams, QuantScheme, uniform_params
 
 ObserverKind = Literal["minmax", "moving_average", "percentile", "mse", "entropy"]
 
@@ -127,10 +127,12 @@ class MSEObserver(_SampleObserver):
     def _range(self):
         s = self.samples()
         best, best_err = 1.0, float("inf")
+        q_lo, q_hi = self.scheme.qmin, self.scheme.qmax
         for c in self.ratios:
             scale, zp = uniform_params(torch.tensor([self.lo * c]), torch.tensor([self.hi * c]), self.scheme)
-            p = QuantParams(self.scheme, (1,), scale, zero_point=zp)
-            err = float(((dequantize(quantize_with(s, p), p) - s) ** 2).mean())
+            z = 0.0 if zp is None else float(zp)
+            deq = (torch.clamp(torch.round(s / scale) + z, q_lo, q_hi) - z) * scale
+            err = float(((deq - s) ** 2).mean())
             if err < best_err:
                 best, best_err = float(c), err
         if self.scheme.symmetric:  # the grid that was scored spans +-amax*c, so report that range
