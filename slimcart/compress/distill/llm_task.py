@@ -1,0 +1,95 @@
+"""Distilling a causal LM (llm workload): token-level KL on real review text the teacher scores.
+
+Transfer data: fixed-width token windows of the workload's train-split documents (the evaluated
+test documents are never used). Per batch: T² · KL(teacher || student) at every token, plus
+optionally the next-token cross-entropy on the real text. Validation: negative mean token NLL
+on held-out train-split windows (higher is better).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import SlimcartError
+from . import losses as L
+
+WEIGHTS = ("logits_kl", "task")
+DEFAULT_WEIGHTS = {"logits_kl": 1.0}
+
+
+class LlmDistillTask:
+    """DistillTask for CausalLM teacher/student pairs with one vocabulary."""
+
+    def __init__(self, teacher, student, windows: list[np.ndarray], weights: dict[str, float] | None = None,
+                 temperature: float = 1.0, val_windows: int = 8):
+        weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+        unknown = sorted(set(weights) - set(WEIGHTS))
+        if unknown:
+            raise SlimcartError(f"llm distillation has no loss {unknown} (choose from {', '.join(WEIGHTS)})")
+        self.w = {k: v for k, v in weights.items() if v}
+        if not self.w:
+            raise SlimcartError("all distillation loss weights are zero")
+        v_t, v_s = teacher.model.config.vocab_size, student.model.config.vocab_size
+        if v_t != v_s:
+            raise SlimcartError(f"teacher and student vocabularies differ ({v_t} vs {v_s} tokens): token KL needs one")
+        windows = [w for w in windows if w.shape[1] == windows[0].shape[1]] if windows else []
+        if len(windows) < 2:
+            raise SlimcartError(f"distillation transfer data is empty or too small ({len(windows)} token windows)")
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.T = temperature
+        n_val = min(val_windows, max(1, len(windows) // 10))
+        self.windows = np.concatenate(windows[:-n_val])
+        self.val = np.concatenate(windows[-n_val:])
+        self.set_student(student)
+        digest = hashlib.sha1(self.windows.tobytes() + self.val.tobytes()).hexdigest()
+        self._fp = {"windows": digest, "weights": self.w, "T": self.T}
+
+    def set_student(self, student: nn.Module) -> None:
+        student.requires_grad_(True)  # a copy of the (frozen) teacher must train
+        self.heads = nn.ModuleDict({"student": student})
+
+    def trainable(self) -> nn.Module:
+        return self.heads
+
+    def student(self) -> nn.Module:
+        return self.heads["student"]
+
+    def n_examples(self) -> int:
+        return len(self.windows)
+
+    def fingerprint(self) -> dict:
+        return self._fp
+
+    def loss(self, idx: np.ndarray):
+        ids = torch.from_numpy(self.windows[idx])
+        s_logits = self.student()(ids)
+        parts = {}
+        if "logits_kl" in self.w:
+            with torch.no_grad():
+                t_logits = self.teacher(ids)
+            parts["logits_kl"] = L.token_kl(s_logits, t_logits, self.T)
+        if "task" in self.w:
+            parts["task"] = F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        total = sum(self.w[k] * v for k, v in parts.items())
+        return total, {k: float(v.detach()) for k, v in parts.items()}
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        return self.score(self.student())
+
+    @torch.no_grad()
+    def score(self, model) -> float:
+        """Negative mean next-token NLL on the held-out windows (one window per pass keeps memory flat)."""
+        model.eval()
+        nll = 0.0
+        for row in self.val:
+            ids = torch.from_numpy(row[None])
+            logits = model(ids)[0, :-1].float()
+            nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        return -nll / (self.val.shape[0] * (self.val.shape[1] - 1))

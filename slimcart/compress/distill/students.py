@@ -1,0 +1,163 @@
+"""Student builders: layer-dropped copies of a teacher, narrower students, and layer choice by measurement.
+
+Supported layer stacks: sentence encoders (HF BERT-like, `transformer.encoder.layer`), causal LMs
+(`model.model.layers`, Llama/SmolLM2 style) and SASRec (`blocks`). A layer-dropped student is a
+deep copy whose stack keeps the chosen teacher layers (weights copied, order kept) and whose
+config says the new depth, so it saves and reloads as an ordinary model of the same family.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...errors import SlimcartError
+
+# (path to the ModuleList of layers, how to reach the config object, config attribute for depth)
+STACKS = (
+    ("transformer.encoder.layer", "transformer.config", "num_hidden_layers"),
+    ("model.model.layers", "model.config", "num_hidden_layers"),
+    ("model.layers", "config", "num_hidden_layers"),
+    ("encoder.layer", "config", "num_hidden_layers"),
+    ("blocks", "config", "layers"),
+)
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_stack(module: nn.Module) -> tuple[str, nn.ModuleList, object, str]:
+    """(path, layer list, config object, depth attribute) of the model's transformer stack."""
+    for path, cfg_path, attr in STACKS:
+        layers = _get(module, path)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            cfg = _get(module, cfg_path)
+            if cfg is not None and hasattr(cfg, attr):
+                return path, layers, cfg, attr
+    raise SlimcartError(f"cannot find a layer stack in {type(module).__name__} to drop layers from "
+                        f"(known: {', '.join(p for p, _, _ in STACKS)})")
+
+
+def num_layers(module: nn.Module) -> int:
+    return len(find_stack(module)[1])
+
+
+def uniform_layers(n_teacher: int, n_student: int) -> list[int]:
+    """Every k-th teacher layer starting at 0, e.g. 6 -> 3 keeps [0, 2, 4]."""
+    return [int(i * n_teacher / n_student) for i in range(n_student)]
+
+
+def drop_layers(teacher: nn.Module, keep: list[int]) -> nn.Module:
+    """A deep copy of `teacher` with only the teacher layers `keep` (in that order) in its stack."""
+    _, layers, _, _ = find_stack(teacher)
+    n = len(layers)
+    if not keep:
+        raise SlimcartError("a layer-dropped student needs at least one layer")
+    bad = [i for i in keep if not 0 <= i < n]
+    if bad or len(set(keep)) != len(keep):
+        raise SlimcartError(f"student layers {keep} must be distinct teacher layers in 0..{n - 1}")
+    student = copy.deepcopy(teacher)
+    path, s_layers, cfg, attr = find_stack(student)
+    kept = nn.ModuleList(s_layers[i] for i in keep)
+    parent_path, _, name = path.rpartition(".")
+    setattr(_get(student, parent_path) if parent_path else student, name, kept)
+    setattr(cfg, attr, len(keep))
+    if isinstance(getattr(cfg, "layer_types", None), list):  # per-layer settings (sliding window etc.)
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    for new_idx, layer in enumerate(kept):  # KV-cache slots are indexed by position in the stack
+        for m in layer.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = new_idx
+    return student
+
+
+def choose_layers(teacher: nn.Module, n_student: int, score: Callable[[nn.Module], float],
+                  progress: Callable[[str], None] = lambda m: None, exhaustive_limit: int = 40) -> tuple[list[int], dict]:
+    """Pick which teacher layers to keep by measuring `score` (higher = closer to the teacher) of the
+    undistilled layer-dropped model. Small stacks try every subset that keeps the first layer;
+    larger ones drop layers greedily, one at a time, each time the one whose loss hurts least."""
+    n = len(find_stack(teacher)[1])
+    if not 1 <= n_student < n:
+        raise SlimcartError(f"student depth must be 1..{n - 1} for a {n}-layer teacher, got {n_student}")
+    tried: dict[str, float] = {}
+
+    def measure(keep: list[int]) -> float:
+        key = ",".join(map(str, keep))
+        if key not in tried:
+            tried[key] = float(score(drop_layers(teacher, keep)))
+        return tried[key]
+
+    subsets = [list((0,) + c) for c in itertools.combinations(range(1, n), n_student - 1)]
+    if len(subsets) <= exhaustive_limit:
+        for i, keep in enumerate(subsets):
+            progress(f"choosing student layers: subset {i + 1}/{len(subsets)}")
+            measure(keep)
+        best = max(subsets, key=measure)
+    else:
+        best = list(range(n))
+        while len(best) > n_student:
+            progress(f"choosing student layers: {len(best)} -> {len(best) - 1}")
+            cands = [best[:j] + best[j + 1 :] for j in range(1, len(best))]  # layer 0 reads the embeddings: keep it
+            best = max(cands, key=measure)
+    return best, tried
+
+
+def narrow_sasrec(teacher: nn.Module, width: float, seed: int = 0) -> nn.Module:
+    """A SASRec with `width` × the hidden size (and FFN size). Item and position embeddings start as the
+    teacher's projected on their top principal directions (so the student starts with the teacher's
+    item geometry); attention and FFN weights start random: their inputs live in a new basis."""
+    from ...models.sasrec import SASRec, actual_config
+
+    if not isinstance(teacher, SASRec):
+        raise SlimcartError(f"narrow students without structured pruning are only built for SASRec, not {type(teacher).__name__}")
+    cfg = actual_config(teacher)
+    hidden = int(round(cfg.hidden * width / cfg.heads)) * cfg.heads
+    if not 0 < hidden < cfg.hidden:
+        raise SlimcartError(f"width {width} gives hidden size {hidden}: it must be below the teacher's {cfg.hidden} "
+                            f"and a positive multiple of its {cfg.heads} heads")
+    torch.manual_seed(seed)
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg.hidden = hidden
+    new_cfg.ffn = [max(1, int(round(f * hidden / cfg.hidden))) for f in cfg.ffn_dims()]
+    student = SASRec(new_cfg)
+    with torch.no_grad():
+        emb = teacher.item_emb.weight[1:].double()
+        _, _, vt = torch.linalg.svd(emb - emb.mean(0), full_matrices=False)
+        basis = vt[:hidden].T  # (teacher hidden, student hidden)
+        # Scale so the student's sqrt(hidden) input scaling sees the same magnitudes as the teacher's
+        scale = (cfg.hidden / hidden) ** 0.5
+        student.item_emb.weight.copy_((teacher.item_emb.weight.double() @ basis * scale).float())
+        student.item_emb.weight[0].zero_()
+        student.pos_emb.weight.copy_((teacher.pos_emb.weight.double() @ basis).float())
+    return student.eval()
+
+
+def narrow_structured(teacher: nn.Module, width: float, calibration: list | None = None) -> nn.Module:
+    """A narrower student from the structured-pruning module when it is installed in this tree."""
+    try:
+        from ..prune import structured  # written by the pruning engineer; optional here
+    except ImportError:
+        structured = None
+    fn = getattr(structured, "narrow_copy", None) if structured is not None else None
+    if fn is None:
+        raise SlimcartError("narrow students of this model need slimcart.compress.prune.structured.narrow_copy, "
+                            "which this install does not have (SASRec students are built without it)")
+    return fn(teacher, width, calibration)
+
+
+def param_count(module: nn.Module) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def score_summary(tried: dict[str, float]) -> list[tuple[str, float]]:
+    """Measured subsets, best first (for notes and the benchmark)."""
+    return sorted(tried.items(), key=lambda kv: -kv[1] if np.isfinite(kv[1]) else np.inf)
