@@ -1,0 +1,131 @@
+"""One-shot unstructured / N:M pruning of Linear weights: magnitude, Wanda, SparseGPT.
+
+Wanda and SparseGPT are calibrated layer by layer, as in their papers: the inputs of block 0 are
+captured once, then each block is run on them to collect statistics, pruned, and run again so
+the next block sees the outputs of the already-pruned model (errors do not compound unseen).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import SlimcartError
+from .arch import detect, layer_prefix, run_model
+from .config import SparsityConfig
+from .masks import apply_masks, check_nm, global_masks, nm_mask, target_linears, unstructured_mask
+from .sparsegpt import HessianStats, sparsegpt_prune
+from .wanda import WandaStats, wanda_mask
+
+
+class _Stop(Exception):
+    pass
+
+
+def check_targets(linears: dict[str, nn.Linear], cfg: SparsityConfig) -> None:
+    """Refuse impossible requests before any weight changes."""
+    if not linears:
+        raise SlimcartError("no Linear layer matches the pruning include/exclude patterns")
+    if cfg.nm:
+        for name, lin in linears.items():
+            check_nm(tuple(lin.weight.shape), *cfg.nm, name=name)
+
+
+def magnitude_masks(linears: dict[str, nn.Linear], cfg: SparsityConfig, sparsity: float | None = None) -> dict:
+    """|W| masks: N:M per group, one global threshold, or per tensor (optionally overriding the target)."""
+    if cfg.nm:
+        return {n: nm_mask(m.weight.detach().abs(), *cfg.nm) for n, m in linears.items()}
+    if cfg.scope == "global":
+        s = cfg.sparsity if sparsity is None else sparsity
+        return global_masks({n: m.weight.detach().abs() for n, m in linears.items()}, s)
+    out = {}
+    for n, m in linears.items():
+        s = cfg.sparsity_of(n) if sparsity is None else sparsity * cfg.sparsity_of(n) / cfg.sparsity
+        out[n] = unstructured_mask(m.weight.detach().abs(), s)
+    return out
+
+
+def capture_block_inputs(module: nn.Module, blocks: nn.ModuleList, batches: list[dict]) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) that block 0 receives for each calibration batch (the forward stops there)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_m, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    run_model(module, b)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@torch.no_grad()
+def prune_layerwise(module: nn.Module, cfg: SparsityConfig, batches: list[dict], progress=lambda m: None) -> dict:
+    """Wanda / SparseGPT over every targeted Linear inside the blocks; returns keep-masks by name."""
+    arch = detect(module)
+    blocks, prefix = arch.layers, layer_prefix(module, arch)
+    linears = target_linears(module, cfg.sparsity_of)
+    check_targets(linears, cfg)
+    inputs = capture_block_inputs(module, blocks, batches)
+    masks: dict[str, torch.Tensor] = {}
+    for li, block in enumerate(blocks):
+        local = {f"{prefix}.{li}.{n}": m for n, m in block.named_modules() if f"{prefix}.{li}.{n}" in linears}
+        stats: dict[str, Any] = {}
+        hooks = []
+        for name, lin in local.items():
+            stats[name] = (HessianStats if cfg.method == "sparsegpt" else WandaStats)(lin.in_features)
+            hooks.append(lin.register_forward_hook(lambda _m, inp, _o, s=stats[name]: s.add(inp[0])))
+        for args, kwargs in inputs:
+            _run_block(block, args, kwargs)
+        for h in hooks:
+            h.remove()
+        for name, lin in local.items():
+            s = cfg.sparsity_of(name)
+            if cfg.method == "sparsegpt":
+                w, keep = sparsegpt_prune(lin.weight, stats[name], s, cfg.nm, cfg.block_size, cfg.damp)
+                lin.weight.copy_(w)
+            else:
+                keep = wanda_mask(lin.weight, stats[name], s, cfg.nm)
+                lin.weight.mul_(keep.to(lin.weight.dtype))
+            masks[name] = keep
+        inputs = [_with_hidden(a, k, _run_block(block, a, k)) for a, k in inputs]
+        progress(f"{cfg.method}: block {li + 1}/{len(blocks)} pruned")
+    rest = {n: m for n, m in linears.items() if n not in masks}  # Linears outside the blocks (e.g. a pooler)
+    if rest:
+        rest_masks = magnitude_masks(rest, cfg)
+        apply_masks(rest, rest_masks)
+        masks.update(rest_masks)
+    return masks
+
+
+def prune_sparse(module: nn.Module, cfg: SparsityConfig, batches: list[dict] | None = None,
+                 progress=lambda m: None) -> dict[str, torch.Tensor]:
+    """Apply cfg to `module` in place; returns the keep-masks (recovery training keeps them fixed)."""
+    linears = target_linears(module, cfg.sparsity_of)
+    check_targets(linears, cfg)
+    if cfg.method == "magnitude":
+        masks = magnitude_masks(linears, cfg)
+        apply_masks(linears, masks)
+        return masks
+    if not batches:
+        raise SlimcartError(f"{cfg.method} needs calibration batches")
+    return prune_layerwise(module, cfg, batches, progress)
