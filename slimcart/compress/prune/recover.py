@@ -147,7 +147,7 @@ def train(student: nn.Module, batches: list[dict], loss_fn: LossFn, steps: int, 
             with torch.no_grad():
                 for name, mask in masks.items():
                     modules[name].weight.mul_(mask.to(modules[name].weight.dtype))
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0:
             progress(f"recover step {step}/{steps}: loss {losses[-1]:.4f}")
         if time.perf_counter() - t0 > max_minutes * 60:
