@@ -58,7 +58,8 @@ def test_head_pruned_encoder_saves_reloads_and_exports(tmp_path, tiny_encoder_di
     structured_saver(wl, bundle)(folder)
     assert not any(f.endswith(PICKLE_SUFFIXES) for f in _files(folder))
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["slimcart_structure"] == {"heads": [2, 2], "intermediate": [64, 64]}
+    assert cfg["slimcart_structure"] == {"heads": [2, 2], "intermediate": [64, 64], "dense_heads": 4}
+    assert cfg["num_attention_heads"] == 2  # the real count: exporters read it
     runner, loaded = formats.load_model_dir(wl, folder)
     np.testing.assert_allclose(runner(batch), want, rtol=1e-5, atol=1e-6)
     assert loaded.module.transformer.encoder.layer[0].attention.self.query.weight.shape == (32, 64)
@@ -101,7 +102,7 @@ def test_sparse_bitmask_folder_is_smaller_and_reloads(tmp_path, tiny_encoder_dir
 def test_structured_then_sparse_nests(tmp_path, tiny_encoder_dir):
     wl, bundle = _search(tiny_encoder_dir)
     batch = _texts_batch(wl, bundle)
-    prune(bundle.module, StructuredConfig(heads=0.25, criterion="magnitude"))
+    prune(bundle.module, StructuredConfig(heads=0.5, criterion="magnitude"))
     prune(bundle.module, SparsityConfig(pattern="2:4"))
     want = wl.torch_runner(bundle)(batch)
     sparse_saver(wl, bundle, inner=structured_saver(wl, bundle))(tmp_path / "m")

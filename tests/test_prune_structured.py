@@ -71,7 +71,19 @@ def test_bert_heads_ffn_equal_masked_dense(criterion):
     assert layer.intermediate.dense.weight.shape == (32, 32) and layer.output.dense.weight.shape == (32, 32)
     assert rep["block_params_after"] < 0.55 * rep["block_params_before"]
     cfg = m.transformer.config
-    assert cfg.intermediate_size == 32 and cfg.slimcart_structure == {"heads": [2, 2], "intermediate": [32, 32]}
+    assert cfg.intermediate_size == 32 and cfg.num_attention_heads == 2
+    assert cfg.slimcart_structure == {"heads": [2, 2], "intermediate": [32, 32], "dense_heads": 4}
+
+
+def test_bert_head_count_moves_to_a_divisor_of_hidden():
+    """12 heads, hidden 48: removing 25% would leave 9, which does not divide 48; 8 does (nearest)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    m = BertModel(BertConfig(vocab_size=50, hidden_size=48, num_hidden_layers=1, num_attention_heads=12,
+                             intermediate_size=32), add_pooling_layer=False).eval()
+    rep = prune(m, StructuredConfig(heads=0.25, criterion="magnitude"))
+    assert rep["shapes"]["heads"] == [8] and m.config.num_attention_heads == 8
 
 
 def test_bert_layer_drop_equals_shallower_copy():

@@ -163,6 +163,8 @@ def recover(student: nn.Module, batches: list[dict], cfg: RecoverConfig, teacher
             layer_map: list[int] | None = None, task: LossFn | None = None,
             masks: dict[str, torch.Tensor] | None = None, progress=lambda m: None) -> dict:
     """Run recovery in place on `student`; `layer_map[i]` = teacher block matching student block i."""
+    for p in student.parameters():  # recovery trains every weight of the pruned model
+        p.requires_grad_(True)
     if cfg.method == "task":
         if task is None:
             raise SlimcartError("recover method 'task' needs the workload's training loss")

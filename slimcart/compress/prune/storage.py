@@ -121,7 +121,8 @@ def structured_saver(workload, bundle):
     def save(folder: Path) -> None:
         workload.save_model(bundle, Path(folder))
         cfg = json.loads((Path(folder) / "config.json").read_text())
-        write_format(folder, "structured-hf", structure=cfg["slimcart_structure"])
+        if "slimcart_structure" in cfg:  # else the shapes became stock again: a plain folder is right
+            write_format(folder, "structured-hf", structure=cfg["slimcart_structure"])
 
     return save
 
@@ -158,10 +159,14 @@ def load_structured(workload, folder: Path, meta: dict):
     from .structured import apply_structure
 
     folder = Path(folder)
-    expected = dense_shapes(folder)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         _copy_others(folder, tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        if "dense_heads" in meta["structure"]:  # BERT: build with the dense head count, cut back below
+            cfg["num_attention_heads"] = meta["structure"]["dense_heads"]
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        expected = dense_shapes(tmp)
         for f in folder.glob("*.safetensors"):
             tensors = load_file(str(f))
             save_file({k: pad_to(v, expected[k]) if k in expected else v for k, v in tensors.items()},

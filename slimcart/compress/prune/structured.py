@@ -168,8 +168,9 @@ def validate(arch: Arch, cfg: StructuredConfig) -> None:
         raise SlimcartError("hidden-dimension pruning is implemented for SASRec only")
     if cfg.heads and arch.kind == "sasrec":
         raise SlimcartError("SASRec head pruning is not supported (prune ffn / hidden instead)")
-    if cfg.heads and arch.kind == "llama" and cfg.allocation == "global":
-        raise SlimcartError("Llama heads are pruned uniformly (the HF config holds one head count); use allocation: uniform")
+    if cfg.heads and cfg.allocation == "global":
+        raise SlimcartError("heads are pruned uniformly (an HF config holds one head count per model); "
+                            "use allocation: uniform")
     for li, layer in enumerate(arch.layers):
         a = arch.attn(layer)
         n = a.n_heads if (arch.kind != "llama" or cfg.gqa == "queries" or a.n_heads == a.n_kv) else a.n_kv
@@ -218,6 +219,9 @@ def prune_structured(module: nn.Module, cfg: StructuredConfig, batches: list[dic
         round_to = 1 if kind == "heads" else cfg.round_to
         if kind == "heads" and arch.kind == "llama" and cfg.gqa == "queries":
             keep = _keep_per_group(arch, scores, cfg.heads)
+        elif kind == "heads":
+            k = head_keep_count(arch, cfg.heads)
+            keep = {li: sorted(torch.argsort(sc, descending=True, stable=True)[:k].tolist()) for li, sc in scores.items()}
         else:
             keep = _choose(scores, frac, cfg.allocation, round_to)
         for li, k in keep.items():
@@ -237,6 +241,19 @@ def prune_structured(module: nn.Module, cfg: StructuredConfig, batches: list[dic
     after = sum(p.numel() for p in arch.layers.parameters())
     return {"block_params_before": before, "block_params_after": after, "block_params_removed": 1 - after / before,
             "dropped_layers": drop if isinstance(drop, list) else [], "shapes": shapes(arch), "kept": kept}
+
+
+def head_keep_count(arch: Arch, frac: float) -> int:
+    """Heads (or KV groups) kept per layer. For BERT the count is moved to the nearest divisor of
+    hidden_size: ONNX Runtime's attention fusion asserts hidden_size % num_heads == 0, and the config
+    must state the real head count (a stale count makes that fusion build a wrong graph silently)."""
+    a = arch.attn(arch.layers[0])
+    n = a.n_heads if (arch.kind != "llama" or a.n_heads == a.n_kv) else a.n_kv
+    k = n - int(round(frac * n))
+    if arch.kind == "bert":
+        hidden = arch.config.hidden_size
+        k = min((d for d in range(1, n + 1) if hidden % d == 0), key=lambda d: (abs(d - k), -d))
+    return k
 
 
 def _keep_per_group(arch: Arch, scores: dict[int, torch.Tensor], frac: float) -> dict[int, list[int]]:
@@ -280,17 +297,21 @@ def sync_config(arch: Arch) -> None:
     c.num_hidden_layers = s["layers"]
     uniform_ffn = len(set(s["ffn"])) == 1
     c.intermediate_size = max(s["ffn"])
+    structure = {"heads": s["heads"], "intermediate": s["ffn"]}
     heads_stock = True
     if arch.kind == "llama":
         hd = arch.attn(arch.layers[0]).head_dim
         c.head_dim, c.num_attention_heads, c.num_key_value_heads = hd, s["heads"][0], s["kv_heads"][0]
-    else:
-        heads_stock = all(h == c.num_attention_heads for h in s["heads"])
+    else:  # BERT derives head size from hidden_size / num_attention_heads: remember the dense count
+        dense = getattr(c, "slimcart_structure", {}).get("dense_heads", c.num_attention_heads)
+        heads_stock = all(h == dense for h in s["heads"])
+        c.num_attention_heads = s["heads"][0]  # the real count (uniform), for exporters and readers
+        structure["dense_heads"] = dense
     if uniform_ffn and heads_stock:
         if hasattr(c, "slimcart_structure"):
             del c.slimcart_structure
-    else:  # the config keeps dense head counts (head size derives from them); these are the real shapes
-        c.slimcart_structure = {"heads": s["heads"], "intermediate": s["ffn"]}
+    else:
+        c.slimcart_structure = structure
 
 
 def apply_structure(module: nn.Module, structure: dict) -> None:
@@ -306,3 +327,5 @@ def apply_structure(module: nn.Module, structure: dict) -> None:
         if width < len(f_units):
             remove_units(f_units, list(range(width)))
     arch.config.slimcart_structure = structure
+    if arch.kind == "bert":
+        arch.config.num_attention_heads = structure["heads"][0]
