@@ -270,8 +270,11 @@ def _keep_per_group(arch: Arch, scores: dict[int, torch.Tensor], frac: float) ->
 
 @torch.no_grad()
 def _rescale_sasrec(arch: Arch, old_hidden: int) -> None:
-    """SASRec scales item embeddings by sqrt(hidden): keep the kept dims' values and the scores unchanged."""
+    """Older SASRec code scales item embeddings by sqrt(current hidden): keep the kept dims' values and
+    the scores unchanged. A model that carries its own fixed `emb_scale` needs nothing."""
     m, new = arch.base, arch.base.item_emb.embedding_dim
+    if getattr(m, "emb_scale", None) is not None:
+        return
     c = math.sqrt(old_hidden / new)
     m.item_emb.weight.mul_(c)  # input: E' * sqrt(new) == E * sqrt(old)
     m.ln.weight.div_(c)  # output: (h / c) @ (c E)^T == h @ E^T
