@@ -10,8 +10,10 @@ unique_id, or of the text) are the held-out test split; the rest are calibration
 Metrics: perplexity and next-token accuracy over the concatenated test documents (EOS between
 documents, in a fixed hash order so all product domains are represented), cut into non-overlapping
 windows of 256 tokens, each scored on its own (255 predictions per window). The evaluation budget
-is fixed: the first 80 windows = 20,480 tokens (20,400 predictions), the same windows every time,
-about 20-60 s for the fp32 135M model on 2 cores (longer when the machine is shared).
+is fixed: the first 64 windows = 16,384 tokens (16,320 predictions), the same windows every time.
+That is the low end of 16k-24k on purpose: on the shared 2-core dev machine (load average 9-15
+from other jobs) one fp32 evaluation took 508 s wall; its CPU time (~160 s) puts it at <= ~80 s
+on two free cores. Not yet timed on an idle machine; lower `eval_windows` if it is too slow.
 Speed: batch-1 greedy decoding with KV cache (32-token review prompts, exactly 32 new tokens,
 throughput in decode tokens/s) plus prefill tokens/s on 256-token windows.
 """
@@ -119,13 +121,15 @@ class LlmWorkload:
     quality_keys = ("perplexity", "next_token_acc")
     higher_is_better = {"perplexity": False, "next_token_acc": True}
     eval_window = 256
-    eval_windows = 80  # 20,480 tokens: see the module docstring before changing
-    eval_batch = 4  # windows per forward pass: a little faster than 1 on CPU, logits stay ~200 MB
+    eval_windows = 64  # 16,384 tokens: see the module docstring before changing
+    eval_batch = 4  # windows per forward pass: ~1.7x the tokens/s of batch 1 here; logits stay ~200 MB
     calib_window = 512
     prompt_tokens = 32
     new_tokens = 32
-    bench_requests = 3  # each fp32 request is ~32 decode steps; keeps a bench round under ~15 s
-    prefill_batches = 4
+    # A bench round = 2 x bench_requests decode requests + prefill batches: ~13 s on 2 free cores
+    # if fp32 decodes at the ~18 tok/s measured for transformers on this kind of machine.
+    bench_requests = 3
+    prefill_batches = 2
 
     # ---------------------------------------------------------------- model
     def resolve_model(self, spec: str) -> tuple[Path, str | None]:
@@ -161,7 +165,8 @@ class LlmWorkload:
             raise SlimcartError(f"cannot load causal LM from {folder / (gguf or '')}: {msg}") from None
         if tok.eos_token_id is None:
             raise SlimcartError(f"tokenizer in {folder} has no EOS token (needed to separate documents)")
-        return ModelBundle(name=spec, module=CausalLM(model.eval()).eval(), source=folder, tokenizer=tok, extra={"gguf_file": gguf})
+        module = CausalLM(model.eval()).eval()
+        return ModelBundle(name=spec, module=module, source=folder, tokenizer=tok, extra={"gguf_file": gguf})
 
     def save_model(self, bundle: ModelBundle, folder: Path) -> None:
         """Hugging Face folder: safetensors weights, config, generation config and tokenizer."""
@@ -179,18 +184,18 @@ class LlmWorkload:
         return self.torch_runner(bundle), bundle
 
     def torch_runner(self, bundle: ModelBundle) -> CausalLMRunner:
+        """Eager PyTorch runner (logits, or greedy decoding for requests with `max_new_tokens`)."""
         return CausalLMRunner(bundle.module, pad_token_id=bundle.tokenizer.eos_token_id)
 
     def onnx_spec(self, bundle: ModelBundle) -> dict:
+        """Export spec for the cache-free logits graph (exporting and running it comes later)."""
         axes = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
         return {"example": self.example_batch(bundle), "dynamic_axes": axes, "output_name": "logits", "model_type": None}
 
     def example_batch(self, bundle: ModelBundle) -> dict:
-        return self._ids(bundle.tokenizer.encode("This blender is loud, but it crushes ice in seconds.", add_special_tokens=False))
-
-    @staticmethod
-    def _ids(tokens) -> dict[str, np.ndarray]:
-        return {"input_ids": _row(tokens)}
+        """One short review sentence as a (1, T) logits request."""
+        text = "This blender is loud, but it crushes ice in seconds."
+        return {"input_ids": _row(bundle.tokenizer.encode(text, add_special_tokens=False))}
 
     # ---------------------------------------------------------------- data
     def load_data(self, data: str | None) -> LlmData:
@@ -238,6 +243,7 @@ class LlmWorkload:
         return docs
 
     def data_info(self, data: LlmData) -> DataInfo:
+        """Source, synthetic flag, split description and number of test documents."""
         return data.info
 
     # ---------------------------------------------------------------- inputs
@@ -272,7 +278,7 @@ class LlmWorkload:
         for text in data.test_texts + data.train_texts:
             ids = tok.encode(text, add_special_tokens=False)
             if len(ids) >= self.prompt_tokens:
-                prompts.append(self._ids(ids[: self.prompt_tokens]) | {"max_new_tokens": self.new_tokens})
+                prompts.append({"input_ids": _row(ids[: self.prompt_tokens]), "max_new_tokens": self.new_tokens})
             if len(prompts) == 2 * self.bench_requests:
                 break
         if not prompts:  # only short documents: prompts cut from the joined stream instead
