@@ -1,0 +1,130 @@
+"""Sensitivity-guided mixed precision: quantize one Linear at a time (W8A8 fake-quant), measure how far the
+model's outputs move on calibration batches, then keep the most sensitive layers in fp32 until the whole
+quantized model meets the user's budget.
+
+Quality drop = 1 - mean cosine(quantized outputs, fp32 outputs) over the calibration batches (for the
+search workload: embedding agreement on dev-split texts, never the evaluation split). The chosen layers
+are handed to the next `static_int8` step through `state.extra["keep_fp32"]`.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Any, Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ...errors import SlimcartError
+from ...recipe import Step, register_step
+from .fake_quant import FakeQuantConfig, calibrate_, quantize_
+from .schemes import QuantScheme
+
+Forward = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+class MixedPrecisionConfig(BaseModel):
+    """max_drop: allowed 1 - mean output cosine; max_layers: most layers kept fp32 (bytes and speed cost)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_drop: float = 0.002
+    max_layers: int = 6
+    w8a8: FakeQuantConfig = FakeQuantConfig(
+        weight=QuantScheme(bits=8, symmetric=True, granularity="per_channel"),
+        activation=QuantScheme(bits=8, symmetric=False, granularity="per_tensor"),
+    )
+    skip: list[str] = []  # layers never quantized anyway (not scored)
+
+
+def output_drop(model: torch.nn.Module, batches: list, forward: Forward, reference: list[torch.Tensor]) -> float:
+    """1 - mean cosine between `model`'s outputs and the fp32 reference outputs, row by row."""
+    cos = []
+    with torch.no_grad():
+        for b, ref in zip(batches, reference):
+            out = forward(model, b).float().reshape(ref.shape[0], -1)
+            cos.append(torch.nn.functional.cosine_similarity(out, ref.reshape(ref.shape[0], -1), dim=1))
+    return float(1 - torch.cat(cos).mean())
+
+
+def _quantized_copy(model, names: list[str], cfg: FakeQuantConfig, batches, forward):
+    trial = copy.deepcopy(model)
+    wanted = set(names)
+    quantize_(trial, cfg, filter_fn=lambda n, m: n in wanted)
+    calibrate_(trial, lambda: [forward(trial, b) for b in batches])
+    return trial
+
+
+def _linear_names(model: torch.nn.Module, skip: list[str]) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if type(m) is torch.nn.Linear and not any(fnmatch.fnmatchcase(n, p) for p in skip)]
+
+
+def layer_sensitivity(model: torch.nn.Module, batches: list, forward: Forward, cfg: MixedPrecisionConfig,
+                      names: list[str] | None = None, progress: Callable[[str], None] = lambda m: None) -> dict[str, float]:
+    """Quality drop when only that Linear is W8A8 fake-quantized, for each Linear (model left unchanged)."""
+    if not batches:
+        raise SlimcartError("mixed precision needs calibration data (got no batches)")
+    names = names if names is not None else _linear_names(model, cfg.skip)
+    with torch.no_grad():
+        ref = [forward(model, b).float() for b in batches]
+    out = {}
+    for i, n in enumerate(names):
+        trial = _quantized_copy(model, [n], cfg.w8a8, batches, forward)
+        out[n] = output_drop(trial, batches, forward, ref)
+        progress(f"sensitivity {i + 1}/{len(names)}: {n} drop {out[n]:.2e}")
+    return out
+
+
+def choose_fp32_layers(model: torch.nn.Module, batches: list, forward: Forward, cfg: MixedPrecisionConfig,
+                       progress: Callable[[str], None] = lambda m: None) -> dict:
+    """Greedy: quantize everything, then return layers to fp32 most-sensitive first until the drop fits.
+    Returns {"keep_fp32": [...], "drop": final drop, "drop_all_int8": ..., "sensitivity": {...}, "met": bool}."""
+    names = _linear_names(model, cfg.skip)
+    if not names:
+        raise SlimcartError("mixed precision found no nn.Linear layers")
+    sens = layer_sensitivity(model, batches, forward, cfg, names, progress)
+    order = sorted(names, key=lambda n: -sens[n])
+    with torch.no_grad():
+        ref = [forward(model, b).float() for b in batches]
+    keep: list[str] = []
+    drop = drop_all = output_drop(_quantized_copy(model, names, cfg.w8a8, batches, forward), batches, forward, ref)
+    progress(f"all layers int8: drop {drop:.2e} (budget {cfg.max_drop:.2e})")
+    while drop > cfg.max_drop and len(keep) < min(cfg.max_layers, len(names) - 1):
+        keep.append(order[len(keep)])
+        rest = [n for n in names if n not in keep]
+        drop = output_drop(_quantized_copy(model, rest, cfg.w8a8, batches, forward), batches, forward, ref)
+        progress(f"keeping {len(keep)} layer(s) fp32 ({keep[-1]}): drop {drop:.2e}")
+    return {"keep_fp32": keep, "drop": drop, "drop_all_int8": drop_all, "met": drop <= cfg.max_drop,
+            "sensitivity": dict(sorted(sens.items(), key=lambda kv: -kv[1]))}
+
+
+@register_step
+class MixedPrecision(Step):
+    """Pick the layers to keep fp32 for the following static_int8 step (sensitivity-guided, W8A8 simulated)."""
+
+    kind: Literal["mixed_precision"] = "mixed_precision"
+    workloads = ("search",)
+    max_drop: float = 0.002
+    max_layers: int = 6
+    calibration_batches: int = 8
+
+    def apply(self, state, ctx):
+        from .smoothquant import _torch_forward
+
+        if state.runtime != "torch":
+            raise SlimcartError("mixed_precision works on the PyTorch model: put it before static_int8")
+        if not 0 < self.max_drop < 1:
+            raise SlimcartError(f"mixed_precision: max_drop must be in (0, 1), got {self.max_drop}")
+        batches = ctx.calibration(state.bundle, self.calibration_batches)
+        ctx.progress("measuring per-layer int8 sensitivity")
+        res = choose_fp32_layers(state.bundle.module, batches, _torch_forward,
+                                 MixedPrecisionConfig(max_drop=self.max_drop, max_layers=self.max_layers), ctx.progress)
+        # SmoothedLinear wraps the Linear as `.linear`; static_int8 names layers without that level
+        res["keep_fp32"] = [n[: -len(".linear")] if n.endswith(".linear") else n for n in res["keep_fp32"]]
+        state.extra["keep_fp32"] = state.extra.get("keep_fp32", []) + res["keep_fp32"]
+        state.extra["mixed_precision"] = res
+        verdict = "met" if res["met"] else f"NOT met with {self.max_layers} layers kept fp32"
+        state.notes.append(
+            f"mixed precision: all-int8 simulated drop {res['drop_all_int8']:.2e} -> {res['drop']:.2e} keeping "
+            f"{len(res['keep_fp32'])} layer(s) fp32 ({', '.join(res['keep_fp32']) or 'none'}); budget {self.max_drop} {verdict}")
+        return state
