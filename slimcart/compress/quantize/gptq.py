@@ -1,0 +1,118 @@
+"""GPTQ: quantize a Linear's columns one at a time, pushing each column's rounding error onto the
+columns not yet quantized through the inverse Hessian of the layer's inputs (Frantar et al. 2022).
+
+For a Linear y = W x with calibration inputs X, the output error of a quantized W' is
+tr((W - W') H (W - W')^T) with H = X^T X / n. Quantizing column j and compensating the rest with
+the optimal update -err_j * Hinv[j, j:] / Hinv[j, j] (via the upper Cholesky factor of H^-1) is
+the Optimal Brain Surgeon step restricted to one column. Work is done in blocks of columns with
+the updates to later blocks applied once per block (lazy batch updates). Options:
+  * dampening: H += damp * mean(diag H) * I keeps the Cholesky factorisation stable;
+  * act_order: process columns by decreasing diag(H) (the most active inputs first, while the most
+    freedom to compensate remains). Groups stay contiguous in the original column order (what the
+    kernels store); a group's scale/zero are fitted when its first column is reached, on the
+    weights as updated by then;
+  * group_size / bits / symmetric: the same layout as RTN (weight_only.WeightSpec).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ...errors import SlimcartError
+from ...recipe import register_step
+from .weight_only import (QuantizedWeight, WeightOnlyBase, WeightSpec, causal_lm, check_weight, fit_params,
+                          layerwise, make_qweight, quantize_cols, quantize_linear_set)
+from .calib_stats import collect_stats
+
+
+def gptq(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float = 0.01, act_order: bool = True,
+         block: int = 128, name: str = "weight") -> QuantizedWeight:
+    """GPTQ-quantize `w` [out, in] given the input Hessian `H` [in, in] (X^T X / n)."""
+    w = w.detach().float().clone()
+    check_weight(w, name)
+    out_f, in_f = w.shape
+    if H.shape != (in_f, in_f):
+        raise SlimcartError(f"{name}: Hessian shape {tuple(H.shape)} does not match in_features {in_f}")
+    if not torch.isfinite(H).all():
+        raise SlimcartError(f"{name}: calibration activations contain NaN or inf")
+    groups = spec.groups(in_f, name)
+    group_of = torch.cat([torch.full((e - s,), i) for i, (s, e) in enumerate(groups)])
+    H = H.double().clone()
+    dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
+    H[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
+    H = H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    except RuntimeError:
+        raise SlimcartError(f"{name}: Hessian is not positive definite even after dampening {damp}; raise damp") from None
+
+    W = w[:, perm]
+    where = torch.argsort(perm)  # position of each original column in the processing order
+    codes = torch.zeros(out_f, in_f)
+    scale = torch.zeros(out_f, len(groups))
+    offset = torch.zeros(out_f, len(groups))
+    fitted = torch.zeros(len(groups), dtype=torch.bool)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = int(group_of[col])
+            if not fitted[g]:
+                # Fit the group on its current (error-updated) weights, in original order. Columns in
+                # later blocks have not yet received this block's lazy update: a close approximation.
+                s, e = groups[g]
+                cur = torch.empty(out_f, e - s)
+                for k, p in enumerate(where[s:e].tolist()):
+                    cur[:, k] = W1[:, p - i1] if i1 <= p < i2 else W[:, p]
+                scale[:, g], offset[:, g] = fit_params(cur, spec)
+                fitted[g] = True
+            wcol = W1[:, i]
+            q = quantize_cols(wcol[:, None], scale[:, g], offset[:, g], spec)[:, 0]
+            codes[:, col] = q
+            deq = q * scale[:, g] + offset[:, g]
+            err = (wcol - deq) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of every later column
+    return make_qweight(codes, scale, offset, spec)
+
+
+@register_step
+class GPTQStep(WeightOnlyBase):
+    """GPTQ weight-only quantization, decoder layer by decoder layer, on the workload's calibration text."""
+
+    kind: Literal["weight_only_gptq"] = "weight_only_gptq"
+    calibration_windows: int = 32  # (1, 512)-token windows of train-split text
+    damp: float = 0.01
+    act_order: bool = True
+    block: int = 128
+
+    def apply(self, state, ctx):
+        if not 0 < self.damp < 1:
+            raise SlimcartError(f"damp must be in (0, 1), got {self.damp}")
+        lm = causal_lm(state.bundle.module)
+        named = dict(quantize_linear_set(lm, self.targets))
+        batches = ctx.calibration(state.bundle, self.calibration_windows)
+        qweights: dict[str, QuantizedWeight] = {}
+
+        def quantize_layer(i, layer, hidden, kwargs):
+            prefix = next(n for n, m in lm.named_modules() if m is layer)
+            mine = {n: m for n, m in named.items() if n.startswith(prefix + ".")}
+            stats = collect_stats(layer, hidden, kwargs, {n[len(prefix) + 1:]: m for n, m in mine.items()})
+            for n, m in mine.items():
+                q = gptq(m.weight, stats[n[len(prefix) + 1:]].H, self.spec_for(n), self.damp, self.act_order, self.block, n)
+                qweights[n] = q
+                m.weight.data = q.dequantize()  # later layers calibrate against the quantized model
+
+        with torch.no_grad():
+            layerwise(lm, batches, quantize_layer, ctx.progress)
+        return self.finish(state, ctx, lm, qweights, "gptq")

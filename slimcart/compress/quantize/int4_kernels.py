@@ -1,0 +1,339 @@
+"""Real execution of weight-only quantized LLMs, two ways (picked by measurement, both kept):
+
+* "onnxruntime": one ONNX graph per model built straight from the packed weights, with
+  com.microsoft ops: MatMulNBits (4-bit codes, int8 dot products on VNNI with accuracy_level 4;
+  the int8 lm_head as an 8-bit MatMulNBits), GroupQueryAttention (KV cache, rotary, causal mask),
+  SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (RMSNorm + residual). q/k/v and
+  gate/up run as one fused MatMulNBits each. Decoding is a short Python loop feeding the KV cache
+  back as ORT values, so per-token overhead is ~300 kernel launches inside ORT.
+* "torch": the Hugging Face model with its Linears swapped for torch's CPU int4 kernel
+  (`aten._weight_int4pack_mm_for_cpu`, bf16 activations) and the tied lm_head for
+  `aten._weight_int8pack_mm`; decoding is the same `generate` loop as the fp32 baseline, so it
+  isolates what the kernel alone buys.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ...bench import default_threads
+from ...errors import SlimcartError
+from .schemes import pack_int4
+from .weight_only import QuantizedWeight
+from .wq_format import PackedLLM
+
+MS = "com.microsoft"
+
+
+def _block_for(k: int) -> int:
+    """Largest MatMulNBits block (power of two, 16..256) dividing k; else 128 with a shorter last block."""
+    for b in (256, 128, 64, 32, 16):
+        if k % b == 0:
+            return b
+    return 128
+
+
+def nbits_tensors(q: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """(B, scales, zero_points, bits, block) in MatMulNBits layout, computing (codes - zp) * scale.
+
+    Integer zero points (and symmetric) are exact; with float offsets the zero point is the mid code
+    and `offset_correction` supplies the rest. 2- and 3-bit codes run on the 4-bit kernel."""
+    n, k = q.codes.shape
+    block = q.spec.group_size or _block_for(k)
+    nb = -(-k // block)
+    kbits = 8 if q.spec.bits == 8 else 4
+    scale = q.scale.float()
+    if q.offset is not None:
+        zero = torch.full_like(q.scale, 2 ** (kbits - 1), dtype=torch.uint8)
+    else:
+        zero = torch.round(-q.offsets() / scale).to(torch.uint8)
+    if q.spec.group_size is None:  # per channel: the row's one scale/zero repeated per block
+        scale, zero = scale.expand(n, nb), zero.expand(n, nb)
+    codes = torch.nn.functional.pad(q.codes, (0, nb * block - k))
+    if kbits == 4:
+        B = pack_int4(codes).reshape(n, nb, block // 2)
+        zp = pack_int4(torch.nn.functional.pad(zero, (0, nb % 2))).reshape(-1)
+    else:
+        B, zp = codes.reshape(n, nb, block), zero.reshape(-1)
+    return B.numpy(), scale.reshape(-1).numpy().astype(np.float32), zp.contiguous().numpy(), kbits, block
+
+
+def offset_correction(q: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """For float offsets: W = (q - mid) * s + (m + mid * s), so x W^T = MatMulNBits + (x Ind) C^T with
+    Ind [K, n_groups] the group indicator (sums x over each group) and C = m + mid * s [N, n_groups]."""
+    mid = 128 if q.spec.bits == 8 else 8
+    groups = q.spec.groups(q.codes.shape[1])
+    ind = np.zeros((q.codes.shape[1], len(groups)), np.float32)
+    for i, (s, e) in enumerate(groups):
+        ind[s:e, i] = 1.0
+    C = q.offsets() + mid * q.scale.float()
+    return ind, C.t().contiguous().numpy()
+
+
+def int8_rows(codes: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
+    """The int8-per-row embedding as an 8-bit QuantizedWeight (codes + 128, zero 128) for MatMulNBits."""
+    from .weight_only import WeightSpec
+
+    spec = WeightSpec(bits=8, group_size=None, symmetric=False)
+    u = (codes.to(torch.int16) + 128).to(torch.uint8)
+    return QuantizedWeight(u, scales[:, None].half(), torch.full((codes.shape[0], 1), 128, dtype=torch.uint8), spec)
+
+
+def concat(ws: list) -> QuantizedWeight | torch.Tensor | None:
+    """Stack Linears along out_features when they can run as one matmul (same spec), else None."""
+    ws = [w.dequantize() if isinstance(w, QuantizedWeight) and w.codebook is not None else w for w in ws]
+    if all(isinstance(w, torch.Tensor) for w in ws):
+        return torch.cat(ws, 0)
+    if all(isinstance(w, QuantizedWeight) for w in ws) and len({w.spec for w in ws}) == 1:
+        cat = lambda attr: None if getattr(ws[0], attr) is None else torch.cat([getattr(w, attr) for w in ws])  # noqa: E731
+        return QuantizedWeight(cat("codes"), cat("scale"), cat("zero"), ws[0].spec, cat("offset"))
+    return None
+
+
+class GraphBuilder:
+    def __init__(self, accuracy_level: int):
+        self.nodes, self.inits, self.acc = [], [], accuracy_level
+
+    def init(self, name, arr):
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def node(self, op, ins, outs, domain="", **attrs):
+        self.nodes.append(helper.make_node(op, ins, outs, name=f"{op}_{len(self.nodes)}", domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def linear(self, x, w, name) -> str:
+        if isinstance(w, QuantizedWeight) and w.codebook is not None:
+            w = w.dequantize()  # non-uniform levels: no MatMulNBits kernel, runs as a float MatMul
+        if isinstance(w, QuantizedWeight):
+            B, s, z, bits, block = nbits_tensors(w)
+            n, k = w.codes.shape
+            ins = [x, self.init(name + ".B", B), self.init(name + ".scales", s), self.init(name + ".zp", z)]
+            y = self.node("MatMulNBits", ins, [name + ".q"], MS, K=k, N=n, bits=bits, block_size=block,
+                          accuracy_level=self.acc)
+            if w.offset is None:
+                return y
+            ind, C = offset_correction(w)
+            sums = self.node("MatMul", [x, self.init(name + ".ind", ind)], [name + ".gsum"])
+            corr = self.node("MatMul", [sums, self.init(name + ".corr", C)], [name + ".corr_out"])
+            return self.node("Add", [y, corr], [name + ".out"])
+        return self.node("MatMul", [x, self.init(name + ".wT", w.detach().float().t().numpy())], [name + ".out"])
+
+
+def build_graph(p: PackedLLM, accuracy_level: int = 4, max_positions: int = 4096) -> onnx.ModelProto:
+    """The decoder as one ONNX graph: inputs_embeds + per-layer KV cache in, logits + new KV cache out."""
+    c = p.config
+    if c.get("model_type") not in ("llama", "mistral", "qwen2") or c.get("rope_scaling"):
+        raise SlimcartError(f"the ONNX Runtime int4 path supports Llama-style decoders, not {c.get('model_type')}")
+    H, nh, kvh, L = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["num_hidden_layers"]
+    D = c.get("head_dim") or H // nh
+    eps = float(c["rms_norm_eps"])
+    theta = float((c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0)))
+    g = GraphBuilder(accuracy_level)
+    inv = 1.0 / theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
+    ang = np.arange(min(max_positions, c.get("max_position_embeddings", max_positions)))[:, None] * inv[None]
+    cos, sin = g.init("cos_cache", np.cos(ang).astype(np.float32)), g.init("sin_cache", np.sin(ang).astype(np.float32))
+    kv_shape = ["batch", kvh, "past", D]
+    inputs = [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", H]),
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", c["vocab_size"]])]
+    lin = p.linears
+    x, resid = "inputs_embeds", None
+    for i in range(L):
+        pre = f"model.layers.{i}"
+
+        def norm(inp, res, gamma, tag):
+            w = g.init(f"{pre}.{tag}.weight", p.others[f"{pre}.{tag}.weight"].numpy())
+            if res is None:
+                return g.node("SimplifiedLayerNormalization", [inp, w], [f"{pre}.{tag}.out"], axis=-1, epsilon=eps), inp
+            outs = g.node("SkipSimplifiedLayerNormalization", [inp, res, w],
+                          [f"{pre}.{tag}.out", "", "", f"{pre}.{tag}.sum"], MS, epsilon=eps)
+            return outs[0], outs[3]
+
+        h, resid = norm(x, resid, "input_layernorm", "input_layernorm")
+        names = [f"{pre}.self_attn.{n}_proj" for n in "qkv"]
+        fused = concat([lin[n] for n in names])
+        if fused is not None:
+            qkv, kin, vin = g.linear(h, fused, f"{pre}.self_attn.qkv_proj"), "", ""
+        else:
+            qkv, kin, vin = (g.linear(h, lin[n], n) for n in names)
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, ["batch", kvh, "total", D]))
+        att = g.node("GroupQueryAttention",
+                     [qkv, kin, vin, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", cos, sin],
+                     [f"{pre}.attn", f"present_key_{i}", f"present_value_{i}"], MS,
+                     num_heads=nh, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0)[0]
+        o = g.linear(att, lin[f"{pre}.self_attn.o_proj"], f"{pre}.self_attn.o_proj")
+        h, resid = norm(o, resid, "post_attention_layernorm", "post_attention_layernorm")
+        gu = concat([lin[f"{pre}.mlp.gate_proj"], lin[f"{pre}.mlp.up_proj"]])
+        if gu is not None:
+            gate, up = g.node("Split", [g.linear(h, gu, f"{pre}.mlp.gate_up_proj")], [f"{pre}.gate", f"{pre}.up"], axis=-1,
+                              num_outputs=2)
+        else:
+            gate, up = (g.linear(h, lin[f"{pre}.mlp.{n}_proj"], f"{pre}.mlp.{n}_proj") for n in ("gate", "up"))
+        act = g.node("Mul", [gate, g.node("Sigmoid", [gate], [f"{pre}.sig"])], [f"{pre}.silu"])
+        x = g.linear(g.node("Mul", [act, up], [f"{pre}.act"]), lin[f"{pre}.mlp.down_proj"], f"{pre}.mlp.down_proj")
+    w = g.init("model.norm.weight", p.others["model.norm.weight"].numpy())
+    final = g.node("SkipSimplifiedLayerNormalization", [x, resid, w], ["final_norm", "", "", ""], MS, epsilon=eps)[0]
+    if p.lm_head is not None:
+        head = p.lm_head
+    elif p.embed_int8 is not None:
+        head = int8_rows(*p.embed_int8)
+    else:
+        head = p.embedding
+    g.linear(final, head, "lm_head")
+    g.nodes[-1].output[0] = "logits"
+    graph = helper.make_graph(g.nodes, "slimcart_wq_decoder", inputs, outputs, g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
+
+
+class OrtLLMRunner:
+    """Workload runner on the ORT graph: logits for `{"input_ids"}`, greedy decoding with `max_new_tokens`."""
+
+    runtime = "onnxruntime-matmulnbits"
+
+    def __init__(self, p: PackedLLM, threads: int | None = None, accuracy_level: int = 4, pad_token_id=None):
+        import onnxruntime as ort
+
+        model = build_graph(p, accuracy_level)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise SlimcartError(f"ONNX Runtime rejected the int4 graph: {str(e).splitlines()[0]}") from None
+        c = p.config
+        self.layers, self.kvh = c["num_hidden_layers"], c["num_key_value_heads"]
+        self.head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        # Embedding lookup outside the graph, from the int8 table: one row per token, no fp32 copy of the table.
+        self.emb_q = p.embed_int8[0].numpy() if p.embed_int8 is not None else None
+        self.emb_s = p.embed_int8[1].float().numpy() if p.embed_int8 is not None else None
+        self.emb = p.embedding.numpy() if p.embed_int8 is None else None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        if self.emb_q is not None:
+            return self.emb_q[ids].astype(np.float32) * self.emb_s[ids][..., None]
+        return self.emb[ids]
+
+    def forward(self, ids: np.ndarray, past: list | None):
+        b, s = ids.shape
+        if past is None:
+            empty = np.zeros((b, self.kvh, 0, self.head_dim), np.float32)
+            past = [empty] * (2 * self.layers)
+        total = past[0].shape[2] + s
+        feeds = {"inputs_embeds": self.embed(ids), "seqlens_k": np.full(b, total - 1, np.int32),
+                 "total_sequence_length": np.array(total, np.int32)}
+        for i in range(self.layers):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = past[2 * i], past[2 * i + 1]
+        out = self.session.run(self.outputs, feeds)
+        return out[0], out[1:]
+
+    def __call__(self, batch: dict) -> np.ndarray:
+        ids = np.asarray(batch["input_ids"], dtype=np.int64)
+        if "max_new_tokens" not in batch:
+            return self.forward(ids, None)[0]
+        n = int(batch["max_new_tokens"])
+        logits, past = self.forward(ids, None)
+        new = []
+        for step in range(n):
+            nxt = logits[:, -1].argmax(-1)[:, None]
+            new.append(nxt)
+            if step + 1 < n:
+                logits, past = self.forward(nxt, past)
+        return np.concatenate(new, 1)
+
+
+class TorchInt4Linear(torch.nn.Module):
+    """y = x W^T through aten._weight_int4pack_mm_for_cpu (bf16 activations, K padded to the group)."""
+
+    def __init__(self, q: QuantizedWeight):
+        super().__init__()
+        n, k = q.codes.shape
+        g = q.spec.group_size or _block_for(k)
+        if q.spec.bits > 4:
+            raise SlimcartError("the torch int4 kernel runs 2- to 4-bit weights only")
+        self.k, self.n, self.g = k, n, g
+        self.kp = -(-k // g) * g
+        codes = torch.nn.functional.pad(q.codes, (0, self.kp - k)).to(torch.int32)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2))
+        scale, offset = q.scale.float(), q.offsets()
+        if q.spec.group_size is None:
+            scale, offset = scale.expand(n, self.kp // g), offset.expand(n, self.kp // g)
+        # tinygemm convention: w = (q - 8) * scale + z, so z = offset + 8 * scale
+        sz = torch.stack([scale, offset + 8 * scale], -1).transpose(0, 1).contiguous()
+        self.register_buffer("scale_zeros", sz.to(torch.bfloat16))
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = torch.nn.functional.pad(x.reshape(-1, self.k), (0, self.kp - self.k)).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.g, self.scale_zeros)
+        return y.float().reshape(*shape[:-1], self.n)
+
+
+class TorchInt8Head(torch.nn.Module):
+    """lm_head on int8 per-row weights through aten._weight_int8pack_mm (bf16 activations)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        # A fresh copy: tensors straight from safetensors may sit at unaligned offsets of the file
+        # buffer, which this kernel's vector loads do not tolerate (it segfaults).
+        self.register_buffer("w", codes.clone(memory_format=torch.contiguous_format))
+        self.register_buffer("s", scales.to(torch.bfloat16))
+
+    def forward(self, x):
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.w, self.s)
+        return y.float().reshape(*shape[:-1], -1)
+
+
+def torch_int4_model(p: PackedLLM) -> torch.nn.Module:
+    """The HF model with int4 Linears on torch's CPU kernel (float Linears stay float)."""
+    from .wq_format import to_torch
+
+    model = to_torch(p)
+    for name, q in p.linears.items():
+        if isinstance(q, QuantizedWeight) and q.spec.bits <= 4 and q.codebook is None:
+            parent, child = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), child, TorchInt4Linear(q))
+    if p.embed_int8 is not None and p.lm_head is None:
+        model.lm_head = TorchInt8Head(*p.embed_int8)
+    return model
+
+
+def make_runner(p: PackedLLM, runtime: str = "onnxruntime", pad_token_id=None, threads: int | None = None):
+    """A workload runner for a packed model: "onnxruntime" (MatMulNBits graph) or "torch" (int4 kernel)."""
+    if runtime == "onnxruntime":
+        return OrtLLMRunner(p, threads, pad_token_id=pad_token_id)
+    if runtime == "torch":
+        from ...workloads.llm import CausalLM, CausalLMRunner
+
+        r = CausalLMRunner(CausalLM(torch_int4_model(p)), pad_token_id=pad_token_id)
+        r.runtime = "torch-int4pack"
+        return r
+    raise SlimcartError(f"unknown runtime '{runtime}' for a packed LLM (onnxruntime or torch)")
+
+
+def attach_packed(state, lm, qweights: dict, method: str, embedding_bits: int):
+    """Hand the packed weights to the saver and record which kernels will run them."""
+    from .wq_format import save_packed
+
+    tok = state.bundle.tokenizer
+    state.saver = lambda folder: save_packed(folder, lm, qweights, method, embedding_bits, tok)
+    bits = sorted({q.spec.bits for q in qweights.values()})
+    if any(q.codebook is not None for q in qweights.values()):
+        state.size_only.append(f"k-means {bits}-bit codebooks: dequantized to float32 at load (no LUT kernel)")
+    else:
+        state.kernels.append(f"onnxruntime MatMulNBits {'/'.join(map(str, bits))}-bit weights, int8 compute (accuracy_level 4)")
+    if embedding_bits == 8:
+        state.kernels.append("onnxruntime MatMulNBits 8-bit tied lm_head (embedding int8 per row)")
+    state.notes.append(f"weight-only {method}: {len(qweights)} decoder Linears; tied embedding/lm_head "
+                       f"{'int8 per row' if embedding_bits == 8 else 'float16'}")
+    state.runtime = "onnxruntime"
+    return state
