@@ -252,3 +252,69 @@ def test_qat_lowers_distillation_loss_and_exports_ranges():
     lo, hi = info["act_ranges"]["transformer.encoder.layer.0.attention.self.query"]
     assert lo < 0 < hi
     assert not any(isinstance(x, FakeQuantLinear) for x in m.modules())
+
+
+def test_qat_ranges_reach_the_int8_graph(tmp_path):
+    m = tiny_encoder(outliers=False)
+    src = _export(m, tmp_path / "fp32.onnx")
+    proto = onnx.load(str(src))
+    lin = linear_matmuls(proto)
+    q, k = (n for n, name in lin if name.endswith("layer.0.attention.self.query") or name.endswith("layer.0.attention.self.key"))
+    insert_qdq(proto, [q, k], {}, node_ranges={q.name: (-1.0, 3.0), k.name: (-2.0, 2.0)})
+    scales = {numpy_helper_to(i) for i in proto.graph.initializer if i.name.endswith("_scale") and not i.name.endswith("wscale")}
+    # Q and K read the same tensor but learned different ranges: two QDQ pairs with those exact scales
+    assert scales == {np.float32(4.0 / 255), np.float32(4.0 / 255)} or len(scales) == 1
+    zps = sorted(int(onnx.numpy_helper.to_array(i)) for i in proto.graph.initializer if i.name.endswith("_zp") and not i.name.endswith("wzp"))
+    assert zps == [round(1.0 / (4.0 / 255)), round(2.0 / (4.0 / 255))]
+
+
+def numpy_helper_to(init):
+    return np.float32(onnx.numpy_helper.to_array(init))
+
+
+# ---------------------------------------------------------------- recipes end to end (tiny model, synthetic data)
+
+def _recipe(name, steps):
+    from slimcart.recipe import Recipe
+
+    return Recipe.model_validate({"name": name, "workloads": ["search"], "steps": steps})
+
+
+@pytest.mark.slow  # full api.compress (evaluation, timing) — about a minute on a loaded 2-core machine
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_smoothquant_static_int8_compress_end_to_end(tmp_path, tiny_encoder_dir, synthetic_data, runtime):
+    from slimcart import api
+
+    rec = _recipe("w8a8-test", [{"kind": "smoothquant", "alpha": "auto", "alphas": [0.5, 0.8], "calibration_batches": 2},
+                                {"kind": "static_int8", "observer": "minmax", "observer_args": {}, "calibration_batches": 4,
+                                 "runtime": runtime}])
+    m = api.compress("search", str(tiny_encoder_dir), rec, tmp_path / "out", repeats=1, measure_rss=False)
+    assert m["compressed"]["runtime"] == runtime
+    assert any("int8" in k for k in m["kernels"]) and any("SmoothQuant alpha=" in n for n in m["notes"])
+    assert m["compressed"]["quality"]["cosine"] > 0.98
+    assert m["ratios"]["size"] < 0.35  # int8 weights and embedding tables on disk
+
+
+@pytest.mark.slow
+def test_mixed_precision_and_qat_compress_end_to_end(tmp_path, tiny_encoder_dir, synthetic_data):
+    from slimcart import api
+
+    rec = _recipe("mixed-qat-test", [
+        {"kind": "mixed_precision", "max_drop": 1e-15, "max_layers": 2, "calibration_batches": 2},
+        {"kind": "qat", "max_steps": 3, "calibration_batches": 2},
+        {"kind": "static_int8", "calibration_batches": 2, "runtime": "onnxruntime"}])
+    m = api.compress("search", str(tiny_encoder_dir), rec, tmp_path / "out", repeats=1, measure_rss=False)
+    notes = " ".join(m["notes"])
+    assert "keeping 2 layer(s) fp32" in notes and "NOT met" in notes  # an impossible budget is reported, not hidden
+    assert "QAT-learned" in notes and "kept fp32: transformer." in notes
+    assert m["compressed"]["quality"]["cosine"] > 0.98
+
+
+@pytest.mark.parametrize("name", ["int8-static", "w8a8-smoothquant", "mixed-int8", "qat-int8"])
+def test_search_recipes_refuse_other_workloads(name):
+    from slimcart.recipe import load_recipe
+
+    rec = load_recipe(name)
+    rec.check_workload("search")
+    with pytest.raises(SlimcartError, match="does not apply to workload 'llm'"):
+        rec.check_workload("llm")

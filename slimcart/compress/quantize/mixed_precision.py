@@ -41,8 +41,8 @@ def output_drop(model: torch.nn.Module, batches: list, forward: Forward, referen
     cos = []
     with torch.no_grad():
         for b, ref in zip(batches, reference):
-            out = forward(model, b).float().reshape(ref.shape[0], -1)
-            cos.append(torch.nn.functional.cosine_similarity(out, ref.reshape(ref.shape[0], -1), dim=1))
+            out = forward(model, b).double().reshape(ref.shape[0], -1)  # float64: tiny drops must not round to 0
+            cos.append(torch.nn.functional.cosine_similarity(out, ref.double().reshape(ref.shape[0], -1), dim=1))
     return float(1 - torch.cat(cos).mean())
 
 

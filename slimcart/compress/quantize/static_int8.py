@@ -85,22 +85,32 @@ def _qparams(lo: float, hi: float, symmetric: bool) -> tuple[np.ndarray, np.ndar
     return np.array(scale, np.float32), np.array(int(np.clip(round(-lo / scale), 0, 255)), np.uint8)
 
 
-def insert_qdq(model: onnx.ModelProto, nodes: list[onnx.NodeProto], ranges: dict, symmetric_act: bool = False) -> None:
-    """Quantize the given Linear MatMuls in place: int8 per-column weights + QDQ on the activation input."""
+def insert_qdq(model: onnx.ModelProto, nodes: list[onnx.NodeProto], ranges: dict, symmetric_act: bool = False,
+               node_ranges: dict | None = None) -> None:
+    """Quantize the given Linear MatMuls in place: int8 per-column weights + QDQ on the activation input.
+    `ranges` maps activation tensor -> (lo, hi); `node_ranges` (node name -> (lo, hi)) overrides it per
+    consumer, e.g. with ranges learned by QAT (consumers that agree share one QDQ pair)."""
     inits = {i.name: i for i in model.graph.initializer}
     new_nodes: dict[str, list[onnx.NodeProto]] = {}  # insert before the consumer, keeping topological order
-    act_done: dict[str, str] = {}
+    act_done: dict[tuple, str] = {}
+    weights_done: set[str] = set()
     for n in nodes:
         a, w_name = n.input[0], n.input[1]
         pre = new_nodes.setdefault(n.name, [])
-        if a not in act_done:
-            s, z = _qparams(*ranges[a], symmetric_act)
-            base = a.replace("/", "_").strip("_")
+        rng = tuple((node_ranges or {}).get(n.name) or ranges[a])
+        key = (a, rng)
+        if key not in act_done:
+            s, z = _qparams(*rng, symmetric_act)
+            base = a.replace("/", "_").strip("_") + (f"_{len(act_done)}" if any(k[0] == a for k in act_done) else "")
             model.graph.initializer.extend([numpy_helper.from_array(s, f"{base}_scale"), numpy_helper.from_array(z, f"{base}_zp")])
             pre += [helper.make_node("QuantizeLinear", [a, f"{base}_scale", f"{base}_zp"], [f"{base}_q"], name=f"{base}_Q"),
                     helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_scale", f"{base}_zp"], [f"{base}_dq"], name=f"{base}_DQ")]
-            act_done[a] = f"{base}_dq"
-        n.input[0] = act_done[a]
+            act_done[key] = f"{base}_dq"
+        n.input[0] = act_done[key]
+        if f"{w_name}_int8" in weights_done:  # a weight shared by several MatMuls is stored once
+            n.input[1] = f"{w_name}_dq"
+            continue
+        weights_done.add(f"{w_name}_int8")
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)  # [in, out]
         if not np.isfinite(w).all():
             raise SlimcartError(f"weight {w_name} has NaN or inf values")
@@ -207,17 +217,23 @@ class StaticInt8(Step):
         chosen = [(n, name) for n, name in linears if not any(fnmatch.fnmatchcase(name, p) for p in exclude)]
         if not chosen:
             raise SlimcartError("static_int8: no Linear layer left to quantize (check `exclude`)")
-        ctx.progress(f"calibrating {len({n.input[0] for n, _ in chosen})} activation ranges ({self.observer})")
-        ranges = collect_ranges(fp32, sorted({n.input[0] for n, _ in chosen}), batches, self.observer, self.observer_args)
-        insert_qdq(model, [n for n, _ in chosen], ranges, self.symmetric_activations)
+        learned = state.extra.get("act_ranges", {})  # from a qat step: use what was trained
+        node_ranges = {n.name: learned[name] for n, name in chosen if name in learned}
+        todo = sorted({n.input[0] for n, _ in chosen if n.name not in node_ranges})
+        ranges = {}
+        if todo:
+            ctx.progress(f"calibrating {len(todo)} activation ranges ({self.observer})")
+            ranges = collect_ranges(fp32, todo, batches, self.observer, self.observer_args)
+        insert_qdq(model, [n for n, _ in chosen], ranges, self.symmetric_activations, node_ranges)
         tables = quantize_embeddings(model) if self.quantize_embeddings else []
         qdq = ctx.workdir / "model.onnx"
         onnx.save(model, str(qdq))
         fp32.unlink()
         kept = [name for _, name in linears if name not in {c for _, c in chosen}]
         state.extra["static_int8"] = {"quantized": [c for _, c in chosen], "kept_fp32": kept, "embeddings_int8": tables}
-        state.notes.append(f"static int8: {len(chosen)} Linear layers W8A8 (per-channel weights, {self.observer} "
-                           f"activation ranges); kept fp32: {', '.join(kept) or 'none'}; int8 embedding tables: {len(tables)}")
+        how = f"{len(node_ranges)} QAT-learned, {len(chosen) - len(node_ranges)} {self.observer}-calibrated"
+        state.notes.append(f"static int8: {len(chosen)} Linear layers W8A8 (per-channel weights; activation ranges "
+                           f"{how}); kept fp32: {', '.join(kept) or 'none'}; int8 embedding tables: {len(tables)}")
         return finish_runtime(state, ctx, qdq, self.runtime, batches)
 
 
