@@ -34,7 +34,7 @@ class SmoothQuantConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     alpha: float | Literal["auto"] = "auto"
-    alphas: list[float] = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    alphas: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9]
     pow2: bool = True
     skip: list[str] = []
     calibration_batches: int = 16
@@ -160,8 +160,9 @@ class SmoothQuantStep(Step):
     for the real W8A8 kernels."""
 
     kind: Literal["smoothquant"] = "smoothquant"
+    workloads = ("search",)  # the W8A8 execution path (static_int8) is wired for encoders
     alpha: float | Literal["auto"] = "auto"
-    alphas: list[float] = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    alphas: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9]
     skip: list[str] = []
     calibration_batches: int = 16
 

@@ -1,0 +1,290 @@
+"""Benchmark: quantization recipes vs PyTorch fp32 and vs peers, every speed figure a same-run ratio.
+
+search  MiniLM-L6 on CrowdFlower. Every search recipe (int8-dynamic, int8-static, w8a8-smoothquant,
+        mixed-int8, qat-int8) built exactly as `slimcart compress` builds it, saved and RELOADED from
+        disk; peers on the same data: ONNX Runtime `quantize_dynamic` (per-channel, fused graph) and
+        OpenVINO + NNCF post-training int8 (if nncf is installed); reference runtimes ONNX Runtime fp32
+        (fused) and OpenVINO fp32. All sides are timed in ONE interleaved run against PyTorch fp32 eager.
+llm     (part B: weight-only int4 recipes on SmolLM2) — see `bench_llm`.
+
+    SLIMCART_DATA=../shared/data python bench/quantization.py [--sections search,llm] [--threads 2]
+
+Writes bench/results/quantization.json and docs/bench-quantization.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from slimcart import artifacts, formats  # noqa: E402
+from slimcart.bench import environment, measure_interleaved, paired_ratio, set_threads  # noqa: E402
+from slimcart.compress.state import ModelState, StepContext  # noqa: E402
+from slimcart.recipe import load_recipe, parse_step  # noqa: E402
+from slimcart.workloads import get_workload  # noqa: E402
+
+SEARCH_RECIPES = ["int8-dynamic", "int8-static", "w8a8-smoothquant", "mixed-int8", "qat-int8"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {msg}", flush=True)
+
+
+def save_state(wl, state: ModelState, folder: Path) -> None:
+    """As api.compress saves a built model."""
+    from slimcart.runtime.onnx_runtime import copy_onnx
+
+    if state.saver is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        state.saver(folder)
+        wl.save_extras(state.bundle, folder)
+    elif state.runtime == "onnxruntime":
+        copy_onnx(state.onnx_path, folder)
+        wl.save_extras(state.bundle, folder)
+    else:
+        wl.save_model(state.bundle, folder)
+
+
+class RecipeBuilder:
+    """Runs recipes step by step, reusing the result of an identical leading run of PyTorch-only steps
+    (e.g. the same `smoothquant` step opening three recipes) — steps are deterministic, so this is the
+    same model each recipe would build alone."""
+
+    def __init__(self, wl, bundle, data, work: Path):
+        self.wl, self.bundle, self.data, self.work = wl, bundle, data, work
+        self.cache: dict[str, tuple[ModelState, float]] = {}
+
+    def build(self, name: str) -> tuple[ModelState, float]:
+        rec = load_recipe(name)
+        rec.check_workload(self.wl.name)
+        workdir = self.work / f"build-{name}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        state = ModelState(bundle=replace(self.bundle, module=copy.deepcopy(self.bundle.module)))
+        ctx = StepContext(workload=self.wl, data=self.data, workdir=workdir, progress=log)
+        seconds, start = 0.0, 0
+        for i in range(len(rec.steps), 0, -1):  # longest cached prefix
+            key = json.dumps([s.model_dump(mode="json") for s in rec.steps[:i]])
+            if key in self.cache:
+                cached, seconds = self.cache[key]
+                state = replace(cached, bundle=replace(cached.bundle, module=copy.deepcopy(cached.bundle.module)),
+                                notes=list(cached.notes), kernels=list(cached.kernels), extra=copy.deepcopy(cached.extra))
+                start = i
+                log(f"{name}: reusing the first {i} step(s) built for an earlier recipe")
+                break
+        for i, step in enumerate(rec.steps[start:], start + 1):
+            log(f"{name}: step {step.kind}")
+            t0 = time.time()
+            state = step.apply(state, ctx)
+            seconds += time.time() - t0
+            if state.runtime == "torch" and state.saver is None:
+                key = json.dumps([s.model_dump(mode="json") for s in rec.steps[:i]])
+                self.cache[key] = (replace(state, bundle=replace(state.bundle, module=copy.deepcopy(state.bundle.module)),
+                                           extra=copy.deepcopy(state.extra)), seconds)
+        return state, seconds
+
+
+def nncf_peer(wl, bundle, data, work: Path, n_calib: int):
+    """OpenVINO + NNCF post-training int8 (its transformer preset) on the same calibration batches."""
+    import nncf
+    import openvino as ov
+
+    from slimcart.runtime.onnx_runtime import export_onnx
+    from slimcart.runtime.openvino_runtime import save_openvino
+
+    spec = wl.onnx_spec(bundle)
+    src = export_onnx(bundle.module, spec["example"], work / "nncf-src.onnx", spec["dynamic_axes"], spec["output_name"])
+    calib = wl.calibration_batches(bundle, data, n_calib)
+    q = nncf.quantize(ov.convert_model(str(src)), nncf.Dataset(calib), model_type=nncf.ModelType.TRANSFORMER,
+                      subset_size=sum(b["input_ids"].shape[0] for b in calib))
+    save_openvino(q, work / "nncf")
+    wl.save_extras(bundle, work / "nncf")
+    return work / "nncf", f"nncf {nncf.__version__}"
+
+
+def ort_dynamic_peer(wl, bundle, work: Path):
+    """ONNX Runtime's own quantize_dynamic, per-channel, on the ORT-fused graph (the usual recipe)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    state = ModelState(bundle=bundle)
+    ctx = StepContext(workload=wl, data=None, workdir=work / "ortdyn-src", progress=log)
+    ctx.workdir.mkdir(parents=True)
+    state = parse_step({"kind": "export_onnx", "optimize": True}).apply(state, ctx)
+    out = work / "ortdyn"
+    out.mkdir()
+    quantize_dynamic(str(state.onnx_path), str(out / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    wl.save_extras(bundle, out)
+    return out, state.onnx_path
+
+
+def bench_search(args, work: Path) -> dict:
+    from slimcart.runtime.openvino_runtime import save_openvino
+
+    wl = get_workload("search")
+    bundle, data = wl.load_model("minilm"), wl.load_data(args.data)
+    res: dict = {"data": wl.data_info(data).as_dict(), "sides": {}}
+    t0 = time.time()
+    base = wl.evaluate(wl.torch_runner(bundle), bundle, data)
+    log(f"fp32 {base.quality} ({time.time() - t0:.0f} s)")
+    wl.save_model(bundle, work / "fp32")
+    base_bytes = artifacts.model_bytes(work / "fp32")
+    res["baseline"] = {"quality": base.quality, "size_bytes": base_bytes, "eval_seconds": round(time.time() - t0)}
+    runners = {"torch fp32 (baseline)": wl.torch_runner(bundle)}
+
+    def add(name: str, folder: Path, kind: str, build_s: float | None = None, notes=(), kernels=()):
+        runner, b2 = formats.load_model_dir(wl, folder)  # reloaded from disk, as a user would
+        t = time.time()
+        q = wl.evaluate(runner, b2 or bundle, data, reference=base.outputs).quality
+        side = {"kind": kind, "runtime": runner.runtime, "quality": q, "size_bytes": artifacts.model_bytes(folder),
+                "ndcg_rel": q["ndcg@10"] / base.quality["ndcg@10"] - 1, "recall_rel": q["recall@10"] / base.quality["recall@10"] - 1,
+                "build_seconds": None if build_s is None else round(build_s), "eval_seconds": round(time.time() - t),
+                "notes": list(notes), "kernels": list(kernels)}
+        side["size_ratio"] = side["size_bytes"] / base_bytes
+        res["sides"][name] = side
+        runners[name] = runner
+        log(f"{name}: {q} ndcg {side['ndcg_rel']:+.2%} recall {side['recall_rel']:+.2%} size {side['size_ratio']:.2f}")
+
+    if "peers" in args.include:  # reference fp32 runtimes and the peers' int8
+        from slimcart.runtime.onnx_runtime import copy_onnx
+
+        _, fused = ort_dynamic_peer(wl, bundle, work)
+        copy_onnx(fused, work / "ortfp32")
+        wl.save_extras(bundle, work / "ortfp32")
+        add("ONNX Runtime fp32 (fused)", work / "ortfp32", "reference")
+        add("peer: ORT quantize_dynamic per-channel", work / "ortdyn", "peer")
+        save_openvino(fused, work / "ovfp32")
+        wl.save_extras(bundle, work / "ovfp32")
+        add("OpenVINO fp32", work / "ovfp32", "reference")
+        try:
+            t = time.time()
+            folder, ver = nncf_peer(wl, bundle, data, work, args.calibration_batches)
+            add(f"peer: OpenVINO + NNCF int8 PTQ ({ver})", folder, "peer", time.time() - t)
+        except ImportError:
+            res["nncf"] = "not installed (pip install nncf): peer skipped"
+            log(res["nncf"])
+    builder = RecipeBuilder(wl, bundle, data, work)
+    for name in args.recipes.split(","):
+        state, secs = builder.build(name)
+        save_state(wl, state, work / f"out-{name}")
+        add(f"slimcart {name}", work / f"out-{name}", "recipe", secs, state.notes, state.kernels)
+        res["sides"][f"slimcart {name}"]["extra"] = {k: v for k, v in state.extra.items()
+                                                      if k in ("smoothquant", "static_int8", "runtime_timing_s")}
+        mp = state.extra.get("mixed_precision")
+        if mp:
+            res["sides"][f"slimcart {name}"]["extra"]["mixed_precision"] = {k: mp[k] for k in ("keep_fp32", "drop", "drop_all_int8", "met")}
+        del state
+    inputs = wl.bench_inputs(bundle, data)
+    log(f"timing {len(runners)} sides interleaved, {args.repeats} rounds")
+    t = measure_interleaved(runners, inputs, repeats=args.repeats, progress=log)
+    base_name = "torch fp32 (baseline)"
+    res["timing"] = {}
+    for name in runners:
+        s = t[name].summary()
+        res["timing"][name] = {"throughput_per_s": s["throughput_per_s"], "latency_p50_ms": s["latency_ms"]["p50"],
+                               "throughput_ratio": paired_ratio(t[name].throughput_per_s, t[base_name].throughput_per_s),
+                               "latency_ratio": s["latency_ms"]["p50"] / t[base_name].summary()["latency_ms"]["p50"]}
+    res["targets"] = {"throughput_ratio": 2.5, "ndcg_rel": -0.005, "recall_rel": -0.01, "size_ratio": 0.30}
+    return res
+
+
+def bench_llm(args, work: Path) -> dict:
+    """LLM half (part B of the quantization issue): weight-only int4 recipes (w4-rtn / w4-gptq / w4-awq /
+    kmeans-w4) on SmolLM2 vs fp32 in the same run. Return a dict; `markdown_llm` renders it."""
+    raise NotImplementedError("llm section: filled in by the weight-only int4 work (part B)")
+
+
+def markdown_llm(r: dict) -> list[str]:
+    """Markdown lines for the llm section (part B)."""
+    return ["## llm", "", "(not measured yet)", ""]
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:+.2f}%"
+
+
+def markdown_search(s: dict) -> list[str]:
+    base, tm, tg = s["baseline"], s["timing"], s["targets"]
+    lines = ["## search: all-MiniLM-L6-v2 on CrowdFlower", "",
+             f"Data: {s['data']['name']}, {s['data']['split']} ({s['data']['n']} judged pairs). fp32 nDCG@10 "
+             f"{base['quality']['ndcg@10']:.4f}, Recall@10 {base['quality']['recall@10']:.4f}, "
+             f"{base['size_bytes'] / 1e6:.1f} MB. Targets: >= {tg['throughput_ratio']}x batch-32 throughput, nDCG@10 "
+             f"loss <= {-tg['ndcg_rel']:.1%}, Recall@10 loss <= {-tg['recall_rel']:.0%}, size <= {tg['size_ratio']:.0%}.", "",
+             "| model | runtime | batch-32 throughput vs torch fp32 | p50 latency (batch 1) | nDCG@10 (rel.) | Recall@10 (rel.) "
+             "| cosine to fp32 | size | meets all targets |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| torch fp32 eager (baseline) | torch | 1.00x ({tm['torch fp32 (baseline)']['throughput_per_s']:.0f} texts/s) | "
+             f"{tm['torch fp32 (baseline)']['latency_p50_ms']:.1f} ms | {base['quality']['ndcg@10']:.4f} | "
+             f"{base['quality']['recall@10']:.4f} | 1 | 100% | |"]
+    for name, side in s["sides"].items():
+        t, q = tm[name], side["quality"]
+        ok = (t["throughput_ratio"] >= tg["throughput_ratio"] and side["ndcg_rel"] >= tg["ndcg_rel"]
+              and side["recall_rel"] >= tg["recall_rel"] and side["size_ratio"] <= tg["size_ratio"])
+        label = f"**{name}**" if side["kind"] == "recipe" else name
+        lines.append(f"| {label} | {side['runtime']} | {t['throughput_ratio']:.2f}x | {t['latency_p50_ms']:.1f} ms | "
+                     f"{q['ndcg@10']:.4f} ({_pct(side['ndcg_rel'])}) | {q['recall@10']:.4f} ({_pct(side['recall_rel'])}) | "
+                     f"{q['cosine']:.4f} | {side['size_ratio']:.0%} | {'yes' if ok else 'no'} |")
+    lines += ["", "What ran where (from each recipe's build notes):", ""]
+    for name, side in s["sides"].items():
+        if side["kind"] == "recipe":
+            lines.append(f"- `{name.split()[-1]}` (built in {side['build_seconds']} s): " + "; ".join(side["kernels"] + side["notes"]))
+    if "nncf" in s:
+        lines.append(f"- NNCF: {s['nncf']}")
+    return lines + [""]
+
+
+def markdown(r: dict) -> str:
+    env = r.get("environment", {})
+    lines = ["# Quantization benchmark", "",
+             "Generated by `bench/quantization.py`; raw figures in `bench/results/quantization.json`. Every speed figure is",
+             "the median of per-round ratios against PyTorch fp32 eager, all sides timed interleaved in one process",
+             "(`slimcart.bench.measure_interleaved`); every model is saved and reloaded from disk before it is evaluated.",
+             f"CPU: {env.get('cpu')} ({', '.join(env.get('cpu_flags', []))}), threads: {env.get('threads')}.", ""]
+    if "search" in r:
+        lines += markdown_search(r["search"])
+    if "llm" in r:
+        lines += markdown_llm(r["llm"])
+    for name in ("search", "llm"):
+        if name in r:
+            lines.append(f"- {name}: {r[name]['wall_seconds']} s wall clock, load average at start/end {r[name]['load_avg_start_end']}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sections", default="search")
+    p.add_argument("--data", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--recipes", default=",".join(SEARCH_RECIPES))
+    p.add_argument("--include", default="peers", help="'peers' adds ORT fp32/dynamic, OpenVINO fp32 and NNCF")
+    p.add_argument("--calibration-batches", type=int, default=32)
+    args = p.parse_args()
+    set_threads(args.threads)
+    out_json = ROOT / "bench" / "results" / "quantization.json"
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    results["environment"] = environment(args.threads)
+    for section in args.sections.split(","):
+        fn = {"search": bench_search, "llm": bench_llm}[section]
+        t0, load0 = time.time(), os.getloadavg()[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            r = fn(args, Path(tmp))
+        r["wall_seconds"], r["load_avg_start_end"] = round(time.time() - t0), [load0, os.getloadavg()[0]]
+        results[section] = r
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(results, indent=2, default=float))
+        log(f"{section} done in {r['wall_seconds']} s")
+    (ROOT / "docs" / "bench-quantization.md").write_text(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
