@@ -16,6 +16,15 @@ from slimcart.compress.prune.storage import decode_sparse, encode_sparse, sparse
 from slimcart.recipe import Recipe
 from slimcart.workloads import get_workload
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is faster, and two spin-waiting threads crawl on a loaded shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
