@@ -37,6 +37,10 @@ class SASRecConfig:
     layers: int = 2
     dropout: float = 0.2
     ffn: list[int] | None = None
+    # Scales fixed at training time (None = sqrt(hidden) and 1/sqrt(head dim)); recorded so that a
+    # model whose widths were pruned still computes the same function after a reload.
+    emb_scale: float | None = None
+    attn_scale: float | None = None
 
     def ffn_dims(self) -> list[int]:
         """Inner FFN width of each block."""
@@ -56,10 +60,10 @@ class SASRecConfig:
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with explicit q/k/v/o projections and an additive mask."""
 
-    def __init__(self, hidden: int, heads: int, dropout: float, inner: int | None = None):
+    def __init__(self, hidden: int, heads: int, dropout: float, inner: int | None = None, scale: float | None = None):
         super().__init__()
         inner = inner or hidden
-        self.heads = heads
+        self.heads, self.scale = heads, scale or (inner // heads) ** -0.5
         self.q, self.k, self.v = nn.Linear(hidden, inner), nn.Linear(hidden, inner), nn.Linear(hidden, inner)
         self.o = nn.Linear(inner, hidden)
         self.drop = nn.Dropout(dropout)
@@ -71,7 +75,7 @@ class CausalSelfAttention(nn.Module):
             return t.reshape(b, L, self.heads, -1).transpose(1, 2)
 
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1])) + bias
+        att = (q @ k.transpose(-1, -2)) * self.scale + bias
         att = self.drop(att.softmax(-1))
         return self.o((att @ v).transpose(1, 2).reshape(b, L, -1))
 
@@ -79,10 +83,11 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(LN x), then x + FFN(LN x)."""
 
-    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float, attn_inner: int | None = None):
+    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float, attn_inner: int | None = None,
+                 attn_scale: float | None = None):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.attn = CausalSelfAttention(hidden, heads, dropout, attn_inner)
+        self.attn = CausalSelfAttention(hidden, heads, dropout, attn_inner, attn_scale)
         self.fc1, self.fc2 = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
         self.drop = nn.Dropout(dropout)
 
@@ -101,8 +106,9 @@ class SASRec(nn.Module):
         self.pos_emb = nn.Embedding(c.max_len, c.hidden)
         inner = attn_inner or [c.hidden] * c.layers
         self.blocks = nn.ModuleList(
-            Block(c.hidden, c.heads, f, c.dropout, a) for f, a in zip(c.ffn_dims(), inner)
+            Block(c.hidden, c.heads, f, c.dropout, a, c.attn_scale) for f, a in zip(c.ffn_dims(), inner)
         )
+        self.emb_scale = c.emb_scale or math.sqrt(c.hidden)
         self.ln = nn.LayerNorm(c.hidden)
         self.drop = nn.Dropout(c.dropout)
         self.register_buffer("causal", torch.ones(c.max_len, c.max_len, dtype=torch.bool).tril(), persistent=False)
@@ -118,7 +124,7 @@ class SASRec(nn.Module):
         # Left padding: the newest item always sits at the last position embedding, whatever L is,
         # so training on batches cut to their longest history matches serving at max_len.
         pos = self.pos_emb.weight[self.config.max_len - L :]
-        x = self.item_emb(seq) * math.sqrt(self.config.hidden) + pos
+        x = self.item_emb(seq) * self.emb_scale + pos
         x = self.drop(x) * keep
         allowed = self.causal[:L, :L].unsqueeze(0) & keep.transpose(1, 2)  # (B, L query, L key)
         bias = torch.where(allowed, 0.0, MASK_VALUE).unsqueeze(1)  # broadcast over heads
@@ -133,11 +139,15 @@ class SASRec(nn.Module):
 
 def actual_config(model: SASRec) -> SASRecConfig:
     """The config matching the module's current weights (after any pruning of hidden/FFN widths)."""
-    c = model.config
+    c, hidden, attn = model.config, model.item_emb.embedding_dim, model.blocks[0].attn
+    # Scales are written only when they differ from what the widths imply, so a fresh config built
+    # from this one (e.g. a narrower student) gets the defaults for its own widths.
+    emb_scale = None if math.isclose(model.emb_scale, math.sqrt(hidden)) else model.emb_scale
+    attn_scale = None if math.isclose(attn.scale, (attn.q.out_features // attn.heads) ** -0.5) else attn.scale
     return SASRecConfig(
-        n_items=model.item_emb.num_embeddings - 1, max_len=c.max_len, hidden=model.item_emb.embedding_dim,
-        heads=c.heads, layers=len(model.blocks), dropout=c.dropout,
-        ffn=[b.fc1.out_features for b in model.blocks],
+        n_items=model.item_emb.num_embeddings - 1, max_len=c.max_len, hidden=hidden, heads=attn.heads,
+        layers=len(model.blocks), dropout=c.dropout, ffn=[b.fc1.out_features for b in model.blocks],
+        emb_scale=emb_scale, attn_scale=attn_scale,
     )
 
 
@@ -270,22 +280,37 @@ def fit(config: SASRecConfig, train_seqs: list[np.ndarray], validate: Callable[[
     Every epoch's model, best model and optimizer go to `<out>.partial`; each epoch draws its
     randomness from (seed, epoch), so a resumed run continues exactly as an uninterrupted one.
     """
+    # One intra-op thread by default: these batches are tiny, and on a shared 2-core machine two
+    # OpenMP threads waiting on each other ran each step ~10x slower than one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(hp.get("threads", 1))
+    try:
+        return _fit(config, train_seqs, validate, out, hp, epochs, seed, progress, resume, meta)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(config, train_seqs, validate, out, hp, epochs, seed, progress, resume, meta) -> Path:
     partial = out.with_name(out.name + ".partial")
     fingerprint = {"config": config.to_dict(), "seed": seed, **meta,
                    **{k: hp[k] for k in ("lr", "batch", "loss", "negatives")}}
     torch.manual_seed(seed)
     model = SASRec(config)
-    opt = torch.optim.Adam(model.parameters(), lr=hp["lr"])
-    state = {"fingerprint": fingerprint, "epoch": 0, "best": -1.0, "best_epoch": 0, "seconds": 0.0, "history": []}
+    opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], fused=True)  # one kernel per step, not ~10 passes
+    state = {"fingerprint": fingerprint, "epoch": 0, "best": -1.0, "best_epoch": 0, "seconds": 0.0, "cpu_seconds": 0.0,
+             "history": []}
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    if resume and (partial / "state.json").exists():
-        if json.loads((partial / "state.json").read_text()).get("fingerprint") == fingerprint:
-            state, best_state = _load_partial(partial, model, opt)
-            progress(f"resuming after epoch {state['epoch']} from {partial}")
+    found = partial  # killed mid-swap: the last checkpoint is still under its "old" name
+    if not found.exists():
+        found = max(partial.parent.glob(f".{partial.name}.old-*"), key=os.path.getmtime, default=partial)
+    if resume and (found / "state.json").exists():
+        if json.loads((found / "state.json").read_text()).get("fingerprint") == fingerprint:
+            state, best_state = _load_partial(found, model, opt)
+            progress(f"resuming after epoch {state['epoch']} from {found}")
         else:
-            progress(f"ignoring {partial}: it was made with other data or settings")
+            progress(f"ignoring {found}: it was made with other data or settings")
     while state["epoch"] < epochs:
-        epoch, t0 = state["epoch"], time.perf_counter()
+        epoch, t0, c0 = state["epoch"], time.perf_counter(), time.process_time()
         rng, gen = np.random.default_rng([seed, epoch]), torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         torch.manual_seed(seed * 1_000_003 + epoch)  # dropout masks
         model.train()
@@ -301,18 +326,21 @@ def fit(config: SASRecConfig, train_seqs: list[np.ndarray], validate: Callable[[
         if score > state["best"]:
             state["best"], state["best_epoch"] = score, epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        took = time.perf_counter() - t0
+        # CPU seconds are kept beside wall seconds: on a shared machine they show the standalone cost.
+        took, cpu = time.perf_counter() - t0, time.process_time() - c0
         state["epoch"], state["seconds"] = epoch + 1, state["seconds"] + took
-        state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_ndcg@10": score, "seconds": took})
+        state["cpu_seconds"] += cpu
+        state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_ndcg@10": score,
+                                 "seconds": took, "cpu_seconds": cpu})
         _swap_in(partial, lambda f: _save_partial(f, model, best_state, opt, state))
-        progress(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}, val NDCG@10 {score:.4f} ({took:.0f}s)")
+        progress(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}, val NDCG@10 {score:.4f} ({took:.0f}s, {cpu:.0f}s CPU)")
         if state["epoch"] - state["best_epoch"] >= hp["patience"]:
             break
         if state["seconds"] + took > hp["max_minutes"] * 60:
             progress(f"stopping: the next epoch would pass the {hp['max_minutes']:g} min budget")
             break
     model.load_state_dict(best_state)
-    training = {k: state[k] for k in ("epoch", "best_epoch", "seconds", "history")}
+    training = {k: state[k] for k in ("epoch", "best_epoch", "seconds", "cpu_seconds", "history")}
     training.update(val_ndcg_at_10=state["best"], seed=seed, **{k: hp[k] for k in hp})
     extra = {"n_items": config.n_items, "dataset": meta.get("dataset"), "training": training}
     _swap_in(out, lambda f: save_sasrec(model.eval(), f, extra))
