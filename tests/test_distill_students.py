@@ -96,3 +96,15 @@ def test_narrow_sasrec_projects_embeddings():
     assert torch.corrcoef(torch.stack([(tc @ tc.T).flatten(), (sc @ sc.T).flatten()]))[0, 1] > 0.5
     with pytest.raises(SlimcartError, match="width"):
         students.narrow_sasrec(t, 0.01)
+
+
+def test_narrow_by_structured_pruning():
+    from slimcart.models.sasrec import SASRec, SASRecConfig
+
+    torch.manual_seed(0)
+    t = SASRec(SASRecConfig(n_items=50, hidden=16, heads=2, layers=2, dropout=0.0)).eval()
+    s = students.narrow_structured(t, 0.5)  # magnitude criterion without batches
+    assert s.item_emb.embedding_dim == 8 and [b.fc1.out_features for b in s.blocks] == [8, 8]
+    assert t.item_emb.embedding_dim == 16  # the teacher is untouched
+    seq = torch.tensor([[0, 3, 4, 5]])
+    assert s(seq).shape == t(seq).shape

@@ -42,6 +42,10 @@ def transfer_texts(calibration_texts: list[str], extra_titles: int, seed: int = 
     return texts
 
 
+def _quiet(msg: str) -> None:
+    pass
+
+
 def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
     """The SentenceEncoder's pooling, on hidden states we also need for other losses."""
     if pooling == "cls":
@@ -75,7 +79,7 @@ class SearchDistillTask:
 
     def __init__(self, teacher, student, tokenizer, texts: list[str], weights: dict[str, float] | None = None,
                  score_temperature: float = 0.05, bank_size: int = 1024, val_texts: int = 512, seed: int = 0,
-                 progress=lambda m: None):
+                 progress=_quiet):
         weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
         unknown = sorted(set(weights) - set(WEIGHTS))
         if unknown:
@@ -103,12 +107,30 @@ class SearchDistillTask:
         order = np.random.default_rng(seed).permutation(len(self.texts))
         n_val = min(val_texts, max(1, len(self.texts) // 10))
         self.val_idx, self.train_idx = np.sort(order[:n_val]), order[n_val:]
-        progress(f"teacher labelling {len(self.texts)} transfer texts")
-        self.t_emb = self._embed_all(self.teacher)
-        bank = np.random.default_rng(seed + 1).permutation(self.train_idx)[:bank_size]
-        self.bank = self.t_emb[np.sort(bank)]
+        self._bank_idx = np.sort(np.random.default_rng(seed + 1).permutation(self.train_idx)[:bank_size])
+        self._t_emb, self._progress = None, progress
         self._fp = {"texts": hashlib.sha1("\n".join(self.texts).encode()).hexdigest(), "weights": self.w,
-                    "tau": self.tau, "bank": len(self.bank), "val": n_val, "seed": seed}
+                    "tau": self.tau, "bank": len(self._bank_idx), "val": n_val, "seed": seed}
+
+    @property
+    def t_emb(self) -> np.ndarray:
+        """Teacher embeddings of every transfer text, computed on first use (a reused finished run never needs them)."""
+        if self._t_emb is None:
+            self._progress(f"teacher labelling {len(self.texts)} transfer texts")
+            self._t_emb = self._embed_all(self.teacher)
+        return self._t_emb
+
+    @property
+    def bank(self) -> np.ndarray:
+        """Teacher embeddings of the fixed product bank the listwise loss ranks."""
+        return self.t_emb[self._bank_idx]
+
+    def prepare(self) -> None:
+        """Label everything now (before data-parallel workers are spawned, so they do not each redo it)."""
+        _ = self.t_emb
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_progress": _quiet}  # the CLI's progress callback does not pickle
 
     def set_student(self, student: nn.Module) -> None:
         """Swap in another initial student (after choosing layers by measurement)."""
@@ -131,6 +153,20 @@ class SearchDistillTask:
 
     def fingerprint(self) -> dict:
         return self._fp
+
+    def arrange(self, order: np.ndarray, batch_size: int, rng) -> np.ndarray:
+        """Batches of similar length (sorted inside windows of 16 batches, then shuffled): titles,
+        queries and long product texts mixed in one batch would pad every row to the longest."""
+        window = batch_size * 16
+        lengths = np.array([len(self.ids[i]) for i in self.train_idx])
+        batches = []
+        for a in range(0, len(order), window):
+            chunk = order[a : a + window]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        full = [b for b in batches if len(b) == batch_size]
+        rest = [b for b in batches if len(b) < batch_size]  # at the end, so the trainer's slices stay aligned
+        return np.concatenate([full[j] for j in rng.permutation(len(full))] + rest)
 
     def batch(self, idx) -> dict[str, torch.Tensor]:
         rows = [self.ids[i] for i in idx]

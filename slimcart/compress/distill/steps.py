@@ -6,10 +6,11 @@
       train: {max_minutes: 15, batch_size: 32, lr: 1e-4}
 
 Students: `layer_drop` (teacher layers `layers`, or `n_layers` chosen uniformly or by measuring
-each candidate's undistilled closeness to the teacher), `narrow` (SASRec with `width` × hidden;
-other models through structured pruning when installed), `current` (the model as the previous
-step left it — e.g. after `lowrank` — recovering towards the unmodified model), `model` (any
-model folder the workload loads, e.g. a smaller pretrained encoder with the same tokenizer).
+each candidate's undistilled closeness to the teacher), `narrow` (`width` of the heads / FFN
+neurons / SASRec hidden size, kept by structured pruning; or SASRec with PCA-projected item
+embeddings), `current` (the model as the previous step left it, e.g. after `lowrank` or
+`prune_structured`, recovering towards the unmodified model), `model` (any model folder the
+workload loads, e.g. a smaller pretrained encoder with the same tokenizer).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +37,8 @@ class StudentSpec(BaseModel):
     layers: list[int] | None = None  # layer_drop: teacher layers to keep, in order
     n_layers: int | None = Field(None, ge=1)  # layer_drop: depth when `layers` is not given
     selection: Literal["uniform", "measured"] = "uniform"
-    width: float = Field(0.5, gt=0, lt=1)  # narrow
+    width: float = Field(0.5, gt=0, lt=1)  # narrow: fraction of heads / FFN / (SASRec) hidden width kept
+    init: Literal["prune", "pca"] = "prune"  # narrow: structured pruning, or (SASRec) PCA-projected embeddings
     path: str | None = None  # model
 
 
@@ -75,6 +78,8 @@ def train_task(task, cfg: TrainConfig, ckpt_dir: Path | None, workdir: Path, pro
         return fit(task, cfg, ckpt_dir, progress).as_dict()
     from safetensors.torch import load_file
 
+    if hasattr(task, "prepare"):
+        task.prepare()
     progress(f"distilling with {cfg.world_size} data-parallel processes ({ddp.backend()})")
     workdir.mkdir(parents=True, exist_ok=True)
     ddp.spawn(_ddp_worker, cfg.world_size, args=(task, cfg, ckpt_dir, workdir))
@@ -97,6 +102,7 @@ class Distill(Step):
     checkpoint: bool = True  # resumable checkpoints under $SLIMCART_HOME/distill/<fingerprint>
 
     def apply(self, state, ctx):
+        start, cpu_start = time.perf_counter(), time.process_time()
         wl = ctx.workload.name
         if wl not in ("search", "recsys", "llm"):
             raise SlimcartError(f"distill has no task for workload '{wl}'")
@@ -104,41 +110,62 @@ class Distill(Step):
             raise SlimcartError("distill: loss weights must be >= 0")
         teacher, student = self._models(state, ctx)
         task = self._task(wl, teacher, student, state, ctx)
-        chosen = None
-        if self.student.type == "layer_drop" and self.student.layers is None and self.student.selection == "measured":
-            score = {"search": getattr(task, "score_undistilled", None), "recsys": getattr(task, "ndcg", None),
-                     "llm": getattr(task, "score", None)}[wl]
-            chosen, tried = students.choose_layers(teacher, self.student.n_layers or 1, score, ctx.progress)
-            task.set_student(students.drop_layers(teacher, chosen))
-            top = ", ".join(f"[{k}] {v:.4f}" for k, v in students.score_summary(tried)[:3])
-            state.notes.append(f"student layers chosen by measurement: {chosen} (best undistilled scores: {top})")
+        key = {"step": self.model_dump(mode="json"), "teacher": _tensor_digest(teacher),
+               "student": _tensor_digest(student), "task": task.fingerprint()}
+        ckpt = _ckpt_root() / hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] if self.checkpoint else None
+        chosen = self._choose_layers(task, teacher, wl, ckpt, state, ctx)
         frozen = [n for n, p in task.student().named_parameters() if any(fnmatch.fnmatchcase(n, f) for f in self.freeze)]
         if self.freeze and not frozen:
             raise SlimcartError(f"distill: freeze patterns {self.freeze} match no student parameter")
         for n, p in task.student().named_parameters():
             p.requires_grad_(n not in frozen)
-        key = {"step": self.model_dump(mode="json"), "teacher": _tensor_digest(teacher),
-               "student": _tensor_digest(task.student()), "task": task.fingerprint()}
-        ckpt = _ckpt_root() / hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] if self.checkpoint else None
         res = train_task(task, self.train, ckpt, ctx.workdir / "ddp", ctx.progress)
         new = task.student().eval()
         for p in new.parameters():
             p.requires_grad_(True)
         state.bundle.module = new
         state.extra.pop("teacher", None)
+        cfg = getattr(students.find_stack(new)[2], "slimcart_structure", None) if self.student.type == "narrow" else None
+        if cfg:  # per-layer head counts a stock HF config cannot hold: the pruning module's format
+            from ...runtime.onnx_runtime import copy_onnx
+            from ..prune.storage import structured_saver
+
+            save = structured_saver(ctx.workload, state.bundle)
+            state.saver = lambda folder: copy_onnx(state.onnx_path, folder) if state.runtime == "onnxruntime" else save(folder)
         params = (students.param_count(teacher), students.param_count(new))
         state.notes.append(
             f"distillation ({self.student.type}{'' if chosen is None and not self.student.layers else f' {chosen or self.student.layers}'}): "
             f"{res['steps']} steps in {res['seconds'] / 60:.1f} min of training ({res['stopped']}), best validation "
             f"{res['best_score']:.4f} at step {res['best_step']}; {task.n_examples()} transfer examples; "
-            f"parameters {params[0]:,} -> {params[1]:,}")
+            f"parameters {params[0]:,} -> {params[1]:,}; step total {(time.perf_counter() - start) / 60:.1f} min "
+            f"wall clock, {(time.process_time() - cpu_start) / 60:.1f} CPU-min at {torch.get_num_threads()} threads "
+            "(teacher labelling, layer choice and training)")
         state.extra["distill"] = {**res, "n_examples": task.n_examples(), "params": params, "layers": chosen or self.student.layers}
         return state
+
+    def _choose_layers(self, task, teacher, wl, ckpt: Path | None, state, ctx) -> list[int] | None:
+        """Measured layer choice (remembered next to the checkpoint, so a rerun need not measure again)."""
+        if not (self.student.type == "layer_drop" and self.student.layers is None and self.student.selection == "measured"):
+            return None
+        memo = ckpt.with_name(ckpt.name + ".layers.json") if ckpt is not None else None
+        if memo is not None and memo.exists():
+            chosen = json.loads(memo.read_text())["layers"]
+            state.notes.append(f"student layers chosen by measurement (earlier run): {chosen}")
+        else:
+            score = task.ndcg if wl == "recsys" else task.score_undistilled
+            chosen, tried = students.choose_layers(teacher, self.student.n_layers or 1, score, ctx.progress)
+            top = ", ".join(f"[{k}] {v:.4f}" for k, v in students.score_summary(tried)[:3])
+            state.notes.append(f"student layers chosen by measurement: {chosen} (best undistilled scores: {top})")
+            if memo is not None:
+                memo.parent.mkdir(parents=True, exist_ok=True)
+                memo.write_text(json.dumps({"layers": chosen, "tried": tried}))
+        task.set_student(students.drop_layers(teacher, chosen))
+        return chosen
 
     def _models(self, state, ctx):
         module, spec = state.bundle.module, self.student
         if spec.type == "current":
-            teacher = state.extra.get("teacher")
+            teacher = state.extra.get("teacher", state.extra.get("dense_teacher"))  # lowrank / prune keep it
             if teacher is None:
                 raise SlimcartError("distill student 'current' needs an earlier step that keeps the original model "
                                     "as teacher (e.g. lowrank with keep_teacher: true)")
@@ -155,9 +182,9 @@ class Distill(Step):
                 raise SlimcartError("layer_drop student needs `layers` or `n_layers`")
             return module, students.drop_layers(module, keep)
         if spec.type == "narrow":
-            if ctx.workload.name == "recsys":
+            if spec.init == "pca":
                 return module, students.narrow_sasrec(module, spec.width, self.train.seed)
-            return module, students.narrow_structured(module, spec.width)
+            return module, students.narrow_structured(module, spec.width, ctx.calibration(state.bundle, 16))
         if not spec.path:
             raise SlimcartError("distill student type 'model' needs `path`")
         other = ctx.workload.load_model(spec.path)

@@ -141,17 +141,23 @@ def narrow_sasrec(teacher: nn.Module, width: float, seed: int = 0) -> nn.Module:
     return student.eval()
 
 
-def narrow_structured(teacher: nn.Module, width: float, calibration: list | None = None) -> nn.Module:
-    """A narrower student from the structured-pruning module when it is installed in this tree."""
+def narrow_structured(teacher: nn.Module, width: float, batches: list | None = None) -> nn.Module:
+    """A narrower copy by structured pruning (slimcart.compress.prune): the teacher's most important
+    heads / FFN neurons (and, for SASRec, hidden dimensions) kept, `width` of each, by activation."""
     try:
-        from ..prune import structured  # written by the pruning engineer; optional here
+        from ..prune.config import StructuredConfig
+        from ..prune.structured import prune_structured
     except ImportError:
-        structured = None
-    fn = getattr(structured, "narrow_copy", None) if structured is not None else None
-    if fn is None:
-        raise SlimcartError("narrow students of this model need slimcart.compress.prune.structured.narrow_copy, "
-                            "which this install does not have (SASRec students are built without it)")
-    return fn(teacher, width, calibration)
+        raise SlimcartError("narrow students of this model need slimcart.compress.prune (structured pruning), "
+                            "which this install does not have") from None
+    from ...models.sasrec import SASRec
+
+    frac = round(1 - width, 6)
+    fields = {"hidden": frac, "ffn": frac} if isinstance(teacher, SASRec) else {"heads": frac, "ffn": frac}
+    cfg = StructuredConfig(**fields, criterion="activation" if batches else "magnitude")
+    student = copy.deepcopy(teacher)
+    prune_structured(student, cfg, batches)
+    return student.eval()
 
 
 def param_count(module: nn.Module) -> int:

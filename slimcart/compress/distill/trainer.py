@@ -59,11 +59,15 @@ class DistillTask(Protocol):
 
     def fingerprint(self) -> dict: ...  # identifies teacher, student init, data and losses (for resume)
 
+    # Optional: `arrange(order, batch_size, rng) -> order`, a reordering of one epoch's permutation
+    # (e.g. batches of similar length); must be a deterministic function of its arguments.
+
 
 @dataclass
 class TrainResult:
     steps: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall clock spent training (validations included)
+    cpu_seconds: float = 0.0  # CPU time of this process meanwhile (all its threads): shows how shared the machine was
     best_score: float = float("-inf")
     best_step: int = 0
     evals_since_best: int = 0
@@ -211,6 +215,7 @@ def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progr
     if res.steps == 0:
         evaluate()  # the initial student is a candidate too (and a baseline for the log)
     t0, base_s, losses = time.perf_counter(), res.seconds, []
+    c0, base_c = time.process_time(), res.cpu_seconds
     try:
         while not res.stopped:
             if res.steps >= total:
@@ -224,7 +229,10 @@ def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progr
                 res.stopped = "time budget"
                 break
             epoch, offset = divmod(res.steps, steps_per_epoch)
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+            rng = np.random.default_rng([cfg.seed, epoch])
+            order = rng.permutation(n)
+            if hasattr(task, "arrange"):  # e.g. length-bucketed batches: less padding, same examples
+                order = task.arrange(order, cfg.batch_size, rng)
             batch = order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(cfg, frac)
@@ -242,6 +250,7 @@ def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progr
             opt.step()
             res.steps += 1
             res.seconds = base_s + time.perf_counter() - t0
+            res.cpu_seconds = base_c + time.process_time() - c0
             info = f"loss {np.mean(losses[-20:]):.4f}" if losses else ""
             if res.steps % cfg.eval_every == 0 or res.steps >= total:
                 stop = evaluate()
