@@ -88,6 +88,7 @@ class RecipeBuilder:
             if state.runtime == "torch" and state.saver is None:
                 key = json.dumps([s.model_dump(mode="json") for s in rec.steps[:i]])
                 self.cache[key] = (replace(state, bundle=replace(state.bundle, module=copy.deepcopy(state.bundle.module)),
+                                           notes=list(state.notes), kernels=list(state.kernels),
                                            extra=copy.deepcopy(state.extra)), seconds)
         return state, seconds
 
@@ -127,12 +128,38 @@ def ort_dynamic_peer(wl, bundle, work: Path):
     return out, state.onnx_path
 
 
+def ort_static_peer(wl, bundle, data, work: Path, n_calib: int) -> Path:
+    """ONNX Runtime's own quantize_static (QDQ, per-channel weights, MinMax calibration on the same
+    calibration batches; its histogram calibrators need equal-length batches, so MinMax it is)."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from slimcart.runtime.onnx_runtime import export_onnx
+
+    spec = wl.onnx_spec(bundle)
+    src = export_onnx(bundle.module, spec["example"], work / "ortstatic-src.onnx", spec["dynamic_axes"], spec["output_name"])
+    calib = wl.calibration_batches(bundle, data, n_calib)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    out = work / "ortstatic"
+    out.mkdir()
+    quantize_static(str(src), str(out / "model.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    wl.save_extras(bundle, out)
+    return out
+
+
 def bench_search(args, work: Path) -> dict:
     from slimcart.runtime.openvino_runtime import save_openvino
 
     wl = get_workload("search")
-    bundle, data = wl.load_model("minilm"), wl.load_data(args.data)
-    res: dict = {"data": wl.data_info(data).as_dict(), "sides": {}}
+    bundle, data = wl.load_model(args.model), wl.load_data(args.data)
+    res: dict = {"model": args.model, "data": wl.data_info(data).as_dict(), "sides": {}}
     t0 = time.time()
     base = wl.evaluate(wl.torch_runner(bundle), bundle, data)
     log(f"fp32 {base.quality} ({time.time() - t0:.0f} s)")
@@ -162,6 +189,9 @@ def bench_search(args, work: Path) -> dict:
         wl.save_extras(bundle, work / "ortfp32")
         add("ONNX Runtime fp32 (fused)", work / "ortfp32", "reference")
         add("peer: ORT quantize_dynamic per-channel", work / "ortdyn", "peer")
+        t = time.time()
+        add("peer: ORT quantize_static QDQ (MinMax, per-channel)", ort_static_peer(wl, bundle, data, work, args.calibration_batches),
+            "peer", time.time() - t)
         save_openvino(fused, work / "ovfp32")
         wl.save_extras(bundle, work / "ovfp32")
         add("OpenVINO fp32", work / "ovfp32", "reference")
@@ -263,6 +293,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sections", default="search")
     p.add_argument("--data", default=None)
+    p.add_argument("--model", default="minilm", help="search model (a tiny folder for a smoke run)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--recipes", default=",".join(SEARCH_RECIPES))

@@ -85,6 +85,7 @@ class FakeQuantLinear(torch.nn.Module):
         self.linear, self.weight_scheme, self.act_scheme = linear, weight, activation
         self.observer = make_observer(observer, **(observer_args or {})) if activation is not None else None
         self.mode = "quant"
+        self.enabled = True  # False: behave as the float Linear (lets sensitivity scans toggle layers cheaply)
         self.register_buffer("act_scale", None, persistent=False)
         self.register_buffer("act_zero", None, persistent=False)
         self.act_log_scale: torch.nn.Parameter | None = None  # set by QAT to learn the scale (LSQ)
@@ -126,10 +127,14 @@ class FakeQuantLinear(torch.nn.Module):
         self.mode = "quant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_scheme is not None:
-            if self.mode == "observe":
+        if self.mode == "observe":  # calibration sees the float model, as the int8 export's calibration does
+            if self.observer is not None:
                 self.observer.update(x)
-            elif self.act_scale is None:
+            return self.linear(x)
+        if not self.enabled:
+            return self.linear(x)
+        if self.act_scheme is not None:
+            if self.act_scale is None:
                 raise SlimcartError("activation quantization needs calibration first (run calibrate_)")
             else:
                 scale = self.act_scale if self.act_log_scale is None else self.act_log_scale.exp()
@@ -156,7 +161,7 @@ def quantize_(model: torch.nn.Module, config: FakeQuantConfig,
 
 def calibrate_(model: torch.nn.Module, run: Callable[[], object]) -> None:
     """Observe activations while `run()` feeds calibration batches, then freeze the ranges."""
-    layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear) and m.act_scheme is not None]
+    layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
     for m in layers:
         m.mode = "observe"
     try:
@@ -167,6 +172,15 @@ def calibrate_(model: torch.nn.Module, run: Callable[[], object]) -> None:
             m.mode = "quant"
     for m in layers:
         m.freeze_activation()
+
+
+def spread_batches(batches: list, k: int) -> list:
+    """k batches evenly spaced over `batches` (a workload's calibration list may be ordered, e.g. all short
+    queries first, so its first k batches are not a fair sample)."""
+    if k >= len(batches):
+        return list(batches)
+    step = len(batches) / k
+    return [batches[int(i * step)] for i in range(k)]
 
 
 def dequantize_(model: torch.nn.Module) -> None:

@@ -17,18 +17,20 @@ from pydantic import BaseModel, ConfigDict
 
 from ...errors import SlimcartError
 from ...recipe import Step, register_step
-from .fake_quant import FakeQuantConfig, calibrate_, quantize_
+from .fake_quant import FakeQuantConfig, FakeQuantLinear, calibrate_, quantize_, spread_batches
 from .schemes import QuantScheme
 
 Forward = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
 class MixedPrecisionConfig(BaseModel):
-    """max_drop: allowed 1 - mean output cosine; max_layers: most layers kept fp32 (bytes and speed cost)."""
+    """max_drop: allowed 1 - mean output cosine; max_layers: most layers kept fp32 (bytes and speed cost);
+    score_batches: batches (spread over the calibration list) the drop is measured on."""
 
     model_config = ConfigDict(extra="forbid")
     max_drop: float = 0.002
     max_layers: int = 6
+    score_batches: int = 8
     w8a8: FakeQuantConfig = FakeQuantConfig(
         weight=QuantScheme(bits=8, symmetric=True, granularity="per_channel"),
         activation=QuantScheme(bits=8, symmetric=False, granularity="per_tensor"),
@@ -46,31 +48,42 @@ def output_drop(model: torch.nn.Module, batches: list, forward: Forward, referen
     return float(1 - torch.cat(cos).mean())
 
 
-def _quantized_copy(model, names: list[str], cfg: FakeQuantConfig, batches, forward):
-    trial = copy.deepcopy(model)
-    wanted = set(names)
-    quantize_(trial, cfg, filter_fn=lambda n, m: n in wanted)
-    calibrate_(trial, lambda: [forward(trial, b) for b in batches])
-    return trial
-
-
 def _linear_names(model: torch.nn.Module, skip: list[str]) -> list[str]:
     return [n for n, m in model.named_modules()
             if type(m) is torch.nn.Linear and not any(fnmatch.fnmatchcase(n, p) for p in skip)]
 
 
+class _Simulator:
+    """One fake-quantized copy of the model, activation ranges calibrated once on all batches with the
+    float model (as static_int8 calibrates); layers are then switched on/off to simulate any mix."""
+
+    def __init__(self, model, names, cfg: MixedPrecisionConfig, batches, forward):
+        if not batches:
+            raise SlimcartError("mixed precision needs calibration data (got no batches)")
+        self.forward, self.score = forward, spread_batches(batches, cfg.score_batches)
+        with torch.no_grad():
+            self.ref = [forward(model, b).float() for b in self.score]
+        self.model = copy.deepcopy(model)
+        wanted = set(names)
+        quantize_(self.model, cfg.w8a8, filter_fn=lambda n, m: n in wanted)
+        calibrate_(self.model, lambda: [forward(self.model, b) for b in batches])
+        self.layers = {n: m for n, m in self.model.named_modules() if isinstance(m, FakeQuantLinear)}
+
+    def drop(self, quantized: set[str]) -> float:
+        for n, m in self.layers.items():
+            m.enabled = n in quantized
+        return output_drop(self.model, self.score, self.forward, self.ref)
+
+
 def layer_sensitivity(model: torch.nn.Module, batches: list, forward: Forward, cfg: MixedPrecisionConfig,
-                      names: list[str] | None = None, progress: Callable[[str], None] = lambda m: None) -> dict[str, float]:
+                      names: list[str] | None = None, progress: Callable[[str], None] = lambda m: None,
+                      sim: _Simulator | None = None) -> dict[str, float]:
     """Quality drop when only that Linear is W8A8 fake-quantized, for each Linear (model left unchanged)."""
-    if not batches:
-        raise SlimcartError("mixed precision needs calibration data (got no batches)")
     names = names if names is not None else _linear_names(model, cfg.skip)
-    with torch.no_grad():
-        ref = [forward(model, b).float() for b in batches]
+    sim = sim or _Simulator(model, names, cfg, batches, forward)
     out = {}
     for i, n in enumerate(names):
-        trial = _quantized_copy(model, [n], cfg.w8a8, batches, forward)
-        out[n] = output_drop(trial, batches, forward, ref)
+        out[n] = sim.drop({n})
         progress(f"sensitivity {i + 1}/{len(names)}: {n} drop {out[n]:.2e}")
     return out
 
@@ -82,17 +95,15 @@ def choose_fp32_layers(model: torch.nn.Module, batches: list, forward: Forward, 
     names = _linear_names(model, cfg.skip)
     if not names:
         raise SlimcartError("mixed precision found no nn.Linear layers")
-    sens = layer_sensitivity(model, batches, forward, cfg, names, progress)
+    sim = _Simulator(model, names, cfg, batches, forward)
+    sens = layer_sensitivity(model, batches, forward, cfg, names, progress, sim)
     order = sorted(names, key=lambda n: -sens[n])
-    with torch.no_grad():
-        ref = [forward(model, b).float() for b in batches]
     keep: list[str] = []
-    drop = drop_all = output_drop(_quantized_copy(model, names, cfg.w8a8, batches, forward), batches, forward, ref)
+    drop = drop_all = sim.drop(set(names))
     progress(f"all layers int8: drop {drop:.2e} (budget {cfg.max_drop:.2e})")
     while drop > cfg.max_drop and len(keep) < min(cfg.max_layers, len(names) - 1):
         keep.append(order[len(keep)])
-        rest = [n for n in names if n not in keep]
-        drop = output_drop(_quantized_copy(model, rest, cfg.w8a8, batches, forward), batches, forward, ref)
+        drop = sim.drop(set(names) - set(keep))
         progress(f"keeping {len(keep)} layer(s) fp32 ({keep[-1]}): drop {drop:.2e}")
     return {"keep_fp32": keep, "drop": drop, "drop_all_int8": drop_all, "met": drop <= cfg.max_drop,
             "sensitivity": dict(sorted(sens.items(), key=lambda kv: -kv[1]))}
@@ -106,7 +117,8 @@ class MixedPrecision(Step):
     workloads = ("search",)
     max_drop: float = 0.002
     max_layers: int = 6
-    calibration_batches: int = 8
+    calibration_batches: int = 32  # ranges are calibrated on all of them, as static_int8 does
+    score_batches: int = 8
 
     def apply(self, state, ctx):
         from .smoothquant import _torch_forward
@@ -118,7 +130,8 @@ class MixedPrecision(Step):
         batches = ctx.calibration(state.bundle, self.calibration_batches)
         ctx.progress("measuring per-layer int8 sensitivity")
         res = choose_fp32_layers(state.bundle.module, batches, _torch_forward,
-                                 MixedPrecisionConfig(max_drop=self.max_drop, max_layers=self.max_layers), ctx.progress)
+                                 MixedPrecisionConfig(max_drop=self.max_drop, max_layers=self.max_layers,
+                                                      score_batches=self.score_batches), ctx.progress)
         # SmoothedLinear wraps the Linear as `.linear`; static_int8 names layers without that level
         res["keep_fp32"] = [n[: -len(".linear")] if n.endswith(".linear") else n for n in res["keep_fp32"]]
         state.extra["keep_fp32"] = state.extra.get("keep_fp32", []) + res["keep_fp32"]

@@ -24,20 +24,21 @@ from pydantic import BaseModel, ConfigDict
 
 from ...errors import SlimcartError
 from ...recipe import Step, register_step
-from .fake_quant import FakeQuantConfig, calibrate_, dequantize_, quantize_
+from .fake_quant import FakeQuantConfig, calibrate_, dequantize_, quantize_, spread_batches
 from .schemes import QuantScheme
 
 
 class SmoothQuantConfig(BaseModel):
     """alpha: migration strength (0 = none, 1 = all onto weights); `alphas` is the search grid used when
-    alpha is "auto". `skip` lists fnmatch patterns of Linear names to leave untouched."""
+    alpha is "auto", each scored on `score_batches` batches spread over the calibration list. `skip` lists
+    fnmatch patterns of Linear names to leave untouched."""
 
     model_config = ConfigDict(extra="forbid")
     alpha: float | Literal["auto"] = "auto"
     alphas: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9]
     pow2: bool = True
     skip: list[str] = []
-    calibration_batches: int = 16
+    score_batches: int = 8
 
 
 class SmoothedLinear(torch.nn.Module):
@@ -134,8 +135,10 @@ def smoothquant_(model: torch.nn.Module, batches: list, forward: Callable[[torch
     amax, groups = collect_input_stats(model, run, names)
     scores: dict[float, float] = {}
     if cfg.alpha == "auto":
+        # Ranges are calibrated on every batch (as the int8 step will); the error is scored on a spread subset.
+        score = spread_batches(batches, cfg.score_batches)
         with torch.no_grad():
-            ref = [forward(model, b).float() for b in batches]
+            ref = [forward(model, b).float() for b in score]
         for a in cfg.alphas:
             trial = copy.deepcopy(model)
             apply_smoothing_(trial, amax, groups, a, cfg.pow2)
@@ -143,7 +146,7 @@ def smoothquant_(model: torch.nn.Module, batches: list, forward: Callable[[torch
             quantize_(trial, fq)
             calibrate_(trial, lambda t=trial: [forward(t, b) for b in batches])
             with torch.no_grad():
-                err = sum(float(((forward(trial, b).float() - r) ** 2).mean()) for b, r in zip(batches, ref)) / len(ref)
+                err = sum(float(((forward(trial, b).float() - r) ** 2).mean()) for b, r in zip(score, ref)) / len(ref)
             scores[a] = err
             dequantize_(trial)
             del trial
@@ -164,13 +167,13 @@ class SmoothQuantStep(Step):
     alpha: float | Literal["auto"] = "auto"
     alphas: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9]
     skip: list[str] = []
-    calibration_batches: int = 16
+    calibration_batches: int = 32  # channel maxima need the same coverage as the int8 step's ranges
+    score_batches: int = 8
 
     def apply(self, state, ctx):
         if state.runtime != "torch":
             raise SlimcartError("smoothquant works on the PyTorch model: put it before export_onnx / static_int8")
-        cfg = SmoothQuantConfig(alpha=self.alpha, alphas=self.alphas, skip=self.skip,
-                                calibration_batches=self.calibration_batches)
+        cfg = SmoothQuantConfig(alpha=self.alpha, alphas=self.alphas, skip=self.skip, score_batches=self.score_batches)
         batches = ctx.calibration(state.bundle, self.calibration_batches)
         ctx.progress("SmoothQuant: searching the migration strength alpha" if self.alpha == "auto" else "SmoothQuant")
         info = smoothquant_(state.bundle.module, batches, _torch_forward, cfg)
