@@ -286,3 +286,50 @@ def test_recipes_refuse_other_workloads():
         for other in ("search", "recsys"):
             with pytest.raises(SlimcartError, match="does not apply"):
                 rec.check_workload(other)
+
+
+# ---------------------------------------------------------------- end to end through `slimcart compress`
+
+WORDS = ("the blender is loud but it crushes ice fast . my kettle leaked after a week and support never "
+         "replied ! great headphones , comfy and the battery lasts all day").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    """A tiny Llama folder with a small byte-level BPE tokenizer, plus a .txt of review-like lines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([" ".join(WORDS)] * 4, trainers.BpeTrainer(
+        vocab_size=256, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    root = tmp_path_factory.mktemp("tiny-llm")
+    model = _tiny_llama()
+    model.config.eos_token_id = model.config.pad_token_id = 0
+    model.save_pretrained(str(root / "model"), safe_serialization=True)
+    tok.save_pretrained(str(root / "model"))
+    rng = np.random.default_rng(0)
+    (root / "reviews.txt").write_text("\n".join(" ".join(rng.choice(WORDS, size=20)) for _ in range(400)) + "\n")
+    return root
+
+
+@pytest.mark.slow  # ~20 s alone, minutes on a loaded machine: the full compress pipeline (eval + timing)
+def test_compress_reloads_packed_model_and_runs_matmulnbits(tiny_llm, tmp_path, recipe="w4-gptq"):
+    from slimcart import api
+    from slimcart.recipe import Recipe, load_recipe
+
+    rec = load_recipe(recipe)
+    # group 32 fits the 96-wide tiny model; few calibration windows keep the test fast
+    steps = [s.model_copy(update={"group_size": 32, "calibration_windows": 4}) for s in rec.steps]
+    rec = Recipe(name=rec.name, workloads=rec.workloads, steps=steps)
+    m = api.compress("llm", str(tiny_llm / "model"), rec, tmp_path / "out", data=str(tiny_llm / "reviews.txt"),
+                     repeats=1, measure_rss=False)
+    assert m["compressed"]["runtime"] == "onnxruntime-matmulnbits"
+    assert any("MatMulNBits" in k for k in m["kernels"])
+    assert (tmp_path / "out" / "model" / "slimcart-format.json").exists()
+    # a random tiny model: quality must merely stay in the same range as the baseline's
+    assert m["compressed"]["quality"]["perplexity"] < 1.5 * m["baseline"]["quality"]["perplexity"]
+    assert m["ratios"]["size"] < 0.5

@@ -22,7 +22,7 @@ import torch
 from ...errors import SlimcartError
 from ...recipe import register_step
 from .weight_only import (QuantizedWeight, WeightOnlyBase, WeightSpec, causal_lm, check_weight, fit_params,
-                          layerwise, make_qweight, quantize_cols, quantize_linear_set)
+                          layerwise, make_qweight, quantize_linear_set)
 from .calib_stats import collect_stats
 
 
@@ -53,34 +53,38 @@ def gptq(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float = 0.01,
 
     W = w[:, perm]
     where = torch.argsort(perm)  # position of each original column in the processing order
+    cols = perm.tolist()
+    group_list = group_of.tolist()
     codes = torch.zeros(out_f, in_f)
     scale = torch.zeros(out_f, len(groups))
     offset = torch.zeros(out_f, len(groups))
-    fitted = torch.zeros(len(groups), dtype=torch.bool)
+    fitted = [False] * len(groups)
+    maxq = float(spec.maxq)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = int(group_of[col])
+            g = group_list[cols[i1 + i]]
             if not fitted[g]:
                 # Fit the group on its current (error-updated) weights, in original order. Columns in
                 # later blocks have not yet received this block's lazy update: a close approximation.
-                s, e = groups[g]
-                cur = torch.empty(out_f, e - s)
-                for k, p in enumerate(where[s:e].tolist()):
-                    cur[:, k] = W1[:, p - i1] if i1 <= p < i2 else W[:, p]
+                pos = where[groups[g][0]:groups[g][1]]
+                cur = W[:, pos].clone()
+                inblk = (pos >= i1) & (pos < i2)
+                cur[:, inblk] = W1[:, pos[inblk] - i1]
                 scale[:, g], offset[:, g] = fit_params(cur, spec)
                 fitted[g] = True
+            sc, off = scale[:, g], offset[:, g]
             wcol = W1[:, i]
-            q = quantize_cols(wcol[:, None], scale[:, g], offset[:, g], spec)[:, 0]
-            codes[:, col] = q
-            deq = q * scale[:, g] + offset[:, g]
-            err = (wcol - deq) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            q = torch.round((wcol - off) / sc).clamp_(0, maxq)
+            Q1[:, i] = q
+            err = (wcol - (q * sc + off)) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)  # compensate the columns still to come
             Err1[:, i] = err
+        codes[:, perm[i1:i2]] = Q1
         W[:, i1:i2] = W1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of every later column
     return make_qweight(codes, scale, offset, spec)
