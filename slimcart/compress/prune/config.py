@@ -68,6 +68,7 @@ class SparsityConfig(_Cfg):
     calibration_batches: int = 32
     block_size: int = 128  # SparseGPT columns per lazy update block
     damp: float = 0.01  # SparseGPT: fraction of mean diag(H) added for numerical stability
+    sequential: bool = True  # Wanda/SparseGPT: calibrate each sub-layer on the already-pruned ones before it
     gradual: GradualConfig | None = None
 
     @field_validator("sparsity")

@@ -78,6 +78,28 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, "hidden_states": hidden}
 
 
+def _stages(block: nn.Module, local: dict[str, nn.Linear], args: tuple, kwargs: dict) -> list[list[str]]:
+    """Targeted Linears of a block in execution order; Linears reading the same tensor (Q/K/V, or
+    gate/up) form one stage. Found by running the block once on one calibration input."""
+    order: list[tuple[str, int]] = []
+    hooks = [lin.register_forward_hook(lambda _m, inp, _o, n=n: order.append((n, inp[0].data_ptr())))
+             for n, lin in local.items()]
+    try:
+        _run_block(block, args, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    stages: list[tuple[list[str], int]] = []
+    for name, ptr in order:
+        if any(name in st for st, _ in stages):
+            continue
+        if stages and stages[-1][1] == ptr:
+            stages[-1][0].append(name)
+        else:
+            stages.append(([name], ptr))
+    return [st for st, _ in stages]
+
+
 @torch.no_grad()
 def prune_layerwise(module: nn.Module, cfg: SparsityConfig, batches: list[dict], progress=lambda m: None) -> dict:
     """Wanda / SparseGPT over every targeted Linear inside the blocks; returns keep-masks by name."""
@@ -89,24 +111,36 @@ def prune_layerwise(module: nn.Module, cfg: SparsityConfig, batches: list[dict],
     masks: dict[str, torch.Tensor] = {}
     for li, block in enumerate(blocks):
         local = {f"{prefix}.{li}.{n}": m for n, m in block.named_modules() if f"{prefix}.{li}.{n}" in linears}
-        stats: dict[str, Any] = {}
-        hooks = []
-        for name, lin in local.items():
-            stats[name] = (HessianStats if cfg.method == "sparsegpt" else WandaStats)(lin.in_features)
-            hooks.append(lin.register_forward_hook(lambda _m, inp, _o, s=stats[name]: s.add(inp[0])))
-        for args, kwargs in inputs:
-            _run_block(block, args, kwargs)
-        for h in hooks:
-            h.remove()
-        for name, lin in local.items():
-            s = cfg.sparsity_of(name)
-            if cfg.method == "sparsegpt":
-                w, keep = sparsegpt_prune(lin.weight, stats[name], s, cfg.nm, cfg.block_size, cfg.damp)
-                lin.weight.copy_(w)
-            else:
-                keep = wanda_mask(lin.weight, stats[name], s, cfg.nm)
-                lin.weight.mul_(keep.to(lin.weight.dtype))
-            masks[name] = keep
+        # Sequential: each stage is calibrated on inputs that already went through the pruned earlier
+        # stages of this block (e.g. o_proj sees the pruned Q/K/V), so it can compensate their error.
+        stages = _stages(block, local, *inputs[0]) if cfg.sequential else [list(local)]
+        for stage in stages:
+            stats: dict[str, Any] = {}
+            hooks = []
+            for name in stage:
+                stats[name] = (HessianStats if cfg.method == "sparsegpt" else WandaStats)(local[name].in_features)
+
+                def hook(_m, inp, _o, s=stats[name], last=name == stage[-1] and cfg.sequential):
+                    s.add(inp[0])
+                    if last:  # the rest of the block does not matter for this stage
+                        raise _Stop
+                hooks.append(local[name].register_forward_hook(hook))
+            for args, kwargs in inputs:
+                try:
+                    _run_block(block, args, kwargs)
+                except _Stop:
+                    pass
+            for h in hooks:
+                h.remove()
+            for name in stage:
+                lin, s = local[name], cfg.sparsity_of(name)
+                if cfg.method == "sparsegpt":
+                    w, keep = sparsegpt_prune(lin.weight, stats[name], s, cfg.nm, cfg.block_size, cfg.damp)
+                    lin.weight.copy_(w)
+                else:
+                    keep = wanda_mask(lin.weight, stats[name], s, cfg.nm)
+                    lin.weight.mul_(keep.to(lin.weight.dtype))
+                masks[name] = keep
         inputs = [_with_hidden(a, k, _run_block(block, a, k)) for a, k in inputs]
         progress(f"{cfg.method}: block {li + 1}/{len(blocks)} pruned")
     rest = {n: m for n, m in linears.items() if n not in masks}  # Linears outside the blocks (e.g. a pooler)

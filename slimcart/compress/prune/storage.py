@@ -111,7 +111,7 @@ def load_sparse(workload, folder: Path, meta: dict):
 def _relocated(workload, runner, bundle, folder: Path):
     """The loaded bundle points at the real folder, not the deleted temporary one."""
     if bundle is not None:
-        bundle.source = folder
+        bundle.source, bundle.name = folder, str(folder)
     return runner, bundle
 
 
