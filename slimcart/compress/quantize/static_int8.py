@@ -193,8 +193,9 @@ class StaticInt8(Step):
     workloads = ("search",)
     runtime: Literal["auto", "onnxruntime", "openvino"] = "auto"
     calibration_batches: int = 32
-    observer: ObserverKind = "percentile"
-    observer_args: dict = {"percentile": 99.99}
+    # min-max: BERT's outlier channels carry signal; clipping them (percentile 99.99) cost 0.08 of cosine on MiniLM
+    observer: ObserverKind = "minmax"
+    observer_args: dict = {}
     symmetric_activations: bool = False
     exclude: list[str] = []
     quantize_embeddings: bool = True
@@ -246,6 +247,7 @@ def finish_runtime(state, ctx, qdq: Path, runtime: str, batches: list[dict]):
     choice, note = runtime, ""
     if runtime == "auto":
         ctx.progress("timing ONNX Runtime vs OpenVINO on the int8 model")
+        # the first calibration batches are the short texts (queries), closest to serving traffic
         t = time_runners({"onnxruntime": OnnxRunner(qdq, threads=default_threads()),
                           "openvino": OpenVinoRunner(qdq, threads=default_threads())}, batches[:8])
         choice = min(t, key=t.get)
