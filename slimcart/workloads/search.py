@@ -232,7 +232,6 @@ class SearchWorkload:
     def embed(self, runner, tokenizer, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Embeddings for texts, batched by length so padding is small (as a serving system would)."""
         order = np.argsort([len(t) for t in texts])
-        out = np.zeros((len(texts), 0), dtype=np.float32)
         chunks = []
         for i in range(0, len(texts), batch_size):
             idx = order[i : i + batch_size]
