@@ -212,6 +212,12 @@ def bench_search(args, work: Path) -> dict:
         except ImportError:
             res["nncf"] = "not installed (pip install nncf): peer skipped"
             log(res["nncf"])
+    if "compile" in args.include:  # no-quantization speed baseline: torch.compile + bf16 autocast
+        state = parse_step({"kind": "torch_compile", "bf16": True}).apply(
+            ModelState(bundle=bundle), StepContext(workload=wl, data=None, workdir=work, progress=log))
+        save_state(wl, state, work / "compile-bf16")
+        add("torch.compile bf16 autocast (no quantization)", work / "compile-bf16", "baseline option", notes=state.notes,
+            kernels=state.kernels)
     builder = RecipeBuilder(wl, bundle, data, work)
     for name in args.recipes.split(","):
         state, secs = builder.build(name)
@@ -343,7 +349,8 @@ def main() -> None:
     p.add_argument("--timing-threads", default="2", help="comma list; the table uses the first, the JSON keeps all")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--recipes", default=",".join(SEARCH_RECIPES))
-    p.add_argument("--include", default="peers", help="'peers' adds ORT fp32/dynamic, OpenVINO fp32 and NNCF")
+    p.add_argument("--include", default="peers", help="'peers' adds ORT fp32/dynamic/static, OpenVINO fp32 and NNCF; "
+                   "'compile' adds torch.compile + bf16 autocast (slow to compile on a loaded machine)")
     p.add_argument("--calibration-batches", type=int, default=32)
     args = p.parse_args()
     set_threads(args.threads)

@@ -318,3 +318,21 @@ def test_search_recipes_refuse_other_workloads(name):
     rec.check_workload("search")
     with pytest.raises(SlimcartError, match="does not apply to workload 'llm'"):
         rec.check_workload("llm")
+
+
+def test_torch_compile_step_saves_a_reloadable_folder(tmp_path, tiny_encoder_dir):
+    from slimcart import formats
+    from slimcart.compress.state import ModelState, StepContext
+    from slimcart.recipe import parse_step
+    from slimcart.runtime.torch_compile import CompiledTorchRunner
+    from slimcart.workloads import get_workload
+
+    wl = get_workload("search")
+    bundle = wl.load_model(str(tiny_encoder_dir))
+    state = parse_step({"kind": "torch_compile"}).apply(ModelState(bundle=bundle), StepContext(wl, None, tmp_path))
+    state.saver(tmp_path / "out")
+    wl.save_extras(bundle, tmp_path / "out")
+    runner, b2 = formats.load_model_dir(wl, tmp_path / "out")
+    assert isinstance(runner, CompiledTorchRunner) and runner.runtime == "torch-compile-bf16"
+    for k, v in bundle.module.state_dict().items():  # fp32 weights saved unchanged (compiling happens at load)
+        assert torch.equal(v, b2.module.state_dict()[k])
