@@ -15,6 +15,15 @@ from slimcart.compress.quantize.schemes import (
 from slimcart.errors import SlimcartError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small tensors: extra intra-op threads only add synchronisation (and stall on a loaded machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _w(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -173,7 +182,8 @@ def test_mse_clip_matches_laplace_optimum():
     # Known result (Banner et al., ACIQ): for Laplace(0, b) at 8 bits the MSE-optimal clip is ~9.89 b.
     torch.manual_seed(0)
     x = torch.distributions.Laplace(0.0, 1.0).sample((400_000,))
-    o = make_observer("mse", scheme=QuantScheme(bits=8, granularity="per_tensor"), grid=200, max_samples=400_000)
+    o = make_observer("mse", scheme=QuantScheme(bits=8, granularity="per_tensor"), grid=100, min_ratio=0.5,
+                     max_samples=400_000)
     o.update(x)
     lo, hi = o.range()
     assert lo == -hi and hi <= float(x.abs().max())
