@@ -154,3 +154,15 @@ def test_structured_then_int8_onnx_recipe(tmp_path, tiny_encoder_dir, synthetic_
     m = api.compress("search", str(tiny_encoder_dir), rec, tmp_path / "out", repeats=1, measure_rss=False)
     assert m["compressed"]["runtime"] == "onnxruntime" and (tmp_path / "out" / "model" / "model.onnx").exists()
     assert m["compressed"]["quality"]["cosine"] > 0.5
+
+
+@pytest.mark.parametrize("step,msg", [
+    ({"kind": "prune_structured", "heads": 0.9}, "every head"),
+    ({"kind": "prune", "pattern": "3:7"}, "multiple of 7"),
+])
+def test_bad_requests_fail_before_any_output(tmp_path, tiny_encoder_dir, synthetic_data, step, msg):
+    from slimcart.errors import SlimcartError
+
+    with pytest.raises(SlimcartError, match=msg):
+        api.compress("search", str(tiny_encoder_dir), _recipe("bad", [step]), tmp_path / "out", repeats=1, measure_rss=False)
+    assert not (tmp_path / "out").exists()
