@@ -130,7 +130,8 @@ def ort_dynamic_peer(wl, bundle, work: Path):
 
 def ort_static_peer(wl, bundle, data, work: Path, n_calib: int) -> Path:
     """ONNX Runtime's own quantize_static (QDQ, per-channel weights, MinMax calibration on the same
-    calibration batches; its histogram calibrators need equal-length batches, so MinMax it is)."""
+    calibration batches; its histogram calibrators need equal-length batches, so MinMax it is). It also
+    quantizes the attention score MatMuls (activation x activation), which slimcart's static_int8 keeps float."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from slimcart.runtime.onnx_runtime import export_onnx
@@ -148,8 +149,11 @@ def ort_static_peer(wl, bundle, data, work: Path, n_calib: int) -> Path:
 
     out = work / "ortstatic"
     out.mkdir()
+    # MatMul + Gather only: ORT's default (every supported op, Softmax / LayerNorm / Add included) drops the
+    # embedding cosine to ~0.3 here, which would be a strawman for this peer.
     quantize_static(str(src), str(out / "model.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    op_types_to_quantize=["MatMul", "Gather"])
     wl.save_extras(bundle, out)
     return out
 
