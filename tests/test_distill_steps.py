@@ -9,6 +9,15 @@ from slimcart.errors import SlimcartError
 from slimcart.recipe import Recipe, load_recipe, parse_step
 from slimcart.workloads import get_workload
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine OpenMP spinning makes it slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 FAST = {"max_steps": 6, "max_minutes": None, "batch_size": 8, "eval_every": 3, "lr": 1e-3}
 
 
@@ -22,7 +31,7 @@ def test_distill_recipe_on_tiny_encoder(tmp_path, tiny_encoder_dir, synthetic_da
                                    "losses": {"embedding_cosine": 1, "listwise": 1, "hidden_mse": 1, "attention": 1,
                                               "value_relation": 1}, "freeze": ["*word_embeddings*"], "train": FAST}])
     torch.manual_seed(0)  # the tiny fixture has no pooler weights: HF initialises them randomly on load
-    m = api.compress("search", str(tiny_encoder_dir), rec, tmp_path / "out", repeats=1, measure_rss=False)
+    m = api.compress("search", str(tiny_encoder_dir), rec, tmp_path / "out", repeats=1, measure_rss=False, threads=1)
     notes = " ".join(m["notes"])
     assert "chosen by measurement" in notes and "6 steps" in notes
     wl = get_workload("search")
@@ -33,7 +42,8 @@ def test_distill_recipe_on_tiny_encoder(tmp_path, tiny_encoder_dir, synthetic_da
     assert len(ckpts) == 1 and (ckpts[0] / "state.json").exists()
     # the same recipe again reuses the finished distillation (and the measured layer choice)
     torch.manual_seed(0)
-    m2 = api.compress("search", str(tiny_encoder_dir), rec, tmp_path / "out", overwrite=True, repeats=1, measure_rss=False)
+    m2 = api.compress("search", str(tiny_encoder_dir), rec, tmp_path / "out", overwrite=True, repeats=1, measure_rss=False,
+                      threads=1)
     notes2 = " ".join(m2["notes"])
     assert "earlier run" in notes2 and "reused finished run" in notes2
     assert m2["compressed"]["quality"] == pytest.approx(m["compressed"]["quality"])

@@ -8,6 +8,15 @@ from slimcart.errors import SlimcartError
 from slimcart.workloads import get_workload
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine OpenMP spinning makes it slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_uniform_layers():
     assert students.uniform_layers(6, 3) == [0, 2, 4]
     assert students.uniform_layers(30, 24)[:3] == [0, 1, 2] and len(students.uniform_layers(30, 24)) == 24

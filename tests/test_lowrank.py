@@ -11,6 +11,15 @@ from slimcart.errors import SlimcartError
 from slimcart.workloads import get_workload
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine OpenMP spinning makes it slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _linear(out_f=8, in_f=5, seed=0):
     torch.manual_seed(seed)
     return nn.Linear(in_f, out_f)
@@ -64,13 +73,30 @@ def test_rank_for_energy_by_hand():
 
 def test_budget_allocation_meets_budget_and_follows_sensitivity():
     layers = {"a": _linear(64, 64, 1), "b": _linear(64, 64, 1)}  # identical spectra
-    spectra = {n: LR.spectrum(m) for n, m in layers.items()}
-    ranks = LR.allocate_budget(layers, spectra, {"a": 1.0, "b": 10.0}, keep=0.5, granularity=4)
+    energy = LR.energy_curve(LR.spectrum(layers["a"]))
+    assert energy[0] == pytest.approx(1.0) and energy[-1] == 0.0 and np.all(np.diff(energy) <= 0)
+    ranks = LR.allocate_budget(layers, {"a": energy, "b": 10 * energy}, keep=0.5, granularity=4)
     kept = sum(LR.lowrank_params(layers[n], r) if r else LR.dense_params(layers[n]) for n, r in ranks.items())
     assert kept <= 0.5 * 2 * 64 * 64
     assert ranks["b"] > ranks["a"]  # the sensitive layer keeps more rank
+    # equal curves: the same rank for both (no layer is starved while another stays dense)
+    even = LR.allocate_budget(layers, {"a": energy, "b": energy}, keep=0.5, granularity=4)
+    assert abs(even["a"] - even["b"]) <= 4
     with pytest.raises(SlimcartError, match="cannot reach"):
-        LR.allocate_budget(layers, spectra, {"a": 1, "b": 1}, keep=0.01, granularity=16)
+        LR.allocate_budget(layers, {"a": energy, "b": energy}, keep=0.01, granularity=16)
+
+
+def test_measured_damage_curves(tiny_encoder_dir, synthetic_data):
+    wl = get_workload("search")
+    b = wl.load_model(str(tiny_encoder_dir))
+    layers = LR.find_layers(b.module, ["*layer.0.attention.self.query", "*layer.1.output.dense"], [], False)
+    batches = wl.calibration_batches(b, wl.load_data(None), 2)
+    before = {k: v.clone() for k, v in b.module.state_dict().items()}
+    curves = LR.damage_curves(b.module, layers, batches)
+    for name, c in curves.items():
+        assert len(c) == 65 and c[-1] == 0 and c[0] > 0 and np.all(np.diff(c) <= 1e-12), name
+    for k, v in b.module.state_dict().items():  # weights restored exactly
+        assert torch.equal(v, before[k])
 
 
 def _ctx(wl, data, tmp_path):
@@ -85,7 +111,8 @@ def test_lowrank_step_saves_reloads_and_exports(tmp_path, tiny_encoder_dir, synt
     bundle = wl.load_model(str(tiny_encoder_dir))
     data = wl.load_data(None)
     state = ModelState(bundle=bundle)
-    step = parse_step({"kind": "lowrank", "targets": ["*encoder.layer.*"], "keep_params": 0.5, "granularity": 4})
+    step = parse_step({"kind": "lowrank", "targets": ["*encoder.layer.*"], "keep_params": 0.5, "granularity": 4,
+                       "sensitivity": "measured", "calibration_batches": 1})
     state = step.apply(state, _ctx(wl, data, tmp_path))
     info = state.extra["lowrank"]
     assert info["params_after"] <= 0.5 * info["params_before"]

@@ -6,8 +6,9 @@ approximation in Frobenius norm (Eckart–Young), so the error is sqrt(Σ_{i>r} 
 
 Ranks: per layer by an energy threshold (keep the smallest r with Σ_{i≤r} σ² ≥ energy·Σ σ²), or
 globally by a parameter budget: layers are shrunk greedily where the predicted damage per saved
-parameter is smallest; damage = sensitivity × discarded energy, and a layer's sensitivity is
-measured by truncating it alone and comparing the model's outputs on calibration batches.
+parameter is smallest. Damage is measured (each layer truncated alone to a few ranks, the model's
+outputs on calibration batches compared with the original's) or, with `sensitivity: spectrum`,
+taken as the share of the layer's singular-value energy discarded.
 
 Saving: an HF/SASRec config cannot say "two Linears here", so the result is the workload's usual
 folder (weights under their factorized names) plus `slimcart-format.json` {"format": "lowrank",
@@ -162,52 +163,69 @@ def _outputs(module: nn.Module, batches: list) -> list[torch.Tensor]:
     return outs
 
 
-def measure_sensitivity(module: nn.Module, layers: dict[str, nn.Module], spectra: dict[str, np.ndarray], batches: list,
-                        probe: float = 0.25, progress=lambda m: None) -> dict[str, float]:
-    """Output damage per unit of discarded relative energy, per layer: truncate one layer at a time to
-    `probe` × its full rank (weights swapped in place, then restored) and compare outputs."""
+PROBES = (0.75, 0.5, 0.375, 0.25, 0.125, 0.0)  # fractions of the full rank at which damage is measured
+
+
+def energy_curve(s: np.ndarray) -> np.ndarray:
+    """curve[r] = share of Σ σ² discarded when keeping rank r (r = 0 .. full rank)."""
+    tail = np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]])
+    return tail / max(float(tail[0]), 1e-300)
+
+
+def damage_curves(module: nn.Module, layers: dict[str, nn.Module], batches: list, probes=PROBES,
+                  progress=lambda m: None) -> dict[str, np.ndarray]:
+    """Measured output damage of truncating each layer alone, as curve[r] for r = 0 .. full rank.
+
+    Damage = Σ ||y' - y||² / Σ ||y||² of the model's outputs on calibration batches, measured at a
+    few ranks per layer (its weight swapped for the truncated one in place, then restored) and
+    interpolated linearly in between; made non-increasing in r."""
     ref = _outputs(module, batches)
-    denom = sum(float(r.pow(2).sum()) for r in ref)
-    sens = {}
+    denom = max(sum(float(r.pow(2).sum()) for r in ref), 1e-30)
+    curves = {}
     for i, (name, layer) in enumerate(layers.items()):
         progress(f"low-rank sensitivity {i + 1}/{len(layers)}: {name}")
-        s = spectra[name]
-        r = max(1, int(len(s) * probe))
-        lost = float(np.sum(s[r:] ** 2) / np.sum(s**2))
         keep = layer.weight.data.clone()
         U, S, Vh = torch.linalg.svd(keep.double(), full_matrices=False)
-        layer.weight.data.copy_(((U[:, :r] * S[:r]) @ Vh[:r]).to(keep.dtype))
+        full = len(S)
+        ranks = sorted({int(round(f * full)) for f in probes} | {full})
+        measured = []
         try:
-            err = sum(float((o - r0).pow(2).sum()) for o, r0 in zip(_outputs(module, batches), ref)) / max(denom, 1e-30)
+            for r in ranks:
+                layer.weight.data.copy_(((U[:, :r] * S[:r]) @ Vh[:r]).to(keep.dtype))
+                measured.append(sum(float((o - r0).pow(2).sum()) for o, r0 in zip(_outputs(module, batches), ref)) / denom)
         finally:
             layer.weight.data.copy_(keep)
-        sens[name] = err / lost if lost > 0 else 0.0
-    return sens
+        curve = np.interp(np.arange(full + 1), ranks, measured)
+        curve[full] = 0.0
+        curves[name] = np.maximum.accumulate(curve[::-1])[::-1]  # more rank never predicts more damage
+    return curves
 
 
-def allocate_budget(layers: dict[str, nn.Module], spectra: dict[str, np.ndarray], sensitivity: dict[str, float],
-                    keep: float, granularity: int = 8) -> dict[str, int | None]:
-    """Ranks (None = stays dense) so the layers hold at most `keep` × their dense parameters, shrinking
-    greedily where predicted damage (sensitivity × discarded energy) per saved parameter is lowest."""
+def allocate_budget(layers: dict[str, nn.Module], curves: dict[str, np.ndarray], keep: float,
+                    granularity: int = 8) -> dict[str, int | None]:
+    """Ranks (None = stays dense) so the layers hold at most `keep` × their dense parameters.
+
+    Greedy on predicted damage (`curves[name][rank]`, summed over layers) per saved parameter. Each
+    move may jump several rank steps at once (the best average rate over all lower ranks), because
+    leaving a layer dense and factorizing it at break-even rank costs the same parameters: one step
+    at a time, no layer would ever be worth starting on and others would be cut to the bone."""
     budget = keep * sum(dense_params(m) for m in layers.values())
-    energy = {n: np.concatenate([[0.0], np.cumsum(s[::-1] ** 2)])[::-1] / max(np.sum(s**2), 1e-300) for n, s in spectra.items()}
-    # energy[n][r] = relative energy discarded when keeping rank r
     ranks: dict[str, int | None] = {n: None for n in layers}
     cost = {n: dense_params(m) for n, m in layers.items()}
 
     def next_move(n):
-        m = layers[n]
-        r = ranks[n]
-        if r is None:  # first move: the largest rank (multiple of g) that saves anything
-            rows, cols = _matrix(m).shape
-            new = (rows * cols // (rows + cols) - 1) // granularity * granularity
-        else:
-            new = r - granularity
-        if new < granularity:
-            return None
-        saved = cost[n] - lowrank_params(m, new)
-        damage = sensitivity[n] * (energy[n][new] - (energy[n][r] if r is not None else 0.0))
-        return (damage / max(saved, 1), new, saved) if saved > 0 else None
+        m, r = layers[n], ranks[n]
+        rows, cols = _matrix(m).shape
+        top = (rows * cols // (rows + cols)) // granularity * granularity if r is None else r - granularity
+        best = None
+        for new in range(top, granularity - 1, -granularity):
+            saved = cost[n] - lowrank_params(m, new)
+            if saved <= 0:
+                continue
+            rate = (curves[n][new] - (curves[n][r] if r is not None else 0.0)) / saved
+            if best is None or rate < best[0]:
+                best = (rate, new, saved)
+        return best
 
     total = sum(cost.values())
     moves = {n: next_move(n) for n in layers}
@@ -359,11 +377,12 @@ class LowRank(Step):
             ranks = {n: rank_for_energy(s, self.energy) for n, s in spectra.items()}
             ranks = {n: (r if lowrank_params(layers[n], r) < dense_params(layers[n]) else None) for n, r in ranks.items()}
         else:
-            sens = {n: 1.0 for n in layers}
             if self.sensitivity == "measured" and layers:
-                sens = measure_sensitivity(module, layers, spectra, ctx.calibration(state.bundle, self.calibration_batches),
-                                           progress=ctx.progress)
-            ranks = allocate_budget(layers, spectra, sens, self.keep_params, self.granularity)
+                curves = damage_curves(module, layers, ctx.calibration(state.bundle, self.calibration_batches),
+                                       progress=ctx.progress)
+            else:  # spectrum: damage = share of the layer's energy discarded
+                curves = {n: energy_curve(s) for n, s in spectra.items()}
+            ranks = allocate_budget(layers, curves, self.keep_params, self.granularity)
         ranks.update(fixed)
         all_layers = {**layers, **{n: module.get_submodule(n) for n in fixed}}
         before = sum(dense_params(m) for m in all_layers.values())

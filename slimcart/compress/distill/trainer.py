@@ -258,7 +258,7 @@ def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progr
                 checkpoint(final=False)
                 if stop:
                     res.stopped = f"early stop: no better validation in {cfg.patience} evaluations"
-                info += f" val {res.history[-1]['val']:.4f} (best {res.best_score:.4f})"
+                info += f" val {res.history[-1]['val']:.5g} (best {res.best_score:.5g})"
                 reporter.update(res.steps, info, force=True)
             else:
                 reporter.update(res.steps, info)
