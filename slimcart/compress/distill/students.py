@@ -128,13 +128,16 @@ def narrow_sasrec(teacher: nn.Module, width: float, seed: int = 0) -> nn.Module:
     new_cfg = copy.deepcopy(cfg)
     new_cfg.hidden = hidden
     new_cfg.ffn = [max(1, int(round(f * hidden / cfg.hidden))) for f in cfg.ffn_dims()]
+    for name in ("emb_scale", "attn_scale"):  # the new width's own defaults
+        if hasattr(new_cfg, name):
+            setattr(new_cfg, name, None)
     student = SASRec(new_cfg)
     with torch.no_grad():
         emb = teacher.item_emb.weight[1:].double()
         _, _, vt = torch.linalg.svd(emb - emb.mean(0), full_matrices=False)
         basis = vt[:hidden].T  # (teacher hidden, student hidden)
-        # Scale so the student's sqrt(hidden) input scaling sees the same magnitudes as the teacher's
-        scale = (cfg.hidden / hidden) ** 0.5
+        # Scale so the student's input (embedding × its scale) has the teacher's magnitudes
+        scale = float(getattr(teacher, "emb_scale", cfg.hidden**0.5)) / float(getattr(student, "emb_scale", hidden**0.5))
         student.item_emb.weight.copy_((teacher.item_emb.weight.double() @ basis * scale).float())
         student.item_emb.weight[0].zero_()
         student.pos_emb.weight.copy_((teacher.pos_emb.weight.double() @ basis).float())
