@@ -5,9 +5,9 @@ search  MiniLM-L6 on CrowdFlower. Every search recipe (int8-dynamic, int8-static
         disk; peers on the same data: ONNX Runtime `quantize_dynamic` (per-channel, fused graph) and
         OpenVINO + NNCF post-training int8 (if nncf is installed); reference runtimes ONNX Runtime fp32
         (fused) and OpenVINO fp32. All sides are timed in ONE interleaved run against PyTorch fp32 eager.
-llm     (part B: weight-only int4 recipes on SmolLM2) — see `bench_llm`.
+The llm half (weight-only int4/int8 recipes on SmolLM2) is `bench/quantization_llm.py`.
 
-    SLIMCART_DATA=../shared/data python bench/quantization.py [--sections search,llm] [--threads 2] [--timing-threads 1,2]
+    SLIMCART_DATA=../shared/data python bench/quantization.py [--threads 2] [--timing-threads 1,2]
 
 Writes bench/results/quantization.json and docs/bench-quantization.md.
 """
@@ -255,17 +255,6 @@ def bench_search(args, work: Path) -> dict:
     return res
 
 
-def bench_llm(args, work: Path) -> dict:
-    """LLM half (part B of the quantization issue): weight-only int4 recipes (w4-rtn / w4-gptq / w4-awq /
-    kmeans-w4) on SmolLM2 vs fp32 in the same run. Return a dict; `markdown_llm` renders it."""
-    raise NotImplementedError("llm section: filled in by the weight-only int4 work (part B)")
-
-
-def markdown_llm(r: dict) -> list[str]:
-    """Markdown lines for the llm section (part B)."""
-    return ["## llm", "", "(not measured yet)", ""]
-
-
 def _pct(x: float) -> str:
     return f"{x * 100:+.2f}%"
 
@@ -336,9 +325,9 @@ def markdown(r: dict) -> str:
              f"CPU: {env.get('cpu')} ({', '.join(env.get('cpu_flags', []))}), threads: {env.get('threads')}.", ""]
     if "search" in r:
         lines += markdown_search(r["search"])
-    if "llm" in r:
-        lines += markdown_llm(r["llm"])
-    for name in ("search", "llm"):
+    lines.append("The llm half (weight-only int4 on SmolLM2) is in `docs/bench-quantization-llm.md`.")
+    lines.append("")
+    for name in ("search",):
         if name in r:
             lines.append(f"- {name}: {r[name]['wall_seconds']} s wall clock, load average at start/end {r[name]['load_avg_start_end']}")
     return "\n".join(lines) + "\n"
@@ -346,7 +335,7 @@ def markdown(r: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--sections", default="search")
+    p.add_argument("--sections", default="search", choices=["search"], help="llm: see bench/quantization_llm.py")
     p.add_argument("--data", default=None)
     p.add_argument("--model", default="minilm", help="search model (a tiny folder for a smoke run)")
     p.add_argument("--threads", type=int, default=2, help="threads while building and evaluating")
@@ -356,13 +345,18 @@ def main() -> None:
     p.add_argument("--include", default="peers", help="'peers' adds ORT fp32/dynamic/static, OpenVINO fp32 and NNCF; "
                    "'compile' adds torch.compile + bf16 autocast (slow to compile on a loaded machine)")
     p.add_argument("--calibration-batches", type=int, default=32)
+    p.add_argument("--render", action="store_true", help="only rewrite the Markdown from the saved JSON")
     args = p.parse_args()
+    if args.render:
+        out = ROOT / "bench" / "results" / "quantization.json"
+        (ROOT / "docs" / "bench-quantization.md").write_text(markdown(json.loads(out.read_text())))
+        return
     set_threads(args.threads)
     out_json = ROOT / "bench" / "results" / "quantization.json"
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
     results["environment"] = environment(args.threads)
     for section in args.sections.split(","):
-        fn = {"search": bench_search, "llm": bench_llm}[section]
+        fn = {"search": bench_search}[section]
         t0, load0 = time.time(), os.getloadavg()[0]
         with tempfile.TemporaryDirectory() as tmp:
             r = fn(args, Path(tmp))
