@@ -38,9 +38,9 @@ from slimcart.workloads import get_workload  # noqa: E402
 
 G32 = Recipe(name="w4-rtn-g32-float", description="RTN int4, groups of 32, float16 min offset (GGUF Q4_1's layout)",
              workloads=["llm"], steps=[{"kind": "weight_only_rtn", "bits": 4, "group_size": 32, "zero_point": "float"}])
-VARIANTS = {"w8-rtn": "w8-rtn", "w4-rtn": "w4-rtn", "w4-gptq": "w4-gptq", "w4-awq": "w4-awq",
+VARIANTS = {"w8-rtn": "w8-rtn", "w4-rtn": "w4-rtn", "w4-gptq": "w4-gptq", "w4-awq": "w4-awq", "w4-awq-gptq": "w4-awq-gptq",
             "w4-rtn-g32-float": G32, "kmeans-w4": "kmeans-w4"}
-DEFAULT = ["w8-rtn", "w4-rtn", "w4-gptq", "w4-awq", "w4-rtn-g32-float"]
+DEFAULT = ["w8-rtn", "w4-rtn", "w4-gptq", "w4-awq", "w4-awq-gptq", "w4-rtn-g32-float"]
 
 
 def log(msg: str) -> None:

@@ -11,10 +11,10 @@ import torch
 
 from slimcart.compress.quantize.awq import search_clip, search_scale
 from slimcart.compress.quantize.calib_stats import InputStats, collect_stats
-from slimcart.compress.quantize.gptq import gptq
+from slimcart.compress.quantize.gptq import fit_group, gptq
 from slimcart.compress.quantize.int4_kernels import GraphBuilder, OrtLLMRunner, TorchInt4Linear, torch_int4_model
 from slimcart.compress.quantize.kmeans import kmeans_rows
-from slimcart.compress.quantize.weight_only import WeightSpec, layer_inputs, rtn
+from slimcart.compress.quantize.weight_only import WeightSpec, fake_cols, fit_params, layer_inputs, rtn
 from slimcart.compress.quantize.wq_format import load_packed, pack_bits, save_packed, to_torch, unpack_bits
 from slimcart.errors import SlimcartError
 
@@ -102,6 +102,26 @@ def test_gptq_with_diagonal_hessian_is_rtn():
     w, spec = torch.randn(16, 64, generator=torch.Generator().manual_seed(2)), WeightSpec(bits=4, group_size=32)
     q = gptq(w, torch.diag(torch.rand(64) + 0.5), spec, act_order=False)
     assert torch.equal(q.codes, rtn(w, spec).codes)
+
+
+def test_group_clip_search_never_worse_and_helps_rows_with_an_outlier():
+    g = torch.Generator().manual_seed(3)
+    w, h = torch.randn(32, 128, generator=g), torch.rand(128, generator=g) + 0.1
+    w[::2, 5] = 12.0  # one outlier in every other row stretches that row's min/max range
+    spec = WeightSpec(bits=4, group_size=None)
+
+    def energy_err(sc, off):
+        return (w - fake_cols(w, sc, off, spec)) ** 2 @ h
+
+    plain = energy_err(*fit_params(w, spec))
+    clipped = energy_err(*fit_group(w, h, spec, clip_grid=10))
+    assert (clipped <= plain + 1e-6).all()
+    assert (clipped[::2] < plain[::2]).all()  # every outlier row gains from a finer grid for its other columns
+    assert clipped[::2].sum() < 0.95 * plain[::2].sum()
+    x = torch.randn(4096, 128, generator=g) * h.sqrt()  # inputs whose energy per channel is h
+    H = x.t() @ x / x.shape[0]
+    e_plain, e_clip = (_out_err(x, w, gptq(w, H, spec, clip_grid=c).dequantize()) for c in (1, 10))
+    assert e_clip < e_plain
 
 
 # ---------------------------------------------------------------- AWQ

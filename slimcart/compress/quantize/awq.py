@@ -93,6 +93,7 @@ class AWQStep(WeightOnlyBase):
     clip_search: bool = True
     quantizer: Literal["rtn", "gptq"] = "rtn"
     damp: float = 0.01  # used when quantizer is gptq
+    clip_grid: int = 1  # used when quantizer is gptq: per-group range shrink search (see gptq.fit_group)
 
     def apply(self, state, ctx):
         if self.grid < 1:
@@ -130,7 +131,7 @@ class AWQStep(WeightOnlyBase):
             for n, m in mine.items():
                 spec, H = self.spec_for(prefix + n), stats[n].H
                 if self.quantizer == "gptq":
-                    q = gptq(m.weight, H, spec, self.damp, True, 128, prefix + n)
+                    q = gptq(m.weight, H, spec, self.damp, True, 128, prefix + n, self.clip_grid)
                 else:
                     shrink = search_clip(m.weight.float(), H, spec) if self.clip_search else None
                     q = rtn(m.weight, spec, prefix + n, shrink)

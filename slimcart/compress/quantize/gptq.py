@@ -11,7 +11,8 @@ the updates to later blocks applied once per block (lazy batch updates). Options
     freedom to compensate remains). Groups stay contiguous in the original column order (what the
     kernels store); a group's scale/zero are fitted when its first column is reached, on the
     weights as updated by then;
-  * group_size / bits / symmetric: the same layout as RTN (weight_only.WeightSpec).
+  * group_size / bits / symmetric: the same layout as RTN (weight_only.WeightSpec);
+  * clip_grid: fit each group's range by a shrink search instead of plain min/max (GPTQ's "mse" grid).
 """
 from __future__ import annotations
 
@@ -21,14 +22,33 @@ import torch
 
 from ...errors import SlimcartError
 from ...recipe import register_step
-from .weight_only import (QuantizedWeight, WeightOnlyBase, WeightSpec, causal_lm, check_weight, fit_params,
-                          layerwise, make_qweight, quantize_linear_set)
+from .weight_only import (QuantizedWeight, WeightOnlyBase, WeightSpec, causal_lm, check_weight, fake_cols,
+                          fit_params, layerwise, make_qweight, quantize_linear_set)
 from .calib_stats import collect_stats
 
 
+def fit_group(cur: torch.Tensor, h_diag: torch.Tensor, spec: WeightSpec, clip_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) per row for one group's current weights `cur` [rows, k]. With clip_grid > 1 the
+    min/max range is shrunk per row (down to half) where that lowers the rounding error weighted by
+    the inputs' energy diag(H), the first-order share of the output error."""
+    scale, offset = fit_params(cur, spec)
+    if clip_grid <= 1:
+        return scale, offset
+    best = ((cur - fake_cols(cur, scale, offset, spec)) ** 2 @ h_diag)
+    for k in range(1, clip_grid):
+        r = 1.0 - 0.5 * k / (clip_grid - 1)
+        sc, off = fit_params(cur, spec, r)
+        err = (cur - fake_cols(cur, sc, off, spec)) ** 2 @ h_diag
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, offset = torch.where(better, sc, scale), torch.where(better, off, offset)
+    return scale, offset
+
+
 def gptq(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float = 0.01, act_order: bool = True,
-         block: int = 128, name: str = "weight") -> QuantizedWeight:
-    """GPTQ-quantize `w` [out, in] given the input Hessian `H` [in, in] (X^T X / n)."""
+         block: int = 128, name: str = "weight", clip_grid: int = 1) -> QuantizedWeight:
+    """GPTQ-quantize `w` [out, in] given the input Hessian `H` [in, in] (X^T X / n). clip_grid > 1
+    searches a per-(row, group) range shrink when each group's parameters are fitted."""
     w = w.detach().float().clone()
     check_weight(w, name)
     out_f, in_f = w.shape
@@ -39,6 +59,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float = 0.01,
     groups = spec.groups(in_f, name)
     group_of = torch.cat([torch.full((e - s,), i) for i, (s, e) in enumerate(groups)])
     H = H.double().clone()
+    h_diag = torch.diag(H).float().clamp_min(0)
     dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
     H[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -75,7 +96,8 @@ def gptq(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float = 0.01,
                 cur = W[:, pos].clone()
                 inblk = (pos >= i1) & (pos < i2)
                 cur[:, inblk] = W1[:, pos[inblk] - i1]
-                scale[:, g], offset[:, g] = fit_params(cur, spec)
+                s0, e0 = groups[g]
+                scale[:, g], offset[:, g] = fit_group(cur, h_diag[s0:e0], spec, clip_grid)
                 fitted[g] = True
             sc, off = scale[:, g], offset[:, g]
             wcol = W1[:, i]
@@ -99,6 +121,7 @@ class GPTQStep(WeightOnlyBase):
     damp: float = 0.01
     act_order: bool = True
     block: int = 128
+    clip_grid: int = 1  # > 1: search each group's range shrink (energy-weighted rounding error) on this many points
 
     def apply(self, state, ctx):
         if not 0 < self.damp < 1:
@@ -113,7 +136,7 @@ class GPTQStep(WeightOnlyBase):
             mine = {n: m for n, m in named.items() if n.startswith(prefix + ".")}
             stats = collect_stats(layer, hidden, kwargs, {n[len(prefix) + 1:]: m for n, m in mine.items()})
             for n, m in mine.items():
-                q = gptq(m.weight, stats[n[len(prefix) + 1:]].H, self.spec_for(n), self.damp, self.act_order, self.block, n)
+                q = gptq(m.weight, stats[n[len(prefix) + 1:]].H, self.spec_for(n), self.damp, self.act_order, self.block, n, self.clip_grid)
                 qweights[n] = q
                 m.weight.data = q.dequantize()  # later layers calibrate against the quantized model
 
