@@ -85,6 +85,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calibration-windows", type=int, default=None, help="override the recipes' calibration size")
     ap.add_argument("--no-extra-sides", action="store_true", help="skip the ORT-fp32 and torch-int4 timing sides")
+    ap.add_argument("--fp32-compute", default="w4-gptq,w4-awq-gptq",
+                    help="variants also evaluated and timed with MatMulNBits computing in fp32 (same saved weights)")
     ap.add_argument("--json", default=str(ROOT / "bench/results/quantization_llm.json"))
     ap.add_argument("--md", default=str(ROOT / "docs/bench-quantization-llm.md"))
     a = ap.parse_args()
@@ -105,12 +107,14 @@ def main() -> int:
     base_bytes = baseline_size_bytes(bundle.module, tmp)
     res["baseline"] = {"runtime": "torch-fp32-eager (HF generate)", "quality": base_q, "bytes": base_bytes}
     runners = {"fp32": base_runner}
+    bundles = {}
     for name in a.variants.split(","):
         log(f"building {name}")
         folder = tmp / name
         v = build(wl, bundle, data, VARIANTS[name], folder, a.calibration_windows)
         meta = json.loads((folder / formats.FORMAT_FILE).read_text())
         runner, cbundle = formats.load_model_dir(wl, folder)  # reloaded from disk
+        bundles[name] = cbundle
         log(f"evaluating {name} (built in {v['build_s']:.0f}s)")
         v.update(runtime=runner.runtime, quality=wl.evaluate(runner, cbundle, data).quality,
                  bytes=artifacts.model_bytes(folder), method=meta["method"], embedding_bits=meta["embedding_bits"])
@@ -119,6 +123,19 @@ def main() -> int:
         res["variants"][name] = v
         runners[name] = runner
         log(f"{name}: {v['quality']} bytes {v['size_ratio']:.3f} of fp32")
+    for name in [n for n in a.fp32_compute.split(",") if n in res["variants"]]:
+        # The same saved weights with MatMulNBits computing in fp32: what the int8 activation blocks cost.
+        from slimcart.compress.quantize.int4_kernels import make_runner
+        from slimcart.compress.quantize.wq_format import load_packed
+
+        key = f"{name}@fp32-compute"
+        runner = make_runner(load_packed(tmp / name), "onnxruntime", pad_token_id=bundle.tokenizer.eos_token_id,
+                             threads=a.threads, compute="fp32")
+        v = {**res["variants"][name], "runtime": "onnxruntime-matmulnbits-fp32", "build_s": 0.0}
+        v["quality"] = wl.evaluate(runner, bundles[name], data).quality
+        v["perplexity_ratio"] = v["quality"]["perplexity"] / base_q["perplexity"]
+        res["variants"][key], runners[key] = v, runner
+        log(f"{key}: {v['quality']}")
     extra_sides = {}
     if not a.no_extra_sides:
         extra_sides["ort-fp32-graph"] = ort_fp32_runner(bundle, a.threads)
@@ -147,7 +164,7 @@ def main() -> int:
     rtn = res["variants"].get("w4-rtn")
     for name, v in res["variants"].items():
         v.update(res["timing"][name])
-        if rtn and name != "w4-rtn" and rtn["quality"]["perplexity"] > base_q["perplexity"]:
+        if rtn and name != "w4-rtn" and "@" not in name and rtn["quality"]["perplexity"] > base_q["perplexity"]:
             inc = rtn["quality"]["perplexity"] - base_q["perplexity"]
             v["recovered_of_rtn_increase"] = (rtn["quality"]["perplexity"] - v["quality"]["perplexity"]) / inc
     res["bench"] = {"repeats": a.repeats, "decode_requests_per_round": len(inputs.serving), "new_tokens": inputs.items_per_serving_batch,

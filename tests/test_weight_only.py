@@ -277,6 +277,26 @@ def test_ort_graph_and_torch_int4_match_hf_model(tmp_path):
     assert np.array_equal(ort_exact({"input_ids": prompt.numpy(), "max_new_tokens": 8}), hf)
 
 
+def test_compute_choice_is_saved_and_selects_the_kernel(tmp_path):
+    from slimcart.compress.quantize.int4_kernels import make_runner
+
+    model = _tiny_llama(tied=True)
+    q = _rtn_all(model, WeightSpec(bits=4, group_size=64, partial_last_group=True))
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
+    errs = {}
+    for compute in ("fp32", "int8"):
+        save_packed(tmp_path / compute, model, q, "rtn", 8, None, compute)
+        packed = load_packed(tmp_path / compute)
+        assert packed.meta["compute"] == compute
+        with torch.no_grad():
+            ref = to_torch(packed)(ids).logits.numpy()
+        out = make_runner(packed, compute=packed.meta["compute"], threads=1)({"input_ids": ids.numpy()})
+        errs[compute] = np.abs(out - ref).max() / np.abs(ref).max()
+    assert errs["fp32"] < 1e-5 < errs["int8"] < 0.05  # fp32: the weights' own error only
+    with pytest.raises(SlimcartError, match="compute"):
+        make_runner(packed, compute="fp8")
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -307,10 +307,17 @@ def torch_int4_model(p: PackedLLM) -> torch.nn.Module:
     return model
 
 
-def make_runner(p: PackedLLM, runtime: str = "onnxruntime", pad_token_id=None, threads: int | None = None):
-    """A workload runner for a packed model: "onnxruntime" (MatMulNBits graph) or "torch" (int4 kernel)."""
+ACCURACY_LEVEL = {"int8": 4, "fp32": 1}  # MatMulNBits attribute: 4 = int8 dot products, 1 = fp32
+
+
+def make_runner(p: PackedLLM, runtime: str = "onnxruntime", pad_token_id=None, threads: int | None = None,
+                compute: str = "int8"):
+    """A workload runner for a packed model: "onnxruntime" (MatMulNBits graph, int8 or fp32 compute)
+    or "torch" (int4 kernel)."""
     if runtime == "onnxruntime":
-        return OrtLLMRunner(p, threads, pad_token_id=pad_token_id)
+        if compute not in ACCURACY_LEVEL:
+            raise SlimcartError(f"unknown MatMulNBits compute '{compute}' (int8 or fp32)")
+        return OrtLLMRunner(p, threads, accuracy_level=ACCURACY_LEVEL[compute], pad_token_id=pad_token_id)
     if runtime == "torch":
         from ...workloads.llm import CausalLM, CausalLMRunner
 
@@ -320,17 +327,18 @@ def make_runner(p: PackedLLM, runtime: str = "onnxruntime", pad_token_id=None, t
     raise SlimcartError(f"unknown runtime '{runtime}' for a packed LLM (onnxruntime or torch)")
 
 
-def attach_packed(state, lm, qweights: dict, method: str, embedding_bits: int):
+def attach_packed(state, lm, qweights: dict, method: str, embedding_bits: int, compute: str = "int8"):
     """Hand the packed weights to the saver and record which kernels will run them."""
     from .wq_format import save_packed
 
     tok = state.bundle.tokenizer
-    state.saver = lambda folder: save_packed(folder, lm, qweights, method, embedding_bits, tok)
+    state.saver = lambda folder: save_packed(folder, lm, qweights, method, embedding_bits, tok, compute)
     bits = sorted({q.spec.bits for q in qweights.values()})
     if any(q.codebook is not None for q in qweights.values()):
         state.size_only.append(f"k-means {bits}-bit codebooks: dequantized to float32 at load (no LUT kernel)")
     else:
-        state.kernels.append(f"onnxruntime MatMulNBits {'/'.join(map(str, bits))}-bit weights, int8 compute (accuracy_level 4)")
+        state.kernels.append(f"onnxruntime MatMulNBits {'/'.join(map(str, bits))}-bit weights, {compute} compute "
+                             f"(accuracy_level {ACCURACY_LEVEL[compute]})")
     if embedding_bits == 8:
         state.kernels.append("onnxruntime MatMulNBits 8-bit tied lm_head (embedding int8 per row)")
     state.notes.append(f"weight-only {method}: {len(qweights)} decoder Linears; tied embedding/lm_head "

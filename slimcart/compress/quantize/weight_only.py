@@ -241,6 +241,9 @@ class WeightOnlyBase(Step):
     targets: list[str] = DEFAULT_TARGETS
     overrides: dict[str, dict] = {}  # fnmatch pattern -> {bits/group_size/symmetric}, e.g. keep one layer int8
     embedding_bits: Literal[8, 16] = 8  # tied embedding / lm_head: int8 per row, or float16
+    # MatMulNBits arithmetic: int8 dot products on VNNI (activations quantized per block, fastest) or
+    # fp32 (the weights' own error only; slower prefill, decode is bound by weight bytes either way)
+    compute: Literal["int8", "fp32"] = "int8"
 
     def spec_for(self, name: str) -> WeightSpec:
         base = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
@@ -258,7 +261,7 @@ class WeightOnlyBase(Step):
         for name, mod in lm.named_modules():
             if name in qweights:
                 mod.weight.data = qweights[name].dequantize()
-        return attach_packed(state, lm, qweights, method, self.embedding_bits)
+        return attach_packed(state, lm, qweights, method, self.embedding_bits, self.compute)
 
 
 @register_step

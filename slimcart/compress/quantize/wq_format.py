@@ -70,7 +70,8 @@ class PackedLLM:
     meta: dict
 
 
-def save_packed(folder: Path, lm, qweights: dict, method: str, embedding_bits: int, tokenizer=None) -> None:
+def save_packed(folder: Path, lm, qweights: dict, method: str, embedding_bits: int, tokenizer=None,
+                compute: str = "int8") -> None:
     """Write model.safetensors + config.json + tokenizer + slimcart-format.json (see module docstring)."""
     from safetensors.torch import save_file
 
@@ -107,7 +108,8 @@ def save_packed(folder: Path, lm, qweights: dict, method: str, embedding_bits: i
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
-    write_format(folder, FORMAT, method=method, embedding_bits=embedding_bits, tied_embedding=tied, linears=specs)
+    write_format(folder, FORMAT, method=method, embedding_bits=embedding_bits, tied_embedding=tied, compute=compute,
+                 linears=specs)
 
 
 def load_packed(folder: Path) -> PackedLLM:
@@ -176,5 +178,6 @@ def _load(workload, folder: Path, meta: dict):
     folder = Path(folder)
     tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     packed = load_packed(folder)
-    runner = make_runner(packed, meta.get("runtime", "onnxruntime"), pad_token_id=tok.eos_token_id)
+    runner = make_runner(packed, meta.get("runtime", "onnxruntime"), pad_token_id=tok.eos_token_id,
+                         compute=meta.get("compute", "int8"))
     return runner, ModelBundle(name=str(folder), module=None, source=folder, tokenizer=tok, extra={"packed": meta})
