@@ -243,7 +243,7 @@ def test_save_and_load_artifact_roundtrip(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_perplexity_on_real_reviews():
+def test_smollm2_perplexity_on_real_reviews(tmp_path):
     root = Path(os.environ.get("SLIMCART_DATA", "/work/shared/data"))
     if not (root / "reviews-blitzer").is_dir():
         pytest.skip("reviews-blitzer data not available")
@@ -254,3 +254,9 @@ def test_smollm2_perplexity_on_real_reviews():
     q = wl.evaluate(wl.torch_runner(bundle), bundle, data).quality
     assert math.isfinite(q["perplexity"]) and 5 < q["perplexity"] < 60
     assert 0.2 < q["next_token_acc"] < 0.8
+    # The GGUF-loaded model is an ordinary fp32 model: it saves as HF safetensors and reloads identically.
+    wl.save_model(bundle, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "model.safetensors").is_symlink()
+    runner, loaded = wl.load_artifact(tmp_path / "hf")
+    batch = wl.example_batch(bundle)
+    np.testing.assert_allclose(runner(batch), wl.torch_runner(bundle)(batch), rtol=1e-5, atol=1e-5)

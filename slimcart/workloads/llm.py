@@ -165,6 +165,13 @@ class LlmWorkload:
             raise SlimcartError(f"cannot load causal LM from {folder / (gguf or '')}: {msg}") from None
         if tok.eos_token_id is None:
             raise SlimcartError(f"tokenizer in {folder} has no EOS token (needed to separate documents)")
+        if gguf:
+            # transformers dequantizes GGUF tensors to float32 at load but keeps a "gguf" quantizer marker
+            # that makes save_pretrained refuse; the module is an ordinary fp32 model, so drop the marker.
+            model.hf_quantizer = None
+            model.is_quantized = False
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
         module = CausalLM(model.eval()).eval()
         return ModelBundle(name=spec, module=module, source=folder, tokenizer=tok, extra={"gguf_file": gguf})
 
