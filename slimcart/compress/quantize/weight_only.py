@@ -241,8 +241,9 @@ class WeightOnlyBase(Step):
     targets: list[str] = DEFAULT_TARGETS
     overrides: dict[str, dict] = {}  # fnmatch pattern -> {bits/group_size/symmetric}, e.g. keep one layer int8
     embedding_bits: Literal[8, 16] = 8  # tied embedding / lm_head: int8 per row, or float16
-    # MatMulNBits arithmetic: int8 dot products on VNNI (activations quantized per block, fastest) or
-    # fp32 (the weights' own error only; slower prefill, decode is bound by weight bytes either way)
+    # MatMulNBits arithmetic: int8 dot products on VNNI (activations quantized per block, fast) or fp32
+    # (the weights' own error only, ~1% lower perplexity on SmolLM2, but ORT's fp32 path decoded 13x
+    # slower here: docs/bench-quantization-llm.md)
     compute: Literal["int8", "fp32"] = "int8"
 
     def spec_for(self, name: str) -> WeightSpec:
