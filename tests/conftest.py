@@ -32,6 +32,17 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for tests on tiny models: a second thread only adds synchronisation, and on a
+    shared 2-core machine spin-waiting OpenMP threads make such tests crawl. Test modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def synthetic_data(monkeypatch):
     """No data root: workloads must fall back to generated data."""
     monkeypatch.delenv("SLIMCART_DATA", raising=False)

@@ -10,13 +10,7 @@ from slimcart.recipe import Recipe, load_recipe, parse_step
 from slimcart.workloads import get_workload
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine OpenMP spinning makes it slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = {"max_steps": 6, "max_minutes": None, "batch_size": 8, "eval_every": 3, "lr": 1e-3}
 

@@ -9,13 +9,7 @@ from slimcart.compress.distill.steps import train_task
 from slimcart.errors import SlimcartError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine OpenMP spinning makes it slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ToyTask:

@@ -11,13 +11,7 @@ from slimcart.errors import SlimcartError
 from slimcart.workloads import get_workload
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine OpenMP spinning makes it slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear(out_f=8, in_f=5, seed=0):

@@ -16,13 +16,7 @@ from slimcart.workloads import get_workload
 from slimcart.workloads.base import ModelBundle
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and two spin-waiting threads crawl on a loaded shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ctx(tmp_path, tiny_encoder_dir):

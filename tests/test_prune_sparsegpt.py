@@ -14,13 +14,7 @@ from slimcart.compress.prune.sparsegpt import HessianStats, reconstruction_error
 from slimcart.compress.prune.wanda import WandaStats, wanda_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and two spin-waiting threads crawl on a loaded shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _correlated_inputs(n=3000, d=64, seed=0):

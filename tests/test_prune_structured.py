@@ -12,13 +12,7 @@ from slimcart.compress.prune import StructuredConfig, prune
 from slimcart.errors import SlimcartError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and two spin-waiting threads crawl on a loaded shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bert(seed=0, layers=2):

@@ -15,13 +15,7 @@ from slimcart.compress.quantize.schemes import (
 from slimcart.errors import SlimcartError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: extra intra-op threads only add synchronisation (and stall on a loaded machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _w(*shape, seed=0):

@@ -20,13 +20,7 @@ from slimcart.workloads.recsys import (
 TINY = {"max_len": 12, "hidden": 16, "heads": 2, "layers": 2, "dropout": 0.1, "patience": 100, "batch": 64}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: on a shared 2-core machine two OpenMP threads mostly wait on each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
