@@ -32,6 +32,8 @@ import torch  # noqa: E402
 from slimcart import artifacts, formats  # noqa: E402
 from slimcart.api import baseline_size_bytes  # noqa: E402
 from slimcart.bench import environment, measure_interleaved, paired_ratio, set_threads  # noqa: E402
+from slimcart.compress.quantize.int4_kernels import OrtLLMRunner, make_runner  # noqa: E402
+from slimcart.compress.quantize.wq_format import PackedLLM, load_packed  # noqa: E402
 from slimcart.compress.state import ModelState, StepContext  # noqa: E402
 from slimcart.recipe import Recipe, load_recipe  # noqa: E402
 from slimcart.workloads import get_workload  # noqa: E402
@@ -64,9 +66,6 @@ def build(wl, bundle, data, recipe, folder: Path, calib: int | None) -> dict:
 
 def ort_fp32_runner(bundle, threads):
     """The same ORT decoder graph with the unquantized fp32 weights (runtime alone, no bits)."""
-    from slimcart.compress.quantize.int4_kernels import OrtLLMRunner
-    from slimcart.compress.quantize.wq_format import PackedLLM
-
     lm = bundle.module.model
     lin = {n: m.weight.detach() for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
     others = {k: v for k, v in lm.state_dict().items() if "norm" in k}
@@ -125,9 +124,6 @@ def main() -> int:
         log(f"{name}: {v['quality']} bytes {v['size_ratio']:.3f} of fp32")
     for name in [n for n in a.fp32_compute.split(",") if n in res["variants"]]:
         # The same saved weights with MatMulNBits computing in fp32: what the int8 activation blocks cost.
-        from slimcart.compress.quantize.int4_kernels import make_runner
-        from slimcart.compress.quantize.wq_format import load_packed
-
         key = f"{name}@fp32-compute"
         runner = make_runner(load_packed(tmp / name), "onnxruntime", pad_token_id=bundle.tokenizer.eos_token_id,
                              threads=a.threads, compute="fp32")
@@ -140,9 +136,6 @@ def main() -> int:
     if not a.no_extra_sides:
         extra_sides["ort-fp32-graph"] = ort_fp32_runner(bundle, a.threads)
         if "w4-gptq" in res["variants"]:
-            from slimcart.compress.quantize.int4_kernels import make_runner
-            from slimcart.compress.quantize.wq_format import load_packed
-
             extra_sides["w4-gptq@torch-int4pack"] = make_runner(load_packed(tmp / "w4-gptq"), "torch",
                                                                 pad_token_id=bundle.tokenizer.eos_token_id)
     runners.update(extra_sides)
@@ -210,7 +203,8 @@ def write_md(res: dict, path: Path) -> None:
                          f"{t[k]['prefill_tokens_per_s']:.0f} | {t[k]['prefill_ratio']:.2f} |")
     lines += ["", "Build times (s): " + ", ".join(f"{k} {v['build_s']:.0f}" for k, v in res["variants"].items()),
               f"Total wall time: {res['bench']['wall_s'] / 60:.1f} min.", ""]
-    notes = path.read_text().split("<!-- notes -->", 1)[1] if path.exists() and "<!-- notes -->" in path.read_text() else ""
+    old = path.read_text() if path.exists() else ""
+    notes = old.split("<!-- notes -->", 1)[1] if "<!-- notes -->" in old else ""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n<!-- notes -->" + (notes or "\n"))
 

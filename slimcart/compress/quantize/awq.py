@@ -25,8 +25,7 @@ from ...errors import SlimcartError
 from ...recipe import register_step
 from .calib_stats import InputStats, collect_stats
 from .gptq import gptq
-from .weight_only import (WeightOnlyBase, WeightSpec, causal_lm, fake_cols, fit_params, layerwise,
-                          quantize_linear_set, rtn)
+from .weight_only import WeightOnlyBase, WeightSpec, best_shrink, causal_lm, layerwise, quantize_linear_set, rtn
 
 
 def output_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -72,14 +71,7 @@ def search_clip(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, ratios: int 
     shrink = torch.ones(w.shape[0], len(groups))
     for g, (s, e) in enumerate(groups):
         wg, Hg = w[:, s:e], H[s:e, s:e]
-        best = torch.full((w.shape[0],), float("inf"))
-        for k in range(ratios):
-            r = 1.0 - (1.0 - min_ratio) * k / max(ratios - 1, 1)
-            scale, zero = fit_params(wg, spec, r)
-            err = output_error(wg, fake_cols(wg, scale, zero, spec), Hg)
-            better = err < best
-            best = torch.where(better, err, best)
-            shrink[better, g] = r
+        shrink[:, g] = best_shrink(wg, spec, lambda wq: output_error(wg, wq, Hg), ratios, min_ratio)  # noqa: B023
     return shrink
 
 

@@ -22,7 +22,7 @@ import torch
 
 from ...errors import SlimcartError
 from ...recipe import register_step
-from .weight_only import (QuantizedWeight, WeightOnlyBase, WeightSpec, causal_lm, check_weight, fake_cols,
+from .weight_only import (QuantizedWeight, WeightOnlyBase, WeightSpec, best_shrink, causal_lm, check_weight,
                           fit_params, layerwise, make_qweight, quantize_linear_set)
 from .calib_stats import collect_stats
 
@@ -31,18 +31,9 @@ def fit_group(cur: torch.Tensor, h_diag: torch.Tensor, spec: WeightSpec, clip_gr
     """(scale, offset) per row for one group's current weights `cur` [rows, k]. With clip_grid > 1 the
     min/max range is shrunk per row (down to half) where that lowers the rounding error weighted by
     the inputs' energy diag(H), the first-order share of the output error."""
-    scale, offset = fit_params(cur, spec)
     if clip_grid <= 1:
-        return scale, offset
-    best = ((cur - fake_cols(cur, scale, offset, spec)) ** 2 @ h_diag)
-    for k in range(1, clip_grid):
-        r = 1.0 - 0.5 * k / (clip_grid - 1)
-        sc, off = fit_params(cur, spec, r)
-        err = (cur - fake_cols(cur, sc, off, spec)) ** 2 @ h_diag
-        better = err < best
-        best = torch.where(better, err, best)
-        scale, offset = torch.where(better, sc, scale), torch.where(better, off, offset)
-    return scale, offset
+        return fit_params(cur, spec)
+    return fit_params(cur, spec, best_shrink(cur, spec, lambda wq: (cur - wq) ** 2 @ h_diag, clip_grid))
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float = 0.01, act_order: bool = True,

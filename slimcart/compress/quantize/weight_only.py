@@ -127,6 +127,22 @@ def fake_cols(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, spec: 
     return quantize_cols(w, scale, offset, spec) * scale[:, None] + offset[:, None]
 
 
+def best_shrink(w: torch.Tensor, spec: WeightSpec, row_error: Callable[[torch.Tensor], torch.Tensor], ratios: int = 10,
+                min_ratio: float = 0.5) -> torch.Tensor:
+    """Per-row range shrink of `w` [rows, cols] in [min_ratio, 1] (a `ratios`-point grid from 1 down)
+    minimising `row_error(fake-quantized w)` [rows]; 1 (plain min/max) wins ties."""
+    best = torch.full((w.shape[0],), float("inf"))
+    shrink = torch.ones(w.shape[0])
+    for k in range(ratios):
+        r = 1.0 - (1.0 - min_ratio) * k / max(ratios - 1, 1)
+        scale, offset = fit_params(w, spec, r)
+        err = row_error(fake_cols(w, scale, offset, spec))
+        better = err < best
+        best = torch.where(better, err, best)
+        shrink[better] = r
+    return shrink
+
+
 def make_qweight(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
     """Package codes and per-(row, group) float32 (scale, offset) in the stored dtypes."""
     zero = off = None
