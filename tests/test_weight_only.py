@@ -317,6 +317,14 @@ def test_bad_inputs_raise_clear_errors():
         layer_inputs(_tiny_llama(), [])
 
 
+def test_clip_grid_below_one_is_refused():
+    from slimcart.recipe import parse_step
+
+    for kind in ("weight_only_gptq", "weight_only_awq"):
+        with pytest.raises(SlimcartError, match="clip_grid"):
+            parse_step({"kind": kind, "clip_grid": 0})
+
+
 def test_recipes_refuse_other_workloads():
     from slimcart.recipe import load_recipe
 

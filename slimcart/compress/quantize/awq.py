@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ...errors import SlimcartError
 from ...recipe import register_step
@@ -85,7 +86,7 @@ class AWQStep(WeightOnlyBase):
     clip_search: bool = True
     quantizer: Literal["rtn", "gptq"] = "rtn"
     damp: float = 0.01  # used when quantizer is gptq
-    clip_grid: int = 1  # used when quantizer is gptq: per-group range shrink search (see gptq.fit_group)
+    clip_grid: int = Field(1, ge=1)  # used when quantizer is gptq: per-group range shrink search (see gptq.fit_group)
 
     def apply(self, state, ctx):
         if self.grid < 1:

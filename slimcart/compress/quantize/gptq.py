@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ...errors import SlimcartError
 from ...recipe import register_step
@@ -112,7 +113,7 @@ class GPTQStep(WeightOnlyBase):
     damp: float = 0.01
     act_order: bool = True
     block: int = 128
-    clip_grid: int = 1  # > 1: search each group's range shrink (energy-weighted rounding error) on this many points
+    clip_grid: int = Field(1, ge=1)  # > 1: search each group's range shrink (energy-weighted rounding error) on this many points
 
     def apply(self, state, ctx):
         if not 0 < self.damp < 1:
