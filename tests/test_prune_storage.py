@@ -131,6 +131,19 @@ def test_compress_structured_recipe_end_to_end(tmp_path, tiny_encoder_dir, synth
     assert json.loads((tmp_path / "out" / "model" / formats.FORMAT_FILE).read_text())["format"] == "structured-hf"
 
 
+def test_compress_oneshot_prune_then_distill_recovery_keeps_sparsity(tmp_path, tiny_encoder_dir, synthetic_data):
+    """prune (one-shot) -> recover (distill) needs the dense model kept by the prune step as the teacher."""
+    rec = _recipe("t-sparse-recover", [
+        {"kind": "prune", "method": "sparsegpt", "sparsity": 0.5, "calibration_batches": 2},
+        {"kind": "recover", "method": "distill", "steps": 4, "lr": 1e-3, "calibration_batches": 2},
+    ])
+    m = api.compress("search", str(tiny_encoder_dir), rec, tmp_path / "out", repeats=1, measure_rss=False)
+    assert m["size_only"] and any("recovery (distill)" in n for n in m["notes"])
+    _, bundle = formats.load_model_dir(get_workload("search"), tmp_path / "out" / "model")
+    lins = [mod for n, mod in bundle.module.named_modules() if isinstance(mod, torch.nn.Linear) and ".layer." in n]
+    assert lins and all(int((lin.weight == 0).sum()) == lin.weight.numel() // 2 for lin in lins)
+
+
 def test_compress_sparse_recipe_is_labelled_size_only(tmp_path, tiny_encoder_dir, synthetic_data):
     rec = _recipe("t-sparse", [{"kind": "prune", "method": "wanda", "pattern": "2:4", "calibration_batches": 2}])
     m = api.compress("search", str(tiny_encoder_dir), rec, tmp_path / "out", repeats=1, measure_rss=False)

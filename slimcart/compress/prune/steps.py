@@ -65,6 +65,7 @@ class PruneStep(SparsityConfig, Step):
         from .oneshot import check_targets
 
         check_targets(linears, self)
+        _stash_teacher(state)  # a later `recover` step distils from the model as it was before pruning
         if self.gradual is not None:
             masks = self._gradual(state, ctx, linears)
         else:
@@ -81,7 +82,6 @@ class PruneStep(SparsityConfig, Step):
 
     def _gradual(self, state, ctx, linears):
         g = self.gradual
-        _stash_teacher(state)
         module = state.bundle.module
         batches = ctx.calibration(state.bundle, g.calibration_batches)
         cleanup = lambda: None  # noqa: E731
