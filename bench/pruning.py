@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from slimcart import artifacts, formats  # noqa: E402
-from slimcart.bench import environment, measure_interleaved, paired_ratio, set_threads  # noqa: E402
+from slimcart.bench import environment, measure_interleaved, paired_bootstrap, paired_ratio, set_threads  # noqa: E402
 from slimcart.compress.state import ModelState, StepContext  # noqa: E402
 from slimcart.recipe import load_recipe, parse_step  # noqa: E402
 from slimcart.workloads import get_workload  # noqa: E402
@@ -210,33 +210,49 @@ def bench_recsys(args, work: Path) -> dict:
     res = {"data": wl.data_info(data).as_dict(), "model": args.recsys_model}
     base = wl.evaluate(wl.torch_runner(bundle), bundle, data)
     log(f"dense {base.quality}")
-    steps = [parse_step({"kind": "prune_structured", "hidden": 0.375, "ffn": 0.375, "round_to": 8,
-                         "criterion": "activation", "calibration_batches": 16}),
+    steps = [parse_step({"kind": "prune_structured", "hidden": args.recsys_prune, "ffn": args.recsys_prune, "round_to": 8,
+                         "criterion": args.recsys_criterion, "calibration_batches": 16}),
              parse_step({"kind": "recover", "method": "task", "steps": args.recsys_steps, "max_minutes": args.recsys_minutes,
                          "lr": 1e-3, "calibration_batches": 1000})]
     t0 = time.time()
     state = run_steps(wl, bundle, data, steps, work / "steps")
     res["build_seconds"], res["notes"] = round(time.time() - t0), state.notes
+    res["steps"] = [st.model_dump(mode="json") for st in steps]
     # Control: the dense model given the same fine-tuning, so a gain from extra training is not
     # mistaken for a gain from pruning.
     control = run_steps(wl, bundle, data, steps[1:], work / "control")
-    res["quality_dense_finetuned"] = wl.evaluate(wl.torch_runner(control.bundle), control.bundle, data).quality
+    control_eval = wl.evaluate(wl.torch_runner(control.bundle), control.bundle, data)
+    res["quality_dense_finetuned"] = control_eval.quality
     log(f"dense + same fine-tuning {res['quality_dense_finetuned']}")
     res["structure"] = {k: v for k, v in state.extra["structure"].items() if k != "kept"}
     res["recover"] = state.extra.get("recover_report")
     save_state(wl, state, work / "pruned")
     wl.save_model(bundle, work / "dense")
     runner, pbundle = formats.load_model_dir(wl, work / "pruned")
-    q = wl.evaluate(runner, pbundle, data, reference=base.outputs).quality
+    pruned_eval = wl.evaluate(runner, pbundle, data, reference=base.outputs)
+    q = pruned_eval.quality
     log(f"pruned (reloaded) {q}")
     res["quality"] = {"dense": base.quality, "pruned": q, "ndcg_rel_change": q["ndcg@10"] / base.quality["ndcg@10"] - 1,
                       "ndcg_rel_change_vs_finetuned_dense": q["ndcg@10"] / res["quality_dense_finetuned"]["ndcg@10"] - 1}
+    # NDCG@10 over 5,000 users is noisy at the 2% level: a paired bootstrap over the same users says how much.
+    per_user = {k: ndcg_per_user(e.outputs["ranks"]) for k, e in (("dense", base), ("control", control_eval), ("pruned", pruned_eval))}
+    res["ndcg_paired_bootstrap"] = {"vs_dense": paired_bootstrap(per_user["pruned"], per_user["dense"]),
+                                    "vs_control": paired_bootstrap(per_user["pruned"], per_user["control"]),
+                                    "control_vs_dense": paired_bootstrap(per_user["control"], per_user["dense"])}
+    log(f"paired bootstrap {res['ndcg_paired_bootstrap']}")
     res["all_params"] = {"dense": sum(p.numel() for p in bundle.module.parameters()),
                          "pruned": sum(p.numel() for p in pbundle.module.parameters())}
     res["size_bytes"] = {"dense": artifacts.model_bytes(work / "dense"), "pruned": artifacts.model_bytes(work / "pruned")}
     res["torch"] = timing({"dense": wl.torch_runner(bundle), "pruned": runner}, wl.bench_inputs(bundle, data),
                           args.repeats, "dense")
     return res
+
+
+def ndcg_per_user(ranks, k: int = 10):
+    """Each user's NDCG@k with one relevant item (the workload's metric, before averaging)."""
+    import numpy as np
+
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
 
 
 def _pct(x) -> str:
@@ -312,8 +328,8 @@ def markdown(r: dict) -> str:
     if rs:
         st, qd, qp, qc = rs["structure"], rs["quality"]["dense"], rs["quality"]["pruned"], rs["quality_dense_finetuned"]
         lines += ["## recsys: SASRec on Amazon Video Games", "",
-                  f"Hidden (embedding) width {64} -> {st['shapes']['hidden']} and FFN {st['shapes']['ffn']} per block "
-                  f"(37.5% of the dims), fine-tuned with the model's sampled-softmax loss for {rs['recover']['steps']} steps "
+                  f"Hidden (embedding) width 64 -> {st['shapes']['hidden']} and FFN {st['shapes']['ffn']} per block "
+                  f"({1 - st['shapes']['hidden'] / 64:.1%} of the dims; {rs.get('steps', [{'criterion': 'activation'}])[0]['criterion']} importance), fine-tuned with the model's sampled-softmax loss for {rs['recover']['steps']} steps "
                   f"({rs['recover']['seconds']} s) on training histories. Parameters {rs['all_params']['dense']:,} -> "
                   f"{rs['all_params']['pruned']:,}; reloaded from disk before evaluation.", "",
                   "| model | NDCG@10 | HR@10 | AUC | throughput vs dense (torch, batch 256) |", "|---|---|---|---|---|",
@@ -323,6 +339,12 @@ def markdown(r: dict) -> str:
                   f"{_pct(rs['quality']['ndcg_rel_change_vs_finetuned_dense'])} vs the control) | {qp['hr@10']:.4f} | "
                   f"{qp['auc']:.4f} | {rs['torch']['pruned']['throughput_ratio']:.2f}x |", "",
                   f"Size on disk {rs['size_bytes']['dense'] / 1e6:.2f} MB -> {rs['size_bytes']['pruned'] / 1e6:.2f} MB.", ""]
+        bs = rs.get("ndcg_paired_bootstrap")
+        if bs:
+            ci = lambda b: f"{_pct(b['rel_change'])} (95% interval {_pct(b['ci95'][0])} to {_pct(b['ci95'][1])})"  # noqa: E731
+            lines += [f"NDCG@10 changes with a paired bootstrap over the {rs['data'].get('n', 'same')} evaluated users "
+                      f"(2,000 resamples): pruned vs dense {ci(bs['vs_dense'])}; pruned vs the control {ci(bs['vs_control'])}; "
+                      f"control vs dense {ci(bs['control_vs_dense'])}.", ""]
     for name in ("search", "llm", "recsys"):
         if name in r:
             threads = r[name].get("environment", {}).get("threads", "?")
@@ -341,6 +363,8 @@ def main() -> None:
     p.add_argument("--llm-timing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--llm-recover", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--recsys-model", default="sasrec")
+    p.add_argument("--recsys-prune", type=float, default=0.375)  # of hidden and FFN dims (64 -> 40)
+    p.add_argument("--recsys-criterion", default="activation")
     p.add_argument("--recsys-steps", type=int, default=2000)
     p.add_argument("--recsys-minutes", type=float, default=15.0)  # steps bind: the control gets the same count
     args = p.parse_args()

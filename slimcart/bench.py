@@ -133,6 +133,20 @@ def paired_ratio(candidate: list[float], baseline: list[float]) -> float:
     return float(statistics.median(pairs)) if pairs else float("nan")
 
 
+def paired_bootstrap(candidate, baseline, resamples: int = 2000, seed: int = 0) -> dict:
+    """Relative change of a mean metric, mean(candidate) / mean(baseline) - 1, with a 95% interval from
+    resampling the same users (rows) for both models, so per-user difficulty cancels out."""
+    import numpy as np
+
+    c, b = np.asarray(candidate, float), np.asarray(baseline, float)
+    if c.shape != b.shape or c.ndim != 1 or not len(c):
+        raise ValueError("paired_bootstrap needs two 1-D arrays over the same rows")
+    idx = np.random.default_rng(seed).integers(0, len(c), (resamples, len(c)))
+    ratios = c[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-30) - 1
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return {"rel_change": float(c.mean() / max(b.mean(), 1e-30) - 1), "ci95": [float(lo), float(hi)]}
+
+
 def dir_bytes(path: Path, suffixes: tuple[str, ...] | None = None) -> int:
     """Bytes on disk of a model file or folder (optionally only files with the given suffixes)."""
     path = Path(path)

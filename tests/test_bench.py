@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from slimcart.bench import dir_bytes, environment, measure_interleaved, paired_ratio
+from slimcart.bench import dir_bytes, environment, measure_interleaved, paired_bootstrap, paired_ratio
 from slimcart.workloads.base import BenchInputs
 
 
@@ -48,3 +48,19 @@ def test_dir_bytes_and_environment(tmp_path):
     assert dir_bytes(tmp_path, (".onnx",)) == 5
     env = environment(2)
     assert env["threads"] == 2 and env["versions"]["torch"].startswith("2.")
+
+
+def test_paired_bootstrap_point_and_interval():
+    import numpy as np
+
+    base = np.array([0.0, 1.0, 0.5, 0.25] * 50)
+    assert paired_bootstrap(base, base) == {"rel_change": 0.0, "ci95": [0.0, 0.0]}  # same rows: no spread
+    up = base * 1.1  # every user 10% better: the ratio is 1.1 whatever rows are drawn
+    r = paired_bootstrap(up, base)
+    assert r["rel_change"] == pytest.approx(0.1) and r["ci95"] == pytest.approx([0.1, 0.1])
+    noisy = base + np.random.default_rng(1).normal(0, 0.2, len(base))
+    r = paired_bootstrap(noisy, base)
+    assert r["ci95"][0] < r["rel_change"] < r["ci95"][1]
+    assert r["rel_change"] == pytest.approx(noisy.mean() / base.mean() - 1)
+    with pytest.raises(ValueError):
+        paired_bootstrap(base, base[:-1])

@@ -322,7 +322,8 @@ class RecsysWorkload:
     # ---------------------------------------------------------------- quality
     def evaluate(self, runner, bundle: ModelBundle, data: RecsysData, reference: Any = None) -> EvalResult:
         """HR@10 / NDCG@10 (full ranking; the user's other past items excluded) and sampled AUC on the
-        test item of the fixed user sample. outputs = those users' top-100 items and scores."""
+        test item of the fixed user sample. outputs = those users' top-100 items and scores, and the
+        test item's rank per user (for paired comparisons between models)."""
         inputs = [data.histories[u][:-1] for u in data.eval_users]
         targets = np.array([data.histories[u][-1] for u in data.eval_users], np.int64)
 
@@ -336,7 +337,7 @@ class RecsysWorkload:
         r = rank_users(score, inputs, targets, self.max_len(bundle), data.auc_negatives, keep_top=TOP_KEPT)
         quality = {"ndcg@10": ndcg_at(r["ranks"]), "hr@10": hit_rate(r["ranks"]), "auc": r["auc"]}
         return EvalResult(quality=quality, outputs={"users": data.eval_users, "top_items": r["top_items"],
-                                                    "top_scores": r["top_scores"]})
+                                                    "top_scores": r["top_scores"], "ranks": r["ranks"]})
 
     # ---------------------------------------------------------------- training
     def train(self, data: str | RecsysData | None = None, out: Path | None = None, epochs: int = 200, seed: int = 0,
