@@ -330,8 +330,8 @@ def markdown(r: dict) -> str:
             lines += ["", "### Prune -> recover", "",
                       "The one-shot rows above use no training. Below, each 50% model is given the same short recovery: "
                       f"{r0['recover']['steps']} steps of distillation from the dense model (token-level KL + per-block "
-                      "hidden-state MSE) on train-split windows, masks held fixed (recipe `sparsegpt-50-recover`; the "
-                      "magnitude row swaps only the pruning step). Each model is saved, reloaded from disk and then evaluated.", "",
+                      "hidden-state MSE) on train-split windows, masks held fixed (recipe `sparsegpt-50-recover`, whose SparseGPT step "
+                      f"calibrates on {r0['recipe'][0].get('calibration_batches')} windows; the magnitude row swaps only the pruning step). Each model is saved, reloaded from disk and then evaluated.", "",
                       "| recipe | perplexity | vs dense | next-token acc | sparsity after reload | build time (prune + recover) |",
                       "|---|---|---|---|---|---|"]
             for name, run in rec.items():
