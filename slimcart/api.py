@@ -124,6 +124,7 @@ def compress(
         ctx = StepContext(workload=wl, data=dataset, workdir=work, progress=progress)
         for i, step in enumerate(rec.steps, 1):
             progress(f"step {i}/{len(rec.steps)}: {step.kind}")
+            ctx.later_steps = tuple(s.kind for s in rec.steps[i:])
             state = step.apply(state, ctx)
         progress("saving compressed model")
         _save_state(wl, state, model_dir)

@@ -3,6 +3,7 @@ and the gradual (cubic) schedule ends at exactly the requested sparsity."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -76,3 +77,16 @@ def test_recsys_task_loss_goes_down():
     prune(model, StructuredConfig(hidden=0.25, ffn=0.5, criterion="magnitude"))
     rep = recover(model, batches, RecoverConfig(method="task", steps=60, lr=1e-2, calibration_batches=1), task=loss)
     assert rep["loss_last_10pct"] < 0.8 * rep["loss_first_10pct"]
+
+
+def test_prune_keeps_a_dense_copy_only_when_a_later_step_can_use_it(tmp_path, tiny_encoder_dir, synthetic_data):
+    wl, bundle, ctx = _ctx(tmp_path, tiny_encoder_dir)
+    step = parse_step({"kind": "prune", "sparsity": 0.5})
+    dense = {n: p.detach().clone() for n, p in bundle.module.named_parameters()}
+    for later, kept in (((), False), (("export_onnx",), False), (("recover",), True), (("distill",), True), (None, True)):
+        ctx.later_steps = later
+        state = step.apply(ModelState(bundle=replace(bundle, module=copy.deepcopy(bundle.module))), ctx)
+        assert ("dense_teacher" in state.extra) is kept, later
+        if kept:  # the copy is the model before pruning, not the pruned one
+            got = dict(state.extra["dense_teacher"].named_parameters())
+            assert all(torch.equal(got[n], p) for n, p in dense.items())

@@ -17,6 +17,11 @@ class StepContext:
     data: Any
     workdir: Path
     progress: Callable[[str], None] = lambda msg: None
+    later_steps: tuple[str, ...] | None = None  # kinds of the recipe's remaining steps; None = not known
+
+    def later(self, *kinds: str) -> bool:
+        """Whether a step of one of these kinds may still follow (True when the rest is unknown)."""
+        return self.later_steps is None or any(k in self.later_steps for k in kinds)
 
     def calibration(self, bundle: ModelBundle, n: int) -> list[Any]:
         batches = self.workload.calibration_batches(bundle, self.data, n)

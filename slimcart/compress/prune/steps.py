@@ -65,7 +65,8 @@ class PruneStep(SparsityConfig, Step):
         from .oneshot import check_targets
 
         check_targets(linears, self)
-        _stash_teacher(state)  # a later `recover` step distils from the model as it was before pruning
+        if self.gradual is not None or ctx.later("recover", "distill"):
+            _stash_teacher(state)  # distillation learns from the model as it was before pruning (a full copy)
         if self.gradual is not None:
             masks = self._gradual(state, ctx, linears)
         else:
