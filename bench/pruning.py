@@ -309,7 +309,9 @@ def markdown(r: dict) -> str:
     if llm:
         lines += ["## llm: SmolLM2-135M, 50% of every Linear in the decoder blocks (lm_head/embeddings excluded)", "",
                   f"Perplexity on {llm['eval_tokens']:,} test tokens; calibration: {llm['calibration']}. "
-                  "All sparsity here is **size-only**: no kernel on this CPU skips zeros, so no speed-up is claimed.", "",
+                  "All sparsity here is **size-only**: no kernel on this CPU skips zeros, so no speed-up is claimed. "
+                  "Wanda/SparseGPT perplexities vary by about ±1% between identical runs (two SparseGPT-50 runs in one "
+                  "process: 92.56 and 93.03): fp32 forwards are not bit-reproducible and near-tied mask choices flip.", "",
                   "| method | pattern | perplexity | vs dense | next-token acc | pruning time |", "|---|---|---|---|---|---|",
                   f"| dense | - | {llm['dense']['perplexity']:.3f} | 1.00x | {llm['dense']['next_token_acc']:.4f} | |"]
         for name, run in llm["runs"].items():
