@@ -36,6 +36,7 @@ from slimcart.bench import environment, measure_interleaved, paired_bootstrap, p
 from slimcart.compress.state import ModelState, StepContext  # noqa: E402
 from slimcart.recipe import load_recipe, parse_step  # noqa: E402
 from slimcart.workloads import get_workload  # noqa: E402
+from slimcart.workloads.recsys import ndcg_per_user  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -177,7 +178,6 @@ def llm_recovered(wl, bundle, data, base: dict, work: Path) -> dict:
     """Prune -> recover: the shipped `sparsegpt-50-recover` recipe end to end (saved, reloaded from
     disk, then evaluated), and magnitude pruning given the very same recovery, so the comparison
     between criteria stays like for like after training."""
-    from slimcart.compress.prune import SparsityConfig
     from slimcart.compress.prune.masks import sparsity_report, target_linears
 
     recipe = load_recipe("sparsegpt-50-recover").steps
@@ -196,7 +196,7 @@ def llm_recovered(wl, bundle, data, base: dict, work: Path) -> dict:
         q = wl.evaluate(runner, pb, data).quality
         out[name] = {"quality": q, "ppl_ratio": q["perplexity"] / base["perplexity"], "build_seconds": round(secs, 1),
                      "recover": rec, "bytes": artifacts.model_bytes(folder),
-                     "sparsity_after_reload": sparsity_report(target_linears(pb.module, SparsityConfig().sparsity_of))["overall"],
+                     "sparsity_after_reload": sparsity_report(target_linears(pb.module, steps[0].sparsity_of))["overall"],
                      "recipe": [s.model_dump(mode="json") for s in steps]}
         log(f"{name}: {out[name]}")
         del runner, pb
@@ -263,13 +263,6 @@ def bench_recsys(args, work: Path) -> dict:
     return res
 
 
-def ndcg_per_user(ranks, k: int = 10):
-    """Each user's NDCG@k with one relevant item (the workload's metric, before averaging)."""
-    import numpy as np
-
-    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
-
-
 def _pct(x) -> str:
     return "n/a" if x is None else f"{x * 100:+.2f}%"
 
@@ -310,8 +303,8 @@ def markdown(r: dict) -> str:
         lines += ["## llm: SmolLM2-135M, 50% of every Linear in the decoder blocks (lm_head/embeddings excluded)", "",
                   f"Perplexity on {llm['eval_tokens']:,} test tokens; calibration: {llm['calibration']}. "
                   "All sparsity here is **size-only**: no kernel on this CPU skips zeros, so no speed-up is claimed. "
-                  "Wanda/SparseGPT perplexities vary by about ±1% between identical runs (two SparseGPT-50 runs in one "
-                  "process: 92.56 and 93.03): fp32 forwards are not bit-reproducible and near-tied mask choices flip.", "",
+                  "Wanda/SparseGPT perplexities are not bit-reproducible between identical runs (fp32 forwards are "
+                  "not, and near-tied mask choices flip), so differences of a percent or two between runs mean nothing.", "",
                   "| method | pattern | perplexity | vs dense | next-token acc | pruning time |", "|---|---|---|---|---|---|",
                   f"| dense | - | {llm['dense']['perplexity']:.3f} | 1.00x | {llm['dense']['next_token_acc']:.4f} | |"]
         for name, run in llm["runs"].items():

@@ -14,7 +14,7 @@ from slimcart.models.sasrec import SASRec, SASRecConfig, sequence_loss, training
 from slimcart.workloads import get_workload
 from slimcart.workloads.base import ModelBundle
 from slimcart.workloads.recsys import (
-    group_histories, hit_rate, leave_last_out, ndcg_at, read_interactions, sampled_auc, target_ranks,
+    group_histories, hit_rate, leave_last_out, ndcg_at, ndcg_per_user, read_interactions, sampled_auc, target_ranks,
 )
 
 TINY = {"max_len": 12, "hidden": 16, "heads": 2, "layers": 2, "dropout": 0.1, "patience": 100, "batch": 64}
@@ -58,6 +58,7 @@ def test_ranks_hit_rate_ndcg_by_hand():
     assert hit_rate(ranks, 10) == 1.0 and hit_rate(ranks, 3) == 0.5 and hit_rate(ranks, 1) == 0.5
     assert ndcg_at(ranks, 10) == pytest.approx((1.0 + 1.0 / math.log2(6)) / 2)
     assert ndcg_at(ranks, 3) == pytest.approx(0.5)
+    assert ndcg_per_user(ranks, 3).tolist() == pytest.approx([1.0, 0.0])  # rank 4 is outside the top 3
 
 
 def test_sampled_auc_by_hand():

@@ -164,9 +164,14 @@ def hit_rate(ranks: np.ndarray, k: int = 10) -> float:
     return float(np.mean(ranks < k))
 
 
+def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Each user's NDCG@k with one relevant item: 1/log2(rank + 2) if rank < k else 0."""
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
 def ndcg_at(ranks: np.ndarray, k: int = 10) -> float:
-    """Mean NDCG@k with one relevant item: 1/log2(rank + 2) if rank < k else 0."""
-    return float(np.mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)))
+    """Mean NDCG@k over users (see ndcg_per_user)."""
+    return float(np.mean(ndcg_per_user(ranks, k)))
 
 
 def sampled_auc(scores: np.ndarray, targets: np.ndarray, negatives: np.ndarray) -> float:
