@@ -85,7 +85,7 @@ def test_pruned_model_equals_dense_model_with_removed_channels_cut():
 
 def hand_param_count(stem: int, inner: list[int], widths: list[int], blocks: list[int], classes: int) -> int:
     """conv k x k: out * in * k^2 (no bias); BN: 2 * out; linear: out * in + out."""
-    conv = lambda cin, cout, k: cout * cin * k * k + 2 * cout  # noqa: E731 - with its BN
+    conv = lambda cin, cout, k: cout * cin * k * k + 2 * cout
     total, cin, i = conv(3, stem, 3), stem, 0
     for s, (w, n) in enumerate(zip(widths, blocks)):
         for j in range(n):
@@ -143,7 +143,7 @@ def test_each_importance_removes_the_channels_that_carry_nothing(importance):
     # only block 0's inner group may change: every other conv is ignored
     others = [m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n != "blocks.0.conv1.0"]
     labelled = [{"pixels": pixels(8, s), "labels": torch.arange(8) % 4} for s in range(2)]
-    loss = lambda m, b: F.cross_entropy(m(b["pixels"]), b["labels"])  # noqa: E731
+    loss = lambda m, b: F.cross_entropy(m(b["pixels"]), b["labels"])
     original = copy.deepcopy(model)
     report = prune_channels(model, 0.5, {"pixels": x}, importance=importance, ignored_layers=others,
                             batches=labelled, loss_fn=loss)

@@ -53,7 +53,7 @@ class CNNConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CNNConfig":
+    def from_dict(cls, d: dict) -> CNNConfig:
         """Build from a config.json dict, ignoring keys this version does not know."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})

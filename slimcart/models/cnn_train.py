@@ -22,14 +22,15 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .cnn import CNNConfig, ResNet, count_params, save_cnn
+
 # SASRec's atomic folder swap is model-agnostic; reused rather than copied.
 from .sasrec import _swap_in
 
@@ -86,7 +87,7 @@ def _save_partial(folder: Path, model, best_state: dict, opt, state: dict) -> No
     from safetensors.torch import save_file
 
     sd = opt.state_dict()
-    pack = lambda d: {k: v.contiguous() for k, v in d.items()}  # noqa: E731
+    pack = lambda d: {k: v.contiguous() for k, v in d.items()}
     save_file(pack(model.state_dict()), str(folder / "model.safetensors"))
     save_file(pack(best_state), str(folder / "best.safetensors"))
     save_file(pack({f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}), str(folder / "optim.safetensors"))
@@ -190,7 +191,7 @@ def _fit(config, images, labels, validate, out, hp, epochs, seed, progress, resu
                          "the learning-rate schedule ends there")
         state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
                                  **{f"val_{k}": v for k, v in scores.items()}, "seconds": took, "cpu_seconds": cpu})
-        _swap_in(partial, lambda f: _save_partial(f, model, best_state, opt, state))
+        _swap_in(partial, lambda f, best=best_state: _save_partial(f, model, best, opt, state))
         shown = ", ".join(f"val {k} {v:.4f}" for k, v in scores.items())
         progress(f"epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}, {shown} ({took:.0f}s, {cpu:.0f}s CPU)")
         if state["epoch"] - state["best_epoch"] >= hp["patience"]:

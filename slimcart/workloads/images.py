@@ -1,5 +1,5 @@
-"""Photo folders for the vision workload: the `split/CLASS/*.jpg` layout, decoding + resizing with
-Pillow, and the cost of that preprocessing measured apart from the model.
+"""Photo data for the vision workload: the `split/CLASS/*.jpg` layout, decoding + resizing with
+Pillow, the cost of that preprocessing measured apart from the model, and a synthetic stand-in.
 
 Preprocessing (the same for training, evaluation and serving): decode the file, apply the EXIF
 orientation (phone photos), flatten transparency onto white (cut-out product PNGs), squash to
@@ -13,10 +13,12 @@ from __future__ import annotations
 import io
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..contracts import DataInfo
 from ..errors import SlimcartError
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -117,3 +119,91 @@ def preprocess_cost(blobs: list[tuple[str, bytes]], size: int, repeats: int = 3)
             "what": "JPEG/PNG bytes in memory -> decode (libjpeg draft scaling) -> EXIF orientation -> RGB -> "
                     f"bilinear resize to {size}x{size} -> float32 CHW in [0, 1]",
             "loadavg_before": list(load), "loadavg_after": list(os.getloadavg())}
+
+
+# ---------------------------------------------------------------- datasets
+SYNTHETIC_CLASSES = ["synthetic-disc", "synthetic-square", "synthetic-hstripes", "synthetic-vstripes", "synthetic-ring"]
+SYNTHETIC_SIZES = {"train": 60, "validation": 12, "test": 20}  # per class
+
+
+def synthetic_split(split: str, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic coloured shapes on noisy backgrounds, one shape per class: (uint8 images, labels)."""
+    rng = np.random.default_rng(["train", "validation", "test"].index(split) + 11)
+    n = SYNTHETIC_SIZES[split]
+    yy, xx = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+    out, labels = [], []
+    for k in range(len(SYNTHETIC_CLASSES)):
+        for _ in range(n):
+            cx, cy, r = rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3), rng.uniform(0.35, 0.6)
+            dx, dy = xx - cx, yy - cy
+            d = np.hypot(dx, dy)
+            mask = [d < r, np.maximum(abs(dx), abs(dy)) < r, (d < r) & (np.sin(9 * dy) > 0),
+                    (d < r) & (np.sin(9 * dx) > 0), (d < r) & (d > 0.6 * r)][k]
+            fg, bg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+            im = np.where(mask[..., None], fg, bg) + rng.normal(0, 12, (size, size, 3))
+            out.append(np.clip(im, 0, 255).astype(np.uint8))
+            labels.append(k)
+    return np.stack(out), np.array(labels, np.int64)
+
+
+@dataclass
+class VisionData:
+    """Photos by split: file paths (real folders) or arrays (synthetic); decoded lazily per input size."""
+
+    name: str
+    classes: list[str]
+    files: dict[str, list[Path]]
+    labels_by_split: dict[str, np.ndarray]
+    info: DataInfo
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # synthetic photos
+    _decoded: dict = field(default_factory=dict, repr=False)
+
+    def has(self, split: str) -> bool:
+        return split in self.labels_by_split
+
+    def labels(self, split: str) -> np.ndarray:
+        if not self.has(split):
+            raise SlimcartError(f"the data {self.name} has no {split} split (expected a {split}/CLASS/*.jpg folder)")
+        return self.labels_by_split[split]
+
+    def images(self, split: str, size: int) -> np.ndarray:
+        """uint8 (N, size, size, 3) photos of a split, decoded and resized once per size."""
+        self.labels(split)
+        if (split, size) not in self._decoded:
+            if split in self.arrays:
+                self._decoded[split, size] = np.stack([decode(png_bytes(a), size) for a in self.arrays[split]])
+            else:
+                self._decoded[split, size] = decode_many(self.files[split], size)
+        return self._decoded[split, size]
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """A synthetic photo as PNG bytes, so it goes through the same decode + resize as a real file."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_folder(root: Path) -> VisionData:
+    splits = scan_folder(root)
+    classes = sorted({c for by_class in splits.values() for c in by_class})
+    files, labels = {}, {}
+    for split, by_class in splits.items():
+        files[split] = [p for c in sorted(by_class) for p in by_class[c]]
+        labels[split] = np.array([classes.index(c) for c in sorted(by_class) for _ in by_class[c]], np.int64)
+    n = len(labels["test"])
+    info = DataInfo(name=root.name, synthetic=False, n=n,
+                    split=f"test split ({n} photos, {len(classes)} classes; splits present: {', '.join(splits)})")
+    return VisionData(root.name, classes, files, labels, info)
+
+
+def load_synthetic() -> VisionData:
+    arrays, labels = {}, {}
+    for split in SYNTHETIC_SIZES:
+        arrays[split], labels[split] = synthetic_split(split)
+    n = len(labels["test"])
+    info = DataInfo(name="synthetic", synthetic=True, n=n,
+                    split=f"SYNTHETIC shapes, test split ({n} images, {len(SYNTHETIC_CLASSES)} classes)")
+    return VisionData("synthetic", list(SYNTHETIC_CLASSES), {}, labels, info, arrays)

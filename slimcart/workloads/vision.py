@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from ..errors import SlimcartError
 from ..models.cnn import CNNConfig, ResNet, actual_config, load_cnn, save_cnn
 from ..paths import resolve_dataset
 from . import images as img
+from .images import VisionData, load_folder, load_synthetic, png_bytes
 
 DATASET = "images-clothing"
 ALIAS = "cnn"
@@ -74,96 +75,6 @@ def macro_f1(labels: np.ndarray, pred: np.ndarray) -> float:
         fp, fn = np.sum((pred == c) & (labels != c)), np.sum((pred != c) & (labels == c))
         f1.append(2 * tp / (2 * tp + fp + fn))
     return float(np.mean(f1))
-
-
-# ---------------------------------------------------------------- data
-SYNTHETIC_CLASSES = ["synthetic-disc", "synthetic-square", "synthetic-hstripes", "synthetic-vstripes", "synthetic-ring"]
-SYNTHETIC_SIZES = {"train": 60, "validation": 12, "test": 20}  # per class
-
-
-def synthetic_split(split: str, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic coloured shapes on noisy backgrounds, one shape per class: (uint8 images, labels)."""
-    rng = np.random.default_rng(["train", "validation", "test"].index(split) + 11)
-    n = SYNTHETIC_SIZES[split]
-    yy, xx = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
-    out, labels = [], []
-    for k in range(len(SYNTHETIC_CLASSES)):
-        for _ in range(n):
-            cx, cy, r = rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3), rng.uniform(0.35, 0.6)
-            dx, dy = xx - cx, yy - cy
-            d = np.hypot(dx, dy)
-            mask = [d < r, np.maximum(abs(dx), abs(dy)) < r, (d < r) & (np.sin(9 * dy) > 0),
-                    (d < r) & (np.sin(9 * dx) > 0), (d < r) & (d > 0.6 * r)][k]
-            fg, bg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-            im = np.where(mask[..., None], fg, bg) + rng.normal(0, 12, (size, size, 3))
-            out.append(np.clip(im, 0, 255).astype(np.uint8))
-            labels.append(k)
-    return np.stack(out), np.array(labels, np.int64)
-
-
-@dataclass
-class VisionData:
-    """Photos by split: file paths (real folders) or arrays (synthetic); decoded lazily per input size."""
-
-    name: str
-    classes: list[str]
-    files: dict[str, list[Path]]
-    labels_by_split: dict[str, np.ndarray]
-    info: DataInfo
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # synthetic photos
-    _decoded: dict = field(default_factory=dict, repr=False)
-
-    def has(self, split: str) -> bool:
-        return split in self.labels_by_split
-
-    def labels(self, split: str) -> np.ndarray:
-        if not self.has(split):
-            raise SlimcartError(f"the data {self.name} has no {split} split (expected a {split}/CLASS/*.jpg folder)")
-        return self.labels_by_split[split]
-
-    def images(self, split: str, size: int) -> np.ndarray:
-        """uint8 (N, size, size, 3) photos of a split, decoded and resized once per size."""
-        self.labels(split)
-        if (split, size) not in self._decoded:
-            if split in self.arrays:
-                self._decoded[split, size] = np.stack([img.decode(_png(a), size) for a in self.arrays[split]])
-            else:
-                self._decoded[split, size] = img.decode_many(self.files[split], size)
-        return self._decoded[split, size]
-
-
-def _png(array: np.ndarray) -> bytes:
-    """A synthetic photo as PNG bytes, so it goes through the same decode + resize as a real file."""
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def load_folder(root: Path) -> VisionData:
-    splits = img.scan_folder(root)
-    classes = sorted({c for by_class in splits.values() for c in by_class})
-    files, labels = {}, {}
-    for split, by_class in splits.items():
-        files[split] = [p for c in sorted(by_class) for p in by_class[c]]
-        labels[split] = np.array([classes.index(c) for c in sorted(by_class) for _ in by_class[c]], np.int64)
-    n = len(labels["test"])
-    info = DataInfo(name=root.name, synthetic=False, n=n,
-                    split=f"test split ({n} photos, {len(classes)} classes; splits present: {', '.join(splits)})")
-    return VisionData(root.name, classes, files, labels, info)
-
-
-def load_synthetic() -> VisionData:
-    arrays, labels = {}, {}
-    for split in SYNTHETIC_SIZES:
-        arrays[split], labels[split] = synthetic_split(split)
-    n = len(labels["test"])
-    info = DataInfo(name="synthetic", synthetic=True, n=n,
-                    split=f"SYNTHETIC shapes, test split ({n} images, {len(SYNTHETIC_CLASSES)} classes)")
-    return VisionData("synthetic", list(SYNTHETIC_CLASSES), {}, labels, info, arrays)
 
 
 # ---------------------------------------------------------------- runner
@@ -283,7 +194,7 @@ class VisionWorkload:
         """Decode + resize cost per photo (test files; synthetic data: its PNGs), apart from the model."""
         size = self.image_size(bundle)
         if data.arrays:
-            blobs = [(f"synthetic-{i}", _png(a)) for i, a in enumerate(data.arrays["test"][:n])]
+            blobs = [(f"synthetic-{i}", png_bytes(a)) for i, a in enumerate(data.arrays["test"][:n])]
         else:
             blobs = [(str(p), p.read_bytes()) for p in data.files["test"][:n]]
         return {**img.preprocess_cost(blobs, size), "synthetic": data.info.synthetic}
@@ -371,7 +282,7 @@ class VisionWorkload:
         config = CNNConfig(classes=list(d.classes), **{k: hp[k] for k in ("image_size", "stem", "widths", "blocks", "dropout")})
         return fit(config, d.images("train", size), d.labels("train"), validate, out, hp, epochs=epochs, seed=seed,
                    progress=progress or (lambda m: None), resume=resume,
-                   meta={"dataset": d.name, "n_train": int(len(d.labels("train"))), "synthetic": d.info.synthetic})
+                   meta={"dataset": d.name, "n_train": len(d.labels("train")), "synthetic": d.info.synthetic})
 
 
 WORKLOAD_CLASS = VisionWorkload

@@ -63,7 +63,7 @@ class VisionDistillTask:
         self.x, self.y = torch.from_numpy(np.ascontiguousarray(train_images)), torch.as_tensor(train_labels)
         self.x_val, self.y_val = val_images, np.asarray(val_labels)
         self.set_student(student)
-        self._fp = {"name": name, "n_train": int(len(self.y)), "n_val": int(len(self.y_val)), "weights": self.w,
+        self._fp = {"name": name, "n_train": len(self.y), "n_val": len(self.y_val), "weights": self.w,
                     "T": self.T, "augment": self.augment, "image_size": int(self.x.shape[1])}
 
     def set_student(self, student: nn.Module) -> None:

@@ -22,7 +22,8 @@ After removal the BatchNorm running statistics downstream are stale (a conv lost
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
