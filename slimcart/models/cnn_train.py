@@ -197,7 +197,7 @@ def _fit(config, images, labels, validate, out, hp, epochs, seed, progress, resu
         if state["epoch"] - state["best_epoch"] >= hp["patience"]:
             progress(f"stopping: no better validation {hp['select']} for {hp['patience']} epochs")
             break
-        if state["seconds"] + took > hp["max_minutes"] * 60:
+        if state["epoch"] < state["horizon"] and state["seconds"] + took > hp["max_minutes"] * 60:
             progress(f"stopping: the next epoch would pass the {hp['max_minutes']:g} min budget")
             break
     model.load_state_dict(best_state)

@@ -152,6 +152,8 @@ class VisionWorkload:
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / "config.json").write_text(json.dumps(cfg, indent=2))
 
+    save_extras = save_companions  # the name the current api/export steps call (until contracts are wired)
+
     def torch_runner(self, bundle: ModelBundle) -> VisionRunner:
         return VisionRunner(bundle.module)
 
