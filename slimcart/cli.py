@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -151,11 +150,11 @@ def train(workload: str = WorkloadOpt, data: Optional[str] = DataOpt,
           epochs: int = typer.Option(30, "--epochs", help="maximum epochs (early stopping on validation NDCG@10)"),
           seed: int = typer.Option(0, "--seed"), threads: Optional[int] = ThreadsOpt) -> None:
     """Train the workload's own model (recsys: SASRec on the interaction log). Resumes an interrupted run."""
-    from .bench import default_threads, set_threads
+    from .bench import resolve_threads, set_threads
     from .workloads import get_workload
 
-    set_threads(threads or default_threads())
     try:
+        set_threads(resolve_threads(threads))
         wl = get_workload(workload)
         if not hasattr(wl, "train"):
             raise SlimcartError(f"workload '{workload}' has no trainable model of its own (only recsys does)")

@@ -45,8 +45,9 @@ def register_step(cls: type[Step]) -> type[Step]:
     return cls
 
 
-def _load_step_modules() -> None:
-    """Import every module of the technique and runtime packages so their @register_step classes exist."""
+def load_plugins() -> None:
+    """Import every module of the technique and runtime packages so their steps (@register_step) and
+    saved-model formats (@register_artifact) exist."""
     import pkgutil
 
     for pkg_name in STEP_PACKAGES:
@@ -60,7 +61,7 @@ def parse_step(raw: Any) -> Step:
         return raw
     if not isinstance(raw, dict) or "kind" not in raw:
         raise SlimcartError(f"recipe step must be a mapping with a 'kind': {raw!r}")
-    _load_step_modules()
+    load_plugins()
     cls = STEP_TYPES.get(raw["kind"])
     if cls is None:
         raise SlimcartError(f"unknown recipe step kind '{raw['kind']}' (known: {', '.join(sorted(STEP_TYPES))})")

@@ -70,7 +70,7 @@ def test_wanda_mask_is_hand_computed_rule():
 def _tiny_llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slimcart.workloads.llm import CausalLM
+    from slimcart.models.causal_lm import CausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

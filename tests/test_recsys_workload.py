@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from slimcart import api
 from slimcart.errors import SlimcartError
 from slimcart.models.sasrec import SASRec, SASRecConfig, sequence_loss, training_batches
 from slimcart.workloads import get_workload
-from slimcart.workloads.base import ModelBundle
-from slimcart.workloads.recsys import (
-    group_histories, hit_rate, leave_last_out, ndcg_at, ndcg_per_user, read_interactions, sampled_auc, target_ranks,
-)
+from slimcart.contracts import ModelBundle
+from slimcart.workloads.ranking import hit_rate, leave_last_out, ndcg_at, ndcg_per_user, sampled_auc, target_ranks
+from slimcart.workloads.recsys import group_histories, read_interactions
 
 TINY = {"max_len": 12, "hidden": 16, "heads": 2, "layers": 2, "dropout": 0.1, "patience": 100, "batch": 64}
 
@@ -139,7 +139,7 @@ def test_save_reload_gives_identical_scores(workload, tmp_path):
     workload.save_model(bundle, tmp_path / "m")
     reloaded = workload.load_model(str(tmp_path / "m"))
     assert np.array_equal(workload.torch_runner(bundle)(batch), workload.torch_runner(reloaded)(batch))
-    runner, _ = workload.load_artifact(tmp_path / "m")
+    runner, _ = api.load(workload, tmp_path / "m", threads=1)
     assert runner.runtime == "torch"
 
 
@@ -163,12 +163,12 @@ def test_onnx_export_matches_torch(workload, tmp_path):
     from slimcart.runtime.onnx_runtime import export_onnx
 
     bundle = tiny_bundle(40)
-    spec = workload.onnx_spec(bundle)
+    spec = workload.export_spec(bundle)
     folder = tmp_path / "onnx"
     folder.mkdir()
     export_onnx(bundle.module, spec["example"], folder / "model.onnx", spec["dynamic_axes"], spec["output_name"])
-    workload.save_extras(bundle, folder)
-    runner, loaded = workload.load_artifact(folder)
+    workload.save_companions(bundle, folder)
+    runner, loaded = api.load(workload, folder, threads=1)
     assert runner.runtime == "onnxruntime" and workload.max_len(loaded) == 12
     seqs = np.random.default_rng(0).integers(0, 41, (5, 12))  # another batch size than the example
     np.testing.assert_allclose(runner({"seq": seqs}), workload.torch_runner(bundle)({"seq": seqs}), atol=1e-4)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..outputs import atomic_dir
+
 # Large finite negative rather than -inf: a query whose keys are all padding then gets a uniform
 # (harmless, later zeroed) attention row instead of NaNs that would leak into the gradients.
 MASK_VALUE = -1e9
@@ -237,18 +239,6 @@ def training_batches(seqs: list[np.ndarray], max_len: int, batch: int, rng: np.r
         yield torch.from_numpy(inp), torch.from_numpy(tgt)
 
 
-def _swap_in(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a folder under a temporary name, then rename it over `final` (never a half-written folder)."""
-    tmp, old = final.with_name(f".{final.name}.tmp-{os.getpid()}"), final.with_name(f".{final.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _save_partial(folder: Path, model, best_state, opt, state: dict) -> None:
     from safetensors.torch import save_file
 
@@ -332,7 +322,7 @@ def _fit(config, train_seqs, validate, out, hp, epochs, seed, progress, resume, 
         state["cpu_seconds"] += cpu
         state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_ndcg@10": score,
                                  "seconds": took, "cpu_seconds": cpu})
-        _swap_in(partial, lambda f: _save_partial(f, model, best_state, opt, state))
+        atomic_dir(partial, lambda f: _save_partial(f, model, best_state, opt, state))
         progress(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}, val NDCG@10 {score:.4f} ({took:.0f}s, {cpu:.0f}s CPU)")
         if state["epoch"] - state["best_epoch"] >= hp["patience"]:
             break
@@ -343,6 +333,6 @@ def _fit(config, train_seqs, validate, out, hp, epochs, seed, progress, resume, 
     training = {k: state[k] for k in ("epoch", "best_epoch", "seconds", "cpu_seconds", "history")}
     training.update(val_ndcg_at_10=state["best"], seed=seed, **{k: hp[k] for k in hp})
     extra = {"n_items": config.n_items, "dataset": meta.get("dataset"), "training": training}
-    _swap_in(out, lambda f: save_sasrec(model.eval(), f, extra))
+    atomic_dir(out, lambda f: save_sasrec(model.eval(), f, extra))
     shutil.rmtree(partial, ignore_errors=True)
     return out

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ...contracts import DistillTask
 from ...errors import SlimcartError
+from ...outputs import atomic_dir
 from . import ddp
 
 
@@ -44,23 +45,6 @@ class TrainConfig(BaseModel):
     seed: int = 0
     dropout: bool = False  # train the student with its dropout on (off: a deterministic function to match)
     world_size: int = Field(1, ge=1)  # > 1: data-parallel worker processes (torch.distributed)
-
-
-class DistillTask(Protocol):
-    """What the trainer needs from a workload-specific distillation set-up."""
-
-    def trainable(self) -> nn.Module: ...  # student plus any loss-only heads (projections)
-
-    def n_examples(self) -> int: ...  # number of transfer examples
-
-    def loss(self, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]: ...  # mean over the examples idx
-
-    def validate(self) -> float: ...  # higher is better; held-out transfer data, never the test split
-
-    def fingerprint(self) -> dict: ...  # identifies teacher, student init, data and losses (for resume)
-
-    # Optional: `arrange(order, batch_size, rng) -> order`, a reordering of one epoch's permutation
-    # (e.g. batches of similar length); must be a deterministic function of its arguments.
 
 
 @dataclass
@@ -106,17 +90,6 @@ class _Reporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _state_of(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -195,7 +168,7 @@ def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progr
     def checkpoint(final: bool) -> None:
         if ckpt_dir is not None and ddp.rank() == 0:
             book = {"fingerprint": fingerprint, "result": res.as_dict(), "done": final}
-            _atomic_dir(ckpt_dir, lambda f: _save(f, model, best, opt, book, final))
+            atomic_dir(ckpt_dir, lambda f: _save(f, model, best, opt, book, final))
         ddp.barrier()
 
     def evaluate() -> bool:

@@ -22,11 +22,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ...arch import causal_lm
 from ...errors import SlimcartError
 from ...recipe import register_step
 from .calib_stats import InputStats, collect_stats
 from .gptq import gptq
-from .weight_only import WeightOnlyBase, WeightSpec, best_shrink, causal_lm, layerwise, quantize_linear_set, rtn
+from .weight_only import WeightOnlyBase, WeightSpec, best_shrink, layerwise, rtn
 
 
 def output_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -91,8 +92,8 @@ class AWQStep(WeightOnlyBase):
     def apply(self, state, ctx):
         if self.grid < 1:
             raise SlimcartError(f"grid must be >= 1, got {self.grid}")
-        lm = causal_lm(state.bundle.module)
-        named = dict(quantize_linear_set(lm, self.targets))
+        lm = causal_lm(state.torch_module(self.kind))
+        named = self.linears(lm)
         batches = ctx.calibration(state.bundle, self.calibration_windows)
         qweights, alphas = {}, []
         skipped_vo = False
@@ -137,4 +138,4 @@ class AWQStep(WeightOnlyBase):
             state.notes.append("AWQ: v_proj -> o_proj scaling skipped (grouped-query attention: one v channel feeds several o channels)")
         if alphas:
             state.notes.append(f"AWQ: chosen alpha mean {sum(alphas) / len(alphas):.2f} over {len(alphas)} sites")
-        return self.finish(state, ctx, lm, qweights, "awq" if self.quantizer == "rtn" else "awq+gptq")
+        return self.finish(state, lm, qweights, "awq" if self.quantizer == "rtn" else "awq+gptq")

@@ -12,10 +12,17 @@ from typing import Literal
 
 import torch
 
+from ...arch import causal_lm
 from ...errors import SlimcartError
 from ...recipe import register_step
 from .calib_stats import collect_stats
-from .weight_only import QuantizedWeight, WeightOnlyBase, WeightSpec, causal_lm, check_weight, layerwise, quantize_linear_set
+from .weight_only import (
+    QuantizedWeight,
+    WeightOnlyBase,
+    WeightSpec,
+    check_weight,
+    layerwise,
+)
 
 
 def _assign(rows: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -66,8 +73,8 @@ class KMeansStep(WeightOnlyBase):
         if self.bits > 8:
             raise SlimcartError(f"k-means bits must be at most 8, got {self.bits}")
         self.spec_for("")  # validates bits
-        lm = causal_lm(state.bundle.module)
-        named = dict(quantize_linear_set(lm, self.targets))
+        lm = causal_lm(state.torch_module(self.kind))
+        named = self.linears(lm)
         qweights: dict[str, QuantizedWeight] = {}
         if not self.calibrated:
             for n, m in named.items():
@@ -86,4 +93,4 @@ class KMeansStep(WeightOnlyBase):
 
             with torch.no_grad():
                 layerwise(lm, batches, quantize_layer, ctx.progress)
-        return self.finish(state, ctx, lm, qweights, "kmeans")
+        return self.finish(state, lm, qweights, "kmeans")

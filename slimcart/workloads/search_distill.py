@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import SlimcartError
-from ...paths import data_root
-from . import losses as L
+from .. import losses as L
+from ..arch import detect
+from ..errors import SlimcartError
+from ..paths import data_root
 
 WEIGHTS = ("embedding_cosine", "embedding_mse", "listwise", "hidden_mse", "attention", "value_relation")
 DEFAULT_WEIGHTS = {"embedding_cosine": 1.0, "listwise": 1.0}
@@ -65,9 +66,7 @@ class _Capture:
 
 
 def _value_module(encoder) -> nn.Module:
-    from .students import find_stack
-
-    last = find_stack(encoder)[1][-1]
+    last = detect(encoder).layers[-1]
     value = getattr(getattr(getattr(last, "attention", None), "self", None), "value", None)
     if value is None:
         raise SlimcartError("value-relation loss needs a BERT-style layer (attention.self.value)")

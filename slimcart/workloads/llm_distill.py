@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import SlimcartError
-from . import losses as L
+from .. import losses as L
+from ..errors import SlimcartError
 
 WEIGHTS = ("logits_kl", "task")
 DEFAULT_WEIGHTS = {"logits_kl": 1.0}

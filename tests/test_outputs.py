@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from slimcart.artifacts import check_output_path, model_bytes, partial_dir, publish
+from slimcart.outputs import check_output_path, model_bytes, partial_dir, publish
 from slimcart.errors import SlimcartError
 
 

@@ -12,8 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...errors import SlimcartError
-from . import losses as L
+from .. import losses as L
+from ..errors import SlimcartError
+from ..models.sasrec import sequence_loss
+from .ranking import leave_last_out, ndcg_at, rank_users
 
 WEIGHTS = ("logits_kl", "hidden_mse", "task")
 DEFAULT_WEIGHTS = {"logits_kl": 1.0, "task": 1.0}
@@ -25,8 +27,6 @@ class RecsysDistillTask:
 
     def __init__(self, teacher, student, data, weights: dict[str, float] | None = None, temperature: float = 1.0,
                  kd_positions: int = 4, negatives: int = 1024, seed: int = 0):
-        from ...workloads.recsys import leave_last_out
-
         weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
         unknown = sorted(set(weights) - set(WEIGHTS))
         if unknown:
@@ -80,8 +80,6 @@ class RecsysDistillTask:
         return torch.from_numpy(inp), torch.from_numpy(tgt)
 
     def loss(self, idx: np.ndarray):
-        from ...models.sasrec import sequence_loss
-
         inp, tgt = self.batch(idx)
         student = self.student()
         h_s = student.encode(inp)
@@ -109,9 +107,12 @@ class RecsysDistillTask:
         return self.ndcg(self.student())
 
     @torch.no_grad()
-    def ndcg(self, model) -> float:
-        from ...workloads.recsys import ndcg_at, rank_users
+    def score_undistilled(self, model) -> float:
+        """Validation NDCG@10 of a candidate student (used to choose layers)."""
+        return self.ndcg(model)
 
+    @torch.no_grad()
+    def ndcg(self, model) -> float:
         model.eval()
         r = rank_users(lambda b: model(torch.from_numpy(b)).numpy(), self.val_in, self.val_tgt, self.max_len)
         return ndcg_at(r["ranks"])

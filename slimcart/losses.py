@@ -1,4 +1,4 @@
-"""Distillation losses: plain functions of student and teacher tensors, each a scalar mean.
+"""Distillation and training losses shared by techniques and workloads' distillation tasks: plain functions of student and teacher tensors, each a scalar mean.
 
 Every KL here is KL(teacher || student) on temperature-softened distributions, multiplied by T²
 so its gradient scale stays comparable to a hard-label loss when T changes (Hinton et al., 2015).
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import SlimcartError
+from .errors import SlimcartError
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
