@@ -125,28 +125,28 @@ def peak_rss(workload: str, data: str | None, threads: int, model: str | Path) -
 
 
 def measure(workload: str | Workload, data: Any, sides: dict[str, tuple[Runner, ModelBundle]], threads: int,
-            repeats: int = 5, reference: str | None = None, progress: Progress = no_progress) -> dict:
-    """Quality of every side on the evaluation split and their timing, interleaved in the same run.
-    `reference`: the side whose outputs the others are compared with (e.g. cosine to the baseline).
+            repeats: int = 5, reference: str | None = None, quality: bool = True, progress: Progress = no_progress) -> dict:
+    """Quality of every side on the evaluation split (unless `quality` is False) and their timing,
+    interleaved in the same run. `reference`: the side whose outputs the others are compared with (e.g.
+    cosine to the baseline); its bundle also prepares the timing inputs.
     Returns {"quality": {side: {...}}, "timing": {side: SideTiming}, "inputs": BenchInputs}."""
     wl = get_workload(workload)
     if repeats < 1:
         raise SlimcartError(f"repeats must be at least 1, got {repeats}")
     set_threads(threads)
-    quality, ref_out = {}, None
+    results, ref_out = {}, None
     order = ([reference] if reference else []) + [k for k in sides if k != reference]
-    for name in order:
+    for name in order if quality else []:
         progress(f"evaluating {name} quality")
         runner, bundle = sides[name]
         res = wl.evaluate(runner, bundle, data, reference=ref_out)
-        quality[name] = res.quality
+        results[name] = res.quality
         if name == reference:
             ref_out = res.outputs
     progress("timing " + ", ".join(sides) + " interleaved")
-    first = sides[reference or order[0]][1]
-    inputs = wl.bench_inputs(first, data)
+    inputs = wl.bench_inputs(sides[order[0]][1], data)
     timing = measure_interleaved({k: r for k, (r, _) in sides.items()}, inputs, repeats=repeats, progress=progress)
-    return {"quality": quality, "timing": timing, "inputs": inputs}
+    return {"quality": results, "timing": timing, "inputs": inputs}
 
 
 def _side(runtime: str, quality: dict, size: int, timing: dict, rss: int | None) -> dict:
@@ -297,27 +297,17 @@ def evaluate(workload: str | Workload, model: str, data: str | None = None, thre
 def bench(workload: str | Workload, model: str, baseline: str | None = None, data: str | None = None,
           threads: int | None = None, repeats: int = 5, progress: Progress = no_progress) -> dict:
     """Interleaved timing of `model` against `baseline` (default: the output folder's source model)."""
-    wl = get_workload(workload)
-    threads = resolve_threads(threads)
-    if repeats < 1:
-        raise SlimcartError(f"repeats must be at least 1, got {repeats}")
-    set_threads(threads)
-    if baseline is None:
-        mfile = Path(model) / "metrics.json"
-        baseline = json.loads(mfile.read_text())["model"] if mfile.exists() else None
+    wl, threads = get_workload(workload), resolve_threads(threads)
+    if baseline is None and (Path(model) / "metrics.json").is_file():
+        baseline = json.loads((Path(model) / "metrics.json").read_text())["model"]
     progress("loading models and data")
-    runner, bundle = load(wl, model, threads)
-    sides = {"model": runner}
-    base_bundle = None
-    if baseline is not None:
-        base_runner, base_bundle = load(wl, baseline, threads)
-        sides = {"baseline": base_runner, "model": runner}
-    dataset = wl.load_data(data)
-    inputs = wl.bench_inputs(base_bundle or bundle, dataset)
-    timing = measure_interleaved(sides, inputs, repeats=repeats, progress=progress)
-    result: dict[str, Any] = {"workload": wl.name, "environment": environment(threads), "unit": inputs.unit,
-                              "sides": {k: {"model": baseline if k == "baseline" else model, "runtime": sides[k].runtime,
-                                            **timing[k].summary()} for k in sides}}
+    sides = {"baseline": load(wl, baseline, threads)} if baseline is not None else {}
+    sides["model"] = load(wl, model, threads)
+    m = measure(wl, wl.load_data(data), sides, threads, repeats, quality=False, progress=progress)
+    t = m["timing"]
+    result: dict[str, Any] = {"workload": wl.name, "environment": environment(threads), "unit": m["inputs"].unit,
+                              "sides": {k: {"model": baseline if k == "baseline" else model, "runtime": sides[k][0].runtime,
+                                            **t[k].summary()} for k in sides}}
     if "baseline" in sides:
-        result["ratios"] = {"throughput": paired_ratio(timing["model"].throughput_per_s, timing["baseline"].throughput_per_s)}
+        result["ratios"] = {"throughput": paired_ratio(t["model"].throughput_per_s, t["baseline"].throughput_per_s)}
     return result

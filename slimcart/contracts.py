@@ -82,7 +82,6 @@ class BenchInputs:
     unit: str  # what throughput counts: "texts", "tokens", "users"
     # Further throughput figures timed the same interleaved way, e.g. {"prefill_tokens": (batches, tokens per batch)}
     extra: dict[str, tuple[list[Any], int]] = field(default_factory=dict)
-    single_label: str = "batch 1"  # what one latency sample is (e.g. "decode request of 32 tokens")
 
 
 @dataclass

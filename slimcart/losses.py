@@ -135,9 +135,3 @@ def relation_kl(student_x: torch.Tensor, teacher_x: torch.Tensor, heads: int,
     Widths may differ (only the L×L relations are compared), heads must divide both widths."""
     return attention_kl(self_relation(student_x, heads, mask), self_relation(teacher_x, heads, mask), mask)
 
-
-LOSS_FUNCTIONS = {
-    "soft_kl": soft_kl, "token_kl": token_kl, "listwise_kl": listwise_kl, "binary_kl": binary_kl,
-    "embedding_cosine": embedding_cosine, "embedding_mse": embedding_mse, "hidden_mse": hidden_mse,
-    "attention_kl": attention_kl, "relation_kl": relation_kl,
-}

@@ -47,9 +47,6 @@ class LowRankLinear(nn.Module):
     def forward(self, x):
         return self.up(self.down(x))
 
-    def dense_weight(self) -> torch.Tensor:
-        return self.up.weight @ self.down.weight
-
 
 class LowRankEmbedding(nn.Module):
     """An embedding table E (num×dim) ≈ codes (num×r) @ proj (r×dim); `.weight` gives the product
@@ -68,9 +65,6 @@ class LowRankEmbedding(nn.Module):
 
     def forward(self, ids):
         return self.proj(self.codes(ids))
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.weight
 
 
 def _matrix(layer: nn.Module) -> torch.Tensor:

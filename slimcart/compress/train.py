@@ -1,6 +1,6 @@
 """The short fixed-budget fine-tuning loop of the techniques that train a little: pruning recovery,
 gradual pruning and quantization-aware training. (Distillation, which validates, checkpoints and runs
-data-parallel, has its own trainer in distill/trainer.py.)
+data-parallel, uses slimcart.training.)
 
 AdamW over `batches` in order (cycling), learning rate constant or on a cosine decay over `steps`,
 stopping at `steps` or `max_minutes`. Sparsity masks are re-applied after every optimizer step so

@@ -23,14 +23,15 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ... import parallel as ddp
 from ...arch import detect, matches
 from ...contracts import DistillOptions
 from ...errors import SlimcartError
 from ...paths import home
 from ...recipe import Step, register_step
+from ...training import TrainConfig, fit
 from ..prune.storage import StructuredHF
-from . import ddp, students
-from .trainer import TrainConfig, fit
+from . import students
 
 
 class StudentSpec(BaseModel):

@@ -13,7 +13,6 @@ and those a `mixed_precision` step hands over (`ModelState.keep_fp32`) stay fp32
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +21,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ...arch import LayerSelect
+from ...bench import measure_interleaved
+from ...contracts import BenchInputs
 from ...errors import SlimcartError
 from ...recipe import Step, register_step
 from ...runtime.onnx_runtime import OnnxFile, OnnxRunner, export_onnx
@@ -175,16 +176,8 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
 
 def time_runners(runners: dict, batches: list[dict], rounds: int = 3) -> dict[str, float]:
     """Median seconds per pass over `batches` for each runner, rounds interleaved (same-run comparison)."""
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for r in runners.values():
-        r(batches[0])  # warm-up
-    for i in range(rounds):
-        for k in (list(runners) if i % 2 == 0 else list(runners)[::-1]):
-            t0 = time.perf_counter()
-            for b in batches:
-                runners[k](b)
-            times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    timing = measure_interleaved(runners, BenchInputs([], batches, 1, "batches"), repeats=rounds, warmup=1)
+    return {k: len(batches) / float(np.median(t.throughput_per_s)) for k, t in timing.items()}
 
 
 @register_step
