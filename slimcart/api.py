@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,44 @@ class Built:
     data: Any
     state: ModelState
     threads: int
+    seconds: float = 0.0
+
+
+class PrefixCache:
+    """Models built by leading runs of PyTorch-only steps, by those steps' settings: a recipe that starts
+    with the same steps (e.g. the same `smoothquant`, or the same distilled student under several
+    quantization variants) continues from a copy instead of rebuilding. Steps are deterministic, so
+    this is the model the recipe would build alone."""
+
+    def __init__(self):
+        self.states: dict[str, tuple[ModelState, float]] = {}
+
+    @staticmethod
+    def key(steps, rest) -> str:
+        """The leading steps' settings, and whether a teacher must survive them (a step that keeps one
+        only does so when `recover` / `distill` follows)."""
+        teacher = any(s.kind in ("recover", "distill") for s in rest)
+        return json.dumps([[s.model_dump(mode="json") for s in steps], teacher])
+
+    @staticmethod
+    def snapshot(state: ModelState) -> ModelState:
+        """A copy later steps can change freely (the tokenizer, never changed, is shared)."""
+        return replace(state, bundle=replace(state.bundle, module=copy.deepcopy(state.bundle.module)),
+                       kernels=list(state.kernels), size_only=list(state.size_only), notes=list(state.notes),
+                       teacher=copy.deepcopy(state.teacher), keep_fp32=list(state.keep_fp32),
+                       act_ranges=dict(state.act_ranges), masks=copy.deepcopy(state.masks),
+                       reports=copy.deepcopy(state.reports), artifact=copy.copy(state.artifact))
+
+    def longest(self, steps) -> tuple[int, ModelState | None, float]:
+        for i in range(len(steps), 0, -1):
+            if self.key(steps[:i], steps[i:]) in self.states:
+                state, seconds = self.states[self.key(steps[:i], steps[i:])]
+                return i, self.snapshot(state), seconds
+        return 0, None, 0.0
+
+    def store(self, steps, rest, state: ModelState, seconds: float) -> None:
+        if state.artifact is None or state.artifact.in_torch:  # exported files may be rewritten by later steps
+            self.states[self.key(steps, rest)] = (self.snapshot(state), seconds)
 
 
 def _recipe(recipe: str | Path | Recipe) -> Recipe:
@@ -59,9 +98,10 @@ def _recipe(recipe: str | Path | Recipe) -> Recipe:
 
 def build(workload: str | Workload, model: str, recipe: str | Path | Recipe, data: str | None = None,
           threads: int | None = None, workdir: Path | None = None, progress: Progress = no_progress,
-          loaded: tuple[ModelBundle, Any] | None = None) -> Built:
-    """Load the model and data (or take `loaded`), run the recipe's steps on a deep copy of the model.
-    Nothing is measured or written outside `workdir` (a temporary folder when not given)."""
+          loaded: tuple[ModelBundle, Any] | None = None, cache: PrefixCache | None = None) -> Built:
+    """Load the model and data (or take `loaded`), run the recipe's steps on a deep copy of the model
+    (continuing from `cache` where it holds the recipe's leading steps). Nothing is measured or written
+    outside `workdir` (a temporary folder when not given). `Built.seconds`: time spent in steps."""
     import tempfile
 
     wl, rec = get_workload(workload), _recipe(recipe)
@@ -78,13 +118,21 @@ def build(workload: str | Workload, model: str, recipe: str | Path | Recipe, dat
         progress("WARNING: no real data found — using slimcart's SYNTHETIC data; quality figures are not meaningful")
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="slimcart-build-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    state = ModelState(bundle=replace(bundle, module=copy.deepcopy(bundle.module)))
+    start, state, seconds = cache.longest(rec.steps) if cache is not None else (0, None, 0.0)
+    if state is None:
+        state = ModelState(bundle=replace(bundle, module=copy.deepcopy(bundle.module)))
+    else:
+        progress(f"reusing the first {start} step(s) built for an earlier recipe")
     ctx = StepContext(workload=wl, data=dataset, workdir=workdir, threads=threads, progress=progress)
-    for i, step in enumerate(rec.steps, 1):
+    for i, step in enumerate(rec.steps[start:], start + 1):
         progress(f"step {i}/{len(rec.steps)}: {step.kind}")
         ctx.later_steps = tuple(s.kind for s in rec.steps[i:])
+        t0 = time.perf_counter()
         state = step.apply(state, ctx)
-    return Built(wl, rec, bundle, dataset, state, threads)
+        seconds += time.perf_counter() - t0
+        if cache is not None:
+            cache.store(rec.steps[:i], rec.steps[i:], state, seconds)
+    return Built(wl, rec, bundle, dataset, state, threads, seconds)
 
 
 def load(workload: str | Workload, model: str | Path, threads: int | None = None) -> tuple[Runner, ModelBundle]:

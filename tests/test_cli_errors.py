@@ -41,7 +41,7 @@ def test_unknown_recipe(tmp_path):
 
 
 def test_recipe_for_other_workload(tmp_path):
-    code, out = _run(["compress", "-w", "recsys", "-m", "x", "-r", "int8-dynamic", "-o", str(tmp_path / "o")])
+    code, out = _run(["compress", "-w", "recsys", "-m", "x", "-r", "int8-static", "-o", str(tmp_path / "o")])
     _assert_one_error(code, out, "does not apply to workload 'recsys'")
 
 
