@@ -247,16 +247,32 @@ def compress(workload: str | Workload, model: str, recipe: str | Path | Recipe, 
     threads = resolve_threads(threads)
     if repeats < 1:
         raise SlimcartError(f"repeats must be at least 1, got {repeats}")
-    outputs.check_output_path(out, overwrite)
+    outputs.check_output_path(out, overwrite, _input_paths(model, data))
     with outputs.OutputLock(out):
-        return _compress_locked(wl, model, rec, out, data, threads, repeats, measure_rss, progress)
+        tmp = outputs.partial_dir(out)
+        for stale in tmp.parent.glob(f".{out.resolve().name}.old-*"):  # left by a run killed while publishing
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            return _compress_locked(wl, model, rec, out, data, threads, repeats, measure_rss, overwrite, progress)
+        except OSError as e:  # disk full, permissions...: one line, and no half-written folder left to fill the disk
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SlimcartError(f"cannot write the output ({e.strerror or e}: {e.filename or out}); nothing was published") from None
 
 
-def _compress_locked(wl, model, rec, out, data, threads, repeats, measure_rss, progress) -> dict:
+def _input_paths(model: str, data: str | None) -> tuple[Path | None, ...]:
+    """Folders and files the run reads, which an output must never overlap."""
+    from .paths import data_root
+
+    paths = [Path(x).expanduser() for x in (model, data) if x and Path(x).expanduser().exists()]
+    return (*paths, data_root())
+
+
+def _compress_locked(wl, model, rec, out, data, threads, repeats, measure_rss, overwrite, progress) -> dict:
     set_threads(threads)
     progress("loading model and data")
     bundle, dataset = wl.load_model(model), wl.load_data(data)
     info = wl.data_info(dataset)
+    outputs.check_output_path(out, overwrite, (bundle.source, info.source))  # an alias's folder is known only now
     tmp = outputs.partial_dir(out)
     model_dir, work = tmp / "model", tmp / "work"
     identity = _identity(wl, model, bundle, dataset, rec)

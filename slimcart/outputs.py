@@ -22,14 +22,28 @@ def model_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
 
 
-def check_output_path(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless --overwrite; make sure the parent can be written."""
+def check_output_path(out: Path, overwrite: bool, inputs: tuple[Path | None, ...] = ()) -> None:
+    """Refuse an output that would lose the user's files: an existing folder without --overwrite; `/`,
+    the home or working directory; anything that is, contains or lies inside one of `inputs` (the
+    model folder, the data). Make sure the parent can be written."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise SlimcartError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    if str(out).strip() == "":
+        raise SlimcartError("output path is empty")
+    target = out.expanduser().resolve()
+    if target in (Path("/"), Path.home().resolve(), Path.cwd().resolve()):
+        raise SlimcartError(f"refusing to write the output into {target} (the root, home or current folder): "
+                            "name a new folder for it")
+    for src in inputs:
+        if src is None:
+            continue
+        src = Path(src).expanduser().resolve()
+        if target == src or src in target.parents or target in src.parents:
+            raise SlimcartError(f"output {out} would overlap the input {src}: choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise SlimcartError(f"output path {out} exists and is not a folder")
-    parent = out.resolve().parent
+    if out.exists() and not overwrite:
+        raise SlimcartError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -147,7 +161,12 @@ class OutputLock:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON (RFC 8259): a NaN or infinite figure is never published."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    except ValueError:
+        raise SlimcartError(f"refusing to write {Path(path).name}: a figure in it is not a finite number") from None
+    atomic_write_text(path, text + "\n")
 
 
 def _json_default(o):

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 import torch
+from pydantic import field_validator
 
 from ..contracts import Artifact, ModelBundle, register_artifact
 from ..errors import SlimcartError
@@ -105,6 +106,17 @@ class OrtDynamicInt8(Step):
     reduce_range: bool = False
     op_types: list[str] = ["MatMul", "Attention", "EmbedLayerNormalization", "Gather"]
 
+    @field_validator("op_types")
+    @classmethod
+    def _known_ops(cls, v: list[str]) -> list[str]:
+        from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+        unknown = sorted(set(v) - set(IntegerOpsRegistry))
+        if unknown or not v:
+            raise SlimcartError(f"ort_dynamic_int8: op_types {unknown or v} are not ops ONNX Runtime quantizes dynamically "
+                                f"(it does: {', '.join(sorted(IntegerOpsRegistry))})")
+        return v
+
     def apply(self, state, ctx):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -118,6 +130,11 @@ class OrtDynamicInt8(Step):
         )
         src.unlink()
         out.rename(src)
+        quantized = [n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node
+                     if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLinear")]
+        if not quantized:
+            raise SlimcartError(f"ort_dynamic_int8 quantized nothing: the graph has no {'/'.join(self.op_types)} node ONNX "
+                                "Runtime could quantize (the result would be the fp32 model under an int8 label)")
         state.kernels.append("onnxruntime dynamic int8 (MatMulInteger / QAttention, VNNI)")
         return state
 

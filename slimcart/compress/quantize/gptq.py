@@ -118,15 +118,13 @@ class GPTQStep(WeightOnlyBase):
     """GPTQ weight-only quantization, decoder layer by decoder layer, on the workload's calibration text."""
 
     kind: Literal["weight_only_gptq"] = "weight_only_gptq"
-    calibration_windows: int = 32  # (1, 512)-token windows of train-split text
-    damp: float = 0.01
+    calibration_windows: int = Field(32, ge=1)  # (1, 512)-token windows of train-split text
+    damp: float = Field(0.01, gt=0, lt=1)
     act_order: bool = True
     block: int = 128
     clip_grid: int = Field(1, ge=1)  # > 1: search each group's range shrink (energy-weighted rounding error) on this many points
 
     def apply(self, state, ctx):
-        if not 0 < self.damp < 1:
-            raise SlimcartError(f"damp must be in (0, 1), got {self.damp}")
         lm = causal_lm(state.torch_module(self.kind))
         named = self.linears(lm)
         batches = ctx.calibration(state.bundle, self.calibration_windows)

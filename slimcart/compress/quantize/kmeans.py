@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from ...arch import causal_lm
 from ...errors import SlimcartError
@@ -63,16 +64,17 @@ class KMeansStep(WeightOnlyBase):
     kind: Literal["weight_only_kmeans"] = "weight_only_kmeans"
     group_size: int | None = None
     calibrated: bool = True
-    calibration_windows: int = 16
+    calibration_windows: int = Field(16, ge=1)
 
-    def apply(self, state, ctx):
+    @model_validator(mode="after")
+    def _kmeans(self):
         if self.group_size is not None:
             raise SlimcartError("weight_only_kmeans learns one codebook per output row: leave group_size unset (null)")
         if self.overrides:
             raise SlimcartError("weight_only_kmeans does not take per-layer overrides")
-        if self.bits > 8:
-            raise SlimcartError(f"k-means bits must be at most 8, got {self.bits}")
-        self.spec_for("")  # validates bits
+        return self
+
+    def apply(self, state, ctx):
         lm = causal_lm(state.torch_module(self.kind))
         named = self.linears(lm)
         qweights: dict[str, QuantizedWeight] = {}

@@ -12,6 +12,7 @@ import copy
 from typing import Any, Callable, Literal
 
 import torch
+from pydantic import Field
 
 from ...arch import LayerSelect, run_batch
 from ...errors import SlimcartError
@@ -33,9 +34,9 @@ class MixedPrecisionConfig(LayerSelect):
     score_batches: batches (spread over the calibration list) the drop is measured on. Linears outside
     `targets` / in `exclude` are never quantized anyway (not scored)."""
 
-    max_drop: float = 0.002
-    max_layers: int = 6
-    score_batches: int = 8
+    max_drop: float = Field(0.002, gt=0, lt=1)
+    max_layers: int = Field(6, ge=0)
+    score_batches: int = Field(8, ge=1)
     w8a8: FakeQuantConfig = FakeQuantConfig(
         weight=QuantScheme(bits=8, symmetric=True, granularity="per_channel"),
         activation=QuantScheme(bits=8, symmetric=False, granularity="per_tensor"),
@@ -118,12 +119,10 @@ class MixedPrecision(MixedPrecisionConfig, Step):
 
     kind: Literal["mixed_precision"] = "mixed_precision"
     workloads = ("search",)
-    calibration_batches: int = 32  # ranges are calibrated on all of them, as static_int8 does
+    calibration_batches: int = Field(32, ge=1)  # ranges are calibrated on all of them, as static_int8 does
 
     def apply(self, state, ctx):
         module = state.torch_module(self.kind)
-        if not 0 < self.max_drop < 1:
-            raise SlimcartError(f"mixed_precision: max_drop must be in (0, 1), got {self.max_drop}")
         batches = ctx.calibration(state.bundle, self.calibration_batches)
         ctx.progress("measuring per-layer int8 sensitivity")
         res = choose_fp32_layers(module, batches, run_batch, self, ctx.progress)

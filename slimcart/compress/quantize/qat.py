@@ -12,6 +12,7 @@ import copy
 from typing import Any, Callable, Literal
 
 import torch
+from pydantic import Field
 
 from ...arch import LayerSelect, run_batch
 from ...errors import SlimcartError
@@ -33,10 +34,10 @@ class QATConfig(LayerSelect):
     """max_steps / max_minutes bound the run (whichever comes first); lr for weights, scale_lr for LSQ scales;
     Linears outside `targets` / in `exclude` stay fp32."""
 
-    max_steps: int = 200
-    max_minutes: float = 3.0
-    lr: float = 2e-5
-    scale_lr: float = 1e-3  # on log(scale): ~0.1% per step
+    max_steps: int = Field(200, ge=1)
+    max_minutes: float = Field(3.0, gt=0)
+    lr: float = Field(2e-5, gt=0)
+    scale_lr: float = Field(1e-3, gt=0)  # on log(scale): ~0.1% per step
     learn_scales: bool = True
     seed: int = 0
 
@@ -123,7 +124,7 @@ class QAT(QATConfig, Step):
 
     kind: Literal["qat"] = "qat"
     workloads = ("search",)
-    calibration_batches: int = 64
+    calibration_batches: int = Field(64, ge=1)
 
     def apply(self, state, ctx):
         module = state.torch_module(self.kind)

@@ -17,9 +17,10 @@ as the original (see tests).
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
+from pydantic import Field
 
 from ...arch import LayerSelect, run_batch
 from ...errors import SlimcartError
@@ -39,10 +40,10 @@ class SmoothQuantConfig(LayerSelect):
     alpha is "auto", each scored on `score_batches` batches spread over the calibration list. Linears
     outside `targets` / in `exclude` are left untouched."""
 
-    alpha: float | Literal["auto"] = "auto"
-    alphas: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9]
+    alpha: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = "auto"
+    alphas: list[Annotated[float, Field(ge=0, le=1)]] = Field([0.5, 0.6, 0.7, 0.8, 0.9], min_length=1)
     pow2: bool = True
-    score_batches: int = 8
+    score_batches: int = Field(8, ge=1)
 
 
 class SmoothedLinear(torch.nn.Module):
@@ -165,7 +166,7 @@ class SmoothQuantStep(SmoothQuantConfig, Step):
 
     kind: Literal["smoothquant"] = "smoothquant"
     workloads = ("search",)  # the W8A8 execution path (static_int8) is wired for encoders
-    calibration_batches: int = 32  # channel maxima need the same coverage as the int8 step's ranges
+    calibration_batches: int = Field(32, ge=1)  # channel maxima need the same coverage as the int8 step's ranges
 
     def apply(self, state, ctx):
         module = state.torch_module(self.kind)

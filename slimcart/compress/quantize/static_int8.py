@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from pydantic import Field, model_validator
 
 from ...arch import LayerSelect
 from ...bench import measure_interleaved
@@ -188,12 +189,17 @@ class StaticInt8(LayerSelect, Step):
     workloads = ("search",)
     # auto: time both on calibration batches, keep the faster (ties within 3% go to ONNX Runtime)
     runtime: Literal["auto", "onnxruntime", "openvino"] = "auto"
-    calibration_batches: int = 32
+    calibration_batches: int = Field(32, ge=1)
     # min-max: BERT's outlier channels carry signal; clipping them (percentile 99.99) cost 0.08 of cosine on MiniLM
     observer: ObserverKind = "minmax"
     observer_args: dict = {}
     symmetric_activations: bool = False
     quantize_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _observer(self):
+        make_observer(self.observer, **self.observer_args)  # unknown observer settings fail here, before any model loads
+        return self
 
     def apply(self, state, ctx):
         module = state.torch_module(self.kind)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable, ClassVar, Literal
 
 import torch
+from pydantic import model_validator
 
 from ...arch import LayerSelect, causal_lm, first_match
 from ...errors import SlimcartError
@@ -174,11 +175,22 @@ class WeightOnlyBase(LayerSelect, Step):
     compute: Literal["int8", "fp32"] = "int8"
     overrides: dict[str, dict] = {}
 
-    def spec_for(self, name: str) -> WeightSpec:
-        base = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+    @model_validator(mode="after")
+    def _specs(self):
+        """Bits, group size and every override are checked when the recipe is read, not after the model loads."""
+        self.spec_for("")
+        for pattern, over in self.overrides.items():
+            if not isinstance(over, dict) or set(over) - set(WeightSpec.model_fields):
+                raise SlimcartError(f"override '{pattern}' must map to WeightSpec fields ({', '.join(WeightSpec.model_fields)})")
+            WeightSpec(**{**self._base_spec(), **over})
+        return self
+
+    def _base_spec(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
                 "zero_point": self.zero_point, "partial_last_group": self.partial_last_group}
-        over = first_match(name, self.overrides)
-        return WeightSpec(**{**base, **(over or {})})
+
+    def spec_for(self, name: str) -> WeightSpec:
+        return WeightSpec(**{**self._base_spec(), **(first_match(name, self.overrides) or {})})
 
     def linears(self, lm: torch.nn.Module) -> dict[str, torch.nn.Linear]:
         """The selected decoder Linears (every weight checked finite)."""
