@@ -45,15 +45,19 @@ def plan_tables(model: nn.Module, config: EmbeddingCompressConfig) -> list[tuple
 def _check_not_tied(model: nn.Module, name: str, table: nn.Module) -> None:
     """A weight shared with another layer (a tied output head) would keep the float table alive."""
     for pname, p in model.named_parameters(remove_duplicate=False):
-        if p is table.weight and pname != f"{name}.weight" and not pname.startswith(f"{name}."):
+        owner = model.get_submodule(pname.rsplit(".", 1)[0]) if "." in pname else model
+        if p is table.weight and owner is not table:  # the same module under a second name is fine
             raise SlimcartError(f"{name}.weight is tied to {pname}: untie it or exclude the table")
 
 
 def _parents(model: nn.Module, table: nn.Module) -> list[tuple[nn.Module, str]]:
     """Every (parent, attribute) holding this module (a module may be registered under two names)."""
-    out = []
+    out, seen = [], set()
     for _, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent.named_children():
+        if id(parent) in seen:
+            continue
+        seen.add(id(parent))
+        for attr, child in parent._modules.items():  # named_children() would hide the second name
             if child is table:
                 out.append((parent, attr))
     return out

@@ -202,16 +202,16 @@ def rank_by_frequency(frequencies, n: int) -> torch.Tensor:
     return torch.sort(f, descending=True, stable=True).indices
 
 
-def check_frequencies(frequencies, n: int, name: str = "table") -> torch.Tensor:
+def check_frequencies(frequencies, n: int) -> torch.Tensor:
     """Training-set counts as a float64 tensor [n], refused unless finite, non-negative and n long."""
     if frequencies is None:
-        raise SlimcartError(f"{name}: this technique ranks rows by training-set frequency: pass frequencies")
+        raise SlimcartError(f"this technique ranks rows by training-set frequency: pass frequencies")
     f = torch.as_tensor(frequencies).reshape(-1)
     if f.numel() != n:
-        raise SlimcartError(f"{name}: frequencies have {f.numel()} entries for a table of {n} rows")
+        raise SlimcartError(f"frequencies have {f.numel()} entries for a table of {n} rows")
     if not (f.dtype.is_floating_point or f.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-        raise SlimcartError(f"{name}: frequencies must be numbers, not {f.dtype}")
+        raise SlimcartError(f"frequencies must be numbers, not {f.dtype}")
     f = f.to(torch.float64)
     if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
-        raise SlimcartError(f"{name}: frequencies must be finite and non-negative")
+        raise SlimcartError(f"frequencies must be finite and non-negative")
     return f
