@@ -181,25 +181,13 @@ class RowOverrides(nn.Module):
         return self.ids.numel()
 
     def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hit mask [n], position [n_hit]) of the given ids among the held ones."""
+        """(where [n_hit], position [n_hit]): which entries of `ids` are held, and their rows here."""
         if len(self) == 0:
-            return torch.zeros(ids.shape, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
-        q = ids.to(self.ids.dtype)
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        q = ids if ids.dtype == self.ids.dtype else ids.to(self.ids.dtype)
         pos = torch.searchsorted(self.ids, q).clamp_(max=len(self) - 1)
-        hit = self.ids[pos] == q
-        return hit, pos[hit]
-
-
-def top_rows(frequencies, n: int, count: int, skip: int = 0) -> torch.Tensor:
-    """Ids of the rows ranked skip .. skip+count by frequency (descending; ties by id), sorted by id."""
-    order = rank_by_frequency(frequencies, n)
-    return torch.sort(order[skip: skip + count]).values
-
-
-def rank_by_frequency(frequencies, n: int) -> torch.Tensor:
-    """Ids ordered from most to least frequent; a stable sort, so equal counts keep id order."""
-    f = check_frequencies(frequencies, n)
-    return torch.sort(f, descending=True, stable=True).indices
+        where = (self.ids[pos] == q).nonzero().squeeze(1)
+        return where, pos[where]
 
 
 def check_frequencies(frequencies, n: int) -> torch.Tensor:

@@ -9,8 +9,9 @@ id, and hotter blocks override their ids through a sorted id vector (4 bytes per
 N-long remap is stored. Bytes = 4 * (N d_base + sum_j K_j (d_j + 1) + sum_j d_j d [projected blocks]).
 
 Starting point from a trained table: the best rank-d_j approximation of each block's rows,
-P_j = top-d_j right singular vectors of the block (eigenvectors of its d x d Gram matrix, accumulated
-in float64, so the whole table is never copied), A_j = rows P_j^T; exact when the block's rows have
+P_j = top-d_j right singular vectors of the block (eigenvectors of its d x d Gram matrix in float64;
+the coldest block's Gram is the whole table's minus the hot blocks', so the tail is never copied),
+A_j = rows P_j^T; exact when the block's rows have
 rank <= d_j. Both A_j and P_j are parameters for a short retraining.
 Scoring: h E^T = (h P_j^T) A_j^T per block: [B, d_j] x [d_j, K_j] products, never the [N, d] table.
 """
@@ -26,14 +27,19 @@ from .rowwise import bag_mode, source_weight
 GRAM_CHUNK_ROWS = 1 << 18
 
 
-def principal_directions(rows: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k right singular vectors of `rows` [n, d] as P [k, d] (orthonormal rows)."""
-    d = rows.shape[1]
-    gram = torch.zeros(d, d, dtype=torch.float64)
-    for s in range(0, rows.shape[0], GRAM_CHUNK_ROWS):
-        c = rows[s: s + GRAM_CHUNK_ROWS].double()
-        gram += c.t() @ c
-    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+def gram(w: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i w_i^T w_i over the rows `ids` (all rows if None) in float64, a chunk of rows at a time."""
+    n = w.shape[0] if ids is None else ids.numel()
+    g = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
+    for s in range(0, n, GRAM_CHUNK_ROWS):
+        c = (w[s: s + GRAM_CHUNK_ROWS] if ids is None else w[ids[s: s + GRAM_CHUNK_ROWS]]).double()
+        g += c.t() @ c
+    return g
+
+
+def principal_directions(g: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k eigenvectors of a Gram matrix (= top-k right singular vectors of its rows) as P [k, d]."""
+    _, vecs = torch.linalg.eigh(g)  # ascending eigenvalues
     return vecs[:, -k:].flip(1).t().float().contiguous()
 
 
@@ -81,16 +87,23 @@ class MixedDimEmbedding(CompressedEmbedding):
         groups.append(order[start:])
         new = cls(n, d, dims, sizes, emb.padding_idx, bag_mode(emb))
         with torch.no_grad():
-            for j, ids in enumerate(groups):
+            tail_gram = gram(w)  # the coldest block's Gram = all rows' minus the hot blocks': no copy of the tail
+            for j, ids in enumerate(groups[:-1]):
+                g = gram(w, ids)
+                tail_gram -= g
                 P = new._projection(j)
-                last = j == len(groups) - 1
+                new._set_ids(j, ids)
                 if P is not None:
-                    P.copy_(principal_directions(w[ids], dims[j]))
-                if last:  # the base has a row for every id; only the tail's rows shaped P
-                    new.A[j].copy_(w if P is None else w @ P.t())
-                else:
-                    new._set_ids(j, ids)
-                    new.A[j].copy_(w[ids] if P is None else w[ids] @ P.t())
+                    P.copy_(principal_directions(g, dims[j]))
+                new.A[j].copy_(w[ids] if P is None else w[ids] @ P.t())
+            j = len(groups) - 1
+            P = new._projection(j)
+            if P is None:
+                new.A[j].copy_(w)
+            else:  # the base has a row for every id; only the tail's rows shaped P
+                P.copy_(principal_directions(tail_gram, dims[j]))
+                for s in range(0, n, GRAM_CHUNK_ROWS):
+                    new.A[j][s: s + GRAM_CHUNK_ROWS] = w[s: s + GRAM_CHUNK_ROWS] @ P.t()
         return new
 
     def _rows(self, j: int, idx: torch.Tensor) -> torch.Tensor:
@@ -102,9 +115,9 @@ class MixedDimEmbedding(CompressedEmbedding):
         base = len(self.dims) - 1
         out = self._rows(base, ids)
         for j, held in enumerate(self.held):
-            hit, pos = held.find(ids)
+            where, pos = held.find(ids)
             if pos.numel():
-                out = out.index_put((hit.nonzero().squeeze(1),), self._rows(j, pos))  # out of place: autograd-safe
+                out = out.index_put((where,), self._rows(j, pos))  # out of place: autograd-safe
         return out
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:

@@ -64,9 +64,9 @@ class MixedPrecisionEmbedding(CompressedEmbedding):
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base.lookup(ids)
         for held, rows in zip(self.tier_ids, self.tier_rows):
-            hit, pos = held.find(ids)
+            where, pos = held.find(ids)
             if pos.numel():
-                out[hit] = rows.lookup(pos)
+                out.index_copy_(0, where, rows.lookup(pos))
         return out
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:

@@ -72,16 +72,20 @@ class PackedRows(nn.Module):
             self.data = nn.Parameter(data.contiguous(), requires_grad=trainable)
         else:
             self.register_buffer("data", data.contiguous())
-        self._offsets = torch.arange(0)  # scratch 0..n-1 for one-id bags; grown on demand, not storage
+        # Scratch, not storage: 0..n-1 as one-id bag offsets (grown on demand; the last size's slice is
+        # kept, since slicing costs a microsecond and serving repeats batch sizes), and the kernel handle.
+        self._offsets, self._last = torch.arange(0), torch.arange(0)
+        self._op = getattr(torch.ops.quantized, _LOOKUP[bits]).default if bits in ROWWISE_BITS else None
 
     @classmethod
     def pack(cls, weight: torch.Tensor, bits: int, optimized_range: bool = False,
-             trainable: bool = False) -> "PackedRows":
-        """Quantize float rows [n, d] with torch's prepack ops, chunk by chunk."""
+             trainable: bool = False, copy: bool = True) -> "PackedRows":
+        """Quantize float rows [n, d] with torch's prepack ops, chunk by chunk. `copy=False` lets
+        32-bit rows keep a tensor the caller just made (rows gathered by id) instead of cloning it."""
         w = weight.detach()
         n, d = w.shape
         if bits == 32:
-            return cls(w.float().clone(), 32, d, trainable)
+            return cls(w.float().clone() if copy else w.float(), 32, d, trainable)
         if bits == 16:
             if bool((w.abs() > torch.finfo(torch.float16).max).any()):
                 raise SlimcartError("16-bit rows: the table has values beyond float16's range")
@@ -107,9 +111,12 @@ class PackedRows(nn.Module):
         return self.data.numel() * self.data.element_size()
 
     def _bag_offsets(self, n: int) -> torch.Tensor:
+        if self._last.numel() == n:
+            return self._last
         if self._offsets.numel() < n:
             self._offsets = torch.arange(max(n, 2 * self._offsets.numel()), dtype=torch.long)
-        return self._offsets[:n]
+        self._last = self._offsets[:n]
+        return self._last
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows [n, dim] float32 for flat ids [n]."""
@@ -117,8 +124,7 @@ class PackedRows(nn.Module):
             return F.embedding(ids, self.data)
         if self.bits == 16:
             return F.embedding(ids, self.data).float()
-        op = getattr(torch.ops.quantized, _LOOKUP[self.bits]).default
-        out = op(self.data, ids, self._bag_offsets(ids.numel()), False, 0, False, None, None, False)
+        out = self._op(self.data, ids, self._bag_offsets(ids.numel()), False, 0, False, None, None, False)
         return out if self.pdim == self.dim else out[:, : self.dim]
 
     def bag(self, ids: torch.Tensor, offsets: torch.Tensor, mode: str,
@@ -129,9 +135,8 @@ class PackedRows(nn.Module):
                                    per_sample_weights=per_sample_weights)
         if per_sample_weights is not None and mode != "sum":
             raise SlimcartError("per_sample_weights only work with mode 'sum' (as in nn.EmbeddingBag)")
-        op = getattr(torch.ops.quantized, _LOOKUP[self.bits]).default
         psw = None if per_sample_weights is None else per_sample_weights.float()
-        out = op(self.data, ids, offsets, False, 0, False, psw, None, False)
+        out = self._op(self.data, ids, offsets, False, 0, False, psw, None, False)
         if mode == "mean":  # these ops accept mode=1 but sum anyway (torch 2.13): divide by bag sizes here
             sizes = torch.diff(offsets, append=torch.tensor([ids.numel()], dtype=offsets.dtype))
             out = out / sizes.clamp_min(1).unsqueeze(1).to(out.dtype)

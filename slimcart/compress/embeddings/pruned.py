@@ -55,17 +55,18 @@ class PrunedRowsEmbedding(CompressedEmbedding):
             dropped[emb.padding_idx] = False
         fallback = torch.zeros(d)
         if config.fallback == "mean" and bool(dropped.any()):
-            wt = freq[dropped].float()
-            wt = wt if float(wt.sum()) > 0 else torch.ones_like(wt)
-            fallback = (w[dropped] * wt[:, None]).sum(0) / wt.sum()
-        rows = PackedRows.pack(w[ids], config.bits, trainable=config.bits == 32)
+            wt = torch.where(dropped, freq, 0.0).float()  # a weight per row of the whole table: no copy of the rows
+            if float(wt.sum()) == 0:
+                wt = dropped.float()
+            fallback = (wt @ w) / wt.sum()
+        rows = PackedRows.pack(w[ids], config.bits, trainable=config.bits == 32, copy=False)
         return cls(n, RowOverrides(ids), rows, fallback, emb.padding_idx, bag_mode(emb))
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        hit, pos = self.kept.find(ids)
+        where, pos = self.kept.find(ids)
         out = self.fallback.expand(ids.shape[0], -1)
         if pos.numel():
-            out = out.index_put((hit.nonzero().squeeze(1),), self.rows.lookup(pos))
+            out = out.index_put((where,), self.rows.lookup(pos))
         return out.contiguous()
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,10 @@ class RowwiseQuantEmbedding(CompressedEmbedding):
         # Fast path: a zero padding row quantizes to exactly zero (min = max = 0), so plain lookups
         # skip the padding mask, and bags without a padding id pool inside the fused kernel.
         if self.mode is None and offsets is None and per_sample_weights is None:
-            return self.rows.lookup(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+            rows = self.rows
+            if rows.pdim == rows.dim and ids.dim() == 1:  # the common serving call: one kernel call, nothing else
+                return rows._op(rows.data, ids, rows._bag_offsets(ids.numel()), False, 0, False, None, None, False)
+            return rows.lookup(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
         if self.mode is not None and self.padding_idx is None and ids.dim() == 1 and offsets is not None:
             return self.rows.bag(ids, offsets, self.mode, per_sample_weights)
         return super().forward(ids, offsets, per_sample_weights)
