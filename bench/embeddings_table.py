@@ -112,6 +112,10 @@ def child(args) -> int:
         folder = Path(args.rss_child)
         meta = json.loads((folder / "table.json").read_text())
         table = load_table(load_file(str(folder / "table.safetensors")), meta)
+        # Quantized rows stay memory-mapped after loading; read one byte per page of every tensor so
+        # the whole form is resident, as the fp32 table is (a serving process cannot page-fault on hot paths).
+        for t in table.state_for_save()[0].values():
+            t.reshape(-1).view(torch.uint8)[::4096].sum()
     with torch.inference_mode():
         for s in range(0, len(ids), 4096):
             table(ids[s: s + 4096])

@@ -187,5 +187,10 @@ class PackedRows(nn.Module):
         t = tensors.get(prefix + "data")
         if t is None:
             raise SlimcartError(f"saved embedding table lacks tensor '{prefix}data'")
-        # A fresh copy: tensors read from a file may sit at unaligned offsets, which vectorised kernels dislike.
+        if bits in ROWWISE_BITS and t.is_contiguous():
+            # Kept as loaded: safetensors memory-maps the file, so rows never looked up are never read
+            # and loading costs no second copy. The lookup kernels read rows at any byte offset (a
+            # 36-byte row stride aligns nothing anyway); the int-matmul copy is built in fresh memory.
+            return cls(t, bits, dim, trainable)
+        # Float rows may be trained (written): a private, aligned copy.
         return cls(t.clone(memory_format=torch.contiguous_format), bits, dim, trainable)

@@ -60,6 +60,19 @@ class RowwiseQuantEmbedding(CompressedEmbedding):
             raise SlimcartError(f"score_kernel must be one of {SCORE_KERNELS}, got {score_kernel!r}")
         self.rows, self.bits, self.score_kernel = rows, rows.bits, score_kernel
         self.score_copy = IntMatmulScores(rows) if score_kernel == "int_mm" else None
+        self._offsets, self._n = torch.arange(0), 0
+        self._refresh_fast_path()
+
+    def _refresh_fast_path(self) -> None:
+        """Keep (kernel, packed rows) as a plain attribute: at batch 1 a lookup is ~10 us, and each
+        nn.Module attribute lookup of a buffer or submodule adds ~1 us to it."""
+        plain = self.mode is None and self.rows.pdim == self.rows.dim
+        object.__setattr__(self, "_fast", (self.rows._op, self.rows.data) if plain else None)
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .float() etc. may replace the buffer
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh_fast_path()
+        return out
 
     @classmethod
     def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> "RowwiseQuantEmbedding":
@@ -73,11 +86,14 @@ class RowwiseQuantEmbedding(CompressedEmbedding):
     def forward(self, ids, offsets=None, per_sample_weights=None):
         # Fast path: a zero padding row quantizes to exactly zero (min = max = 0), so plain lookups
         # skip the padding mask, and bags without a padding id pool inside the fused kernel.
+        fast = self._fast
+        if fast is not None and offsets is None and per_sample_weights is None and ids.dim() == 1:
+            n = len(ids)
+            if n != self._n:  # one-id bags 0..n-1, rebuilt only when the batch size changes
+                self._offsets, self._n = torch.arange(n), n
+            return fast[0](fast[1], ids, self._offsets, False, 0, False, None, None, False)
         if self.mode is None and offsets is None and per_sample_weights is None:
-            rows = self.rows
-            if rows.pdim == rows.dim and ids.dim() == 1:  # the common serving call: one kernel call, nothing else
-                return rows._op(rows.data, ids, rows._bag_offsets(ids.numel()), False, 0, False, None, None, False)
-            return rows.lookup(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+            return self.rows.lookup(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
         if self.mode is not None and self.padding_idx is None and ids.dim() == 1 and offsets is not None:
             return self.rows.bag(ids, offsets, self.mode, per_sample_weights)
         return super().forward(ids, offsets, per_sample_weights)
