@@ -9,6 +9,7 @@ trick), mixed_dim (frequency blocks at smaller widths), tt (tensor-train cores),
 share a fallback). Saving: `state_for_save()` -> (tensors, JSON-able dict); `load_table` rebuilds.
 """
 from .apply import compress_embeddings_, plan_tables
+from .artifact import EmbeddingsCompressedArtifact  # registers the saved format
 from .base import CompressedEmbedding, load_table
 from .config import (DimBlock, EmbeddingCompressConfig, HashConfig, MixedDimConfig, MixedPrecisionConfig,
                      PruneRowsConfig, QRConfig, RowwiseConfig, Tier, TTConfig, parse_embedding_config)
@@ -21,7 +22,7 @@ from .rowwise import RowwiseQuantEmbedding
 from .tt import TTEmbedding
 
 __all__ = [
-    "CompressedEmbedding", "DimBlock", "EmbeddingCompressConfig", "HashConfig", "HashedEmbedding", "MixedDimConfig",
+    "CompressedEmbedding", "DimBlock", "EmbeddingsCompressedArtifact", "EmbeddingCompressConfig", "HashConfig", "HashedEmbedding", "MixedDimConfig",
     "MixedDimEmbedding", "MixedPrecisionConfig", "MixedPrecisionEmbedding", "PruneRowsConfig", "PrunedRowsEmbedding",
     "QRConfig", "QREmbedding", "RowwiseConfig", "RowwiseQuantEmbedding", "TTConfig", "TTEmbedding", "Tier",
     "compress_embeddings_", "load_table", "parse_embedding_config", "plan_tables",
