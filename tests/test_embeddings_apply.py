@@ -121,3 +121,14 @@ def test_tied_tables_are_refused_and_shared_modules_swapped_everywhere():
     shared.b = shared.a
     compress_embeddings_(shared, {"method": "rowwise", "bits": 8})
     assert shared.a is shared.b and isinstance(shared.b, RowwiseQuantEmbedding)
+
+
+def test_per_table_alone_chooses_only_its_tables_and_weight_readers_get_a_clear_error():
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(n_items=50, max_len=4, hidden=8, heads=2, layers=1))
+    compress_embeddings_(model, {"per_table": {"item_emb": {"method": "rowwise", "bits": 8}}})
+    assert isinstance(model.item_emb, RowwiseQuantEmbedding) and isinstance(model.pos_emb, nn.Embedding)
+    everything = SASRec(SASRecConfig(n_items=50, max_len=4, hidden=8, heads=2, layers=1))
+    compress_embeddings_(everything, {"method": "rowwise", "bits": 8})  # also pos_emb, whose .weight SASRec reads
+    with pytest.raises(AttributeError, match="no float .weight"):
+        everything(torch.randint(1, 51, (2, 4)))

@@ -11,7 +11,7 @@ import fnmatch
 from torch import nn
 
 from ...errors import SlimcartError
-from .config import EmbeddingCompressConfig, parse_embedding_config
+from .config import EmbeddingCompressConfig, chosen_patterns, parse_embedding_config
 from .hashed import HashedEmbedding
 from .mixed_dim import MixedDimEmbedding
 from .mixed_precision import MixedPrecisionEmbedding
@@ -28,14 +28,14 @@ NEEDS_FREQUENCIES = ("mixed_precision", "mixed_dim", "prune_rows")
 
 def plan_tables(model: nn.Module, config: EmbeddingCompressConfig) -> list[tuple[str, nn.Module, object]]:
     """(module name, table, technique config) for every table the config chooses."""
-    plan = []
+    plan, patterns = [], chosen_patterns(config)
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
             continue
         tech = next((t for p, t in config.per_table.items() if fnmatch.fnmatchcase(name, p)), None)
-        if tech is None and any(fnmatch.fnmatchcase(name, p) for p in config.tables):
+        if tech is None and any(fnmatch.fnmatchcase(name, p) for p in patterns):
             tech = config.technique
         if tech is not None:
             plan.append((name, mod, tech))
@@ -72,7 +72,7 @@ def compress_embeddings_(model: nn.Module, config, frequencies: dict | None = No
     frequencies = dict(frequencies or {})
     plan = plan_tables(model, cfg)
     if not plan:
-        raise SlimcartError(f"no nn.Embedding / nn.EmbeddingBag module matches tables={cfg.tables} "
+        raise SlimcartError(f"no nn.Embedding / nn.EmbeddingBag module matches tables={chosen_patterns(cfg)} "
                             f"per_table={list(cfg.per_table)}")
     names = {n for n, _, _ in plan}
     unknown = sorted(set(frequencies) - names)

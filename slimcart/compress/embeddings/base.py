@@ -69,6 +69,12 @@ class CompressedEmbedding(nn.Module):
     def from_saved(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "CompressedEmbedding":  # pragma: no cover
         raise NotImplementedError
 
+    def __getattr__(self, name: str):
+        if name == "weight":  # code that reads the float table directly cannot run on a compressed one
+            raise AttributeError(f"a compressed '{self.kind}' table has no float .weight: look rows up by calling it, "
+                                 "score every row with .scores(h), or leave this table out of the compression")
+        return super().__getattr__(name)
+
     # ------------------------------------------------------------ shared behaviour
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,7 +6,9 @@
 
 Tables are chosen by fnmatch patterns on module names (`tables`, minus `exclude`); a table matching a
 `per_table` pattern (first match, in the order written) gets that technique, every other chosen table
-`technique`. Patterns of `per_table` also choose their tables.
+`technique`. Patterns of `per_table` also choose their tables. Without `tables`, every table is chosen,
+unless only `per_table` is given (no technique): then only its tables. A model that reads some table's
+`.weight` directly (SASRec's position table) must not have that table compressed.
 """
 from __future__ import annotations
 
@@ -158,7 +160,7 @@ TECHNIQUE_FIELDS = set().union(*(c.model_fields for c in TECHNIQUES))
 
 class EmbeddingCompressConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    tables: list[str] = Field(default_factory=lambda: ["*"])
+    tables: list[str] | None = None  # default: every table ("*"); none beyond per_table's if only that is given
     exclude: list[str] = Field(default_factory=list)
     technique: Technique = Field(default_factory=RowwiseConfig)
     per_table: dict[str, Technique] = Field(default_factory=dict)
@@ -173,6 +175,13 @@ class EmbeddingCompressConfig(BaseModel):
             v = dict(v)
             v["technique"] = {k: v.pop(k) for k in list(v) if k in TECHNIQUE_FIELDS}
         return v
+
+
+def chosen_patterns(config: EmbeddingCompressConfig) -> list[str]:
+    """The patterns that pick tables for the default technique."""
+    if config.tables is not None:
+        return list(config.tables)
+    return [] if config.per_table and "technique" not in config.model_fields_set else ["*"]
 
 
 def parse_embedding_config(raw) -> EmbeddingCompressConfig:

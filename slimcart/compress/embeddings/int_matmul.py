@@ -78,7 +78,8 @@ class IntMatmulScores(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x, self.w, self.unit)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.g, self.unit)[:, : self.n]
-        return y.float() * self.row_scale + h.sum(1, keepdim=True) * self.row_offset
+        # In place on the one float32 copy: at batch 256 x 50k rows these passes cost more than the matmul.
+        return y.float().mul_(self.row_scale).addr_(h.sum(1), self.row_offset)
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
