@@ -178,3 +178,14 @@ def test_bad_inputs_are_one_clear_error():
         load_table({}, {"kind": "nope"})
     with pytest.raises(SlimcartError, match="must be torch.uint8"):
         PackedRows(torch.zeros(3, 6), 4, 4)
+
+
+def test_fast_path_follows_changing_batch_sizes_and_moves():
+    emb = table()
+    q = RowwiseQuantEmbedding.from_embedding(emb, RowwiseConfig(bits=4))
+    ref = numpy_dequant(q.rows.data.numpy(), 4, 16)
+    for n in (5, 3, 3, 1, 8):
+        ids = torch.randint(0, 300, (n,))
+        np.testing.assert_allclose(q(ids).numpy(), ref[ids.numpy()], rtol=1e-6, atol=1e-6)
+    q.to(torch.device("cpu"))  # _apply refreshes the kernel's view of the rows
+    assert q._fast[1] is q.rows.data

@@ -111,12 +111,14 @@ class PackedRows(nn.Module):
         return self.data.numel() * self.data.element_size()
 
     def _bag_offsets(self, n: int) -> torch.Tensor:
-        if self._last.numel() == n:
-            return self._last
-        if self._offsets.numel() < n:
-            self._offsets = torch.arange(max(n, 2 * self._offsets.numel()), dtype=torch.long)
-        self._last = self._offsets[:n]
-        return self._last
+        last = self._last  # read once: another thread may replace it (each attribute holds a whole tensor)
+        if len(last) == n:
+            return last
+        full = self._offsets
+        if len(full) < n:
+            full = self._offsets = torch.arange(max(n, 2 * len(full)), dtype=torch.long)
+        last = self._last = full[:n]
+        return last
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows [n, dim] float32 for flat ids [n]."""

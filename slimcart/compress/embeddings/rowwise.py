@@ -60,7 +60,7 @@ class RowwiseQuantEmbedding(CompressedEmbedding):
             raise SlimcartError(f"score_kernel must be one of {SCORE_KERNELS}, got {score_kernel!r}")
         self.rows, self.bits, self.score_kernel = rows, rows.bits, score_kernel
         self.score_copy = IntMatmulScores(rows) if score_kernel == "int_mm" else None
-        self._offsets, self._n = torch.arange(0), 0
+        self._offsets = torch.arange(0)
         self._refresh_fast_path()
 
     def _refresh_fast_path(self) -> None:
@@ -88,10 +88,10 @@ class RowwiseQuantEmbedding(CompressedEmbedding):
         # skip the padding mask, and bags without a padding id pool inside the fused kernel.
         fast = self._fast
         if fast is not None and offsets is None and per_sample_weights is None and ids.dim() == 1:
-            n = len(ids)
-            if n != self._n:  # one-id bags 0..n-1, rebuilt only when the batch size changes
-                self._offsets, self._n = torch.arange(n), n
-            return fast[0](fast[1], ids, self._offsets, False, 0, False, None, None, False)
+            n, off = len(ids), self._offsets  # one-id bags 0..n-1, rebuilt only when the batch size changes
+            if len(off) != n:
+                off = self._offsets = torch.arange(n)  # one attribute, so concurrent callers never mix sizes
+            return fast[0](fast[1], ids, off, False, 0, False, None, None, False)
         if self.mode is None and offsets is None and per_sample_weights is None:
             return self.rows.lookup(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
         if self.mode is not None and self.padding_idx is None and ids.dim() == 1 and offsets is not None:
