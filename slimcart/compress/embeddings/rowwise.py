@@ -84,8 +84,9 @@ class RowwiseQuantEmbedding(CompressedEmbedding):
         return self.rows.lookup(ids)
 
     def forward(self, ids, offsets=None, per_sample_weights=None):
-        # Fast path: a zero padding row quantizes to exactly zero (min = max = 0), so plain lookups
-        # skip the padding mask, and bags without a padding id pool inside the fused kernel.
+        # Plain lookups return the stored row of every id, padding included, as nn.Embedding does (a
+        # zero padding row quantizes to exactly zero: min = max = 0); bags without a padding id pool
+        # inside the fused kernel.
         fast = self._fast
         if fast is not None and offsets is None and per_sample_weights is None and ids.dim() == 1:
             n, off = len(ids), self._offsets  # one-id bags 0..n-1, rebuilt only when the batch size changes
