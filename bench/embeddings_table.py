@@ -35,10 +35,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from slimcart.bench import environment, measure_interleaved, paired_ratio, set_threads  # noqa: E402
-from slimcart.compress.embeddings import compress_embeddings_, load_table, parse_embedding_config  # noqa: E402
-from slimcart.contracts import BenchInputs  # noqa: E402
-from slimcart.rss_probe import peak_rss_self  # noqa: E402
+from slimcart.bench import environment, measure_interleaved, paired_ratio, set_threads
+from slimcart.compress.embeddings import (
+    compress_embeddings_,
+    load_table,
+    parse_embedding_config,
+)
+from slimcart.contracts import BenchInputs
+from slimcart.rss_probe import peak_rss_self
 
 # Each form is one technique config (see slimcart/compress/embeddings/config.py).
 FORMS = {
@@ -172,7 +176,7 @@ def peak_rss(form_dir: str, ids_file: Path, args) -> dict:
 
 def markdown(result: dict) -> str:
     r, t = result, result["table"]
-    gb = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.0f} MB"  # noqa: E731
+    gb = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.0f} MB"
     lines = [
         "## Table scale",
         "",

@@ -7,8 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from slimcart.compress.embeddings import (EmbeddingCompressConfig, MixedPrecisionEmbedding, QREmbedding,
-                                          RowwiseQuantEmbedding, compress_embeddings_, parse_embedding_config)
+from slimcart.compress.embeddings import (
+    EmbeddingCompressConfig,
+    MixedPrecisionEmbedding,
+    QREmbedding,
+    RowwiseQuantEmbedding,
+    compress_embeddings_,
+    parse_embedding_config,
+)
 from slimcart.errors import SlimcartError
 from slimcart.models.sasrec import SASRec, SASRecConfig
 

@@ -9,10 +9,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from slimcart.compress.embeddings import EmbeddingsCompressedArtifact, compress_embeddings_
+from slimcart.compress.embeddings import (
+    EmbeddingsCompressedArtifact,
+    compress_embeddings_,
+)
 from slimcart.contracts import ModelBundle, load_saved
 from slimcart.errors import SlimcartError
-from slimcart.models.sasrec import SASRec, SASRecConfig, actual_config, load_sasrec, save_sasrec
+from slimcart.models.sasrec import (
+    SASRec,
+    SASRecConfig,
+    actual_config,
+    load_sasrec,
+    save_sasrec,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,8 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slimcart.compress.embeddings import (HashConfig, HashedEmbedding, MixedDimConfig, MixedDimEmbedding, QRConfig,
-                                          QREmbedding, TTConfig, TTEmbedding, load_table)
+from slimcart.compress.embeddings import (
+    HashConfig,
+    HashedEmbedding,
+    MixedDimConfig,
+    MixedDimEmbedding,
+    QRConfig,
+    QREmbedding,
+    TTConfig,
+    TTEmbedding,
+    load_table,
+)
 from slimcart.compress.embeddings.tt import balanced_factors
 from slimcart.errors import SlimcartError
 

@@ -6,12 +6,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from slimcart.compress.embeddings import (MixedPrecisionConfig, MixedPrecisionEmbedding, PruneRowsConfig,
-                                          PrunedRowsEmbedding, load_table)
-from slimcart.errors import SlimcartError
-
 from test_embeddings_rowwise import numpy_dequant
+
+from slimcart.compress.embeddings import (
+    MixedPrecisionConfig,
+    MixedPrecisionEmbedding,
+    PrunedRowsEmbedding,
+    PruneRowsConfig,
+    load_table,
+)
+from slimcart.errors import SlimcartError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N, D = 400, 16

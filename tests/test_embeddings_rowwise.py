@@ -7,7 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slimcart.compress.embeddings import RowwiseConfig, RowwiseQuantEmbedding, load_table
+from slimcart.compress.embeddings import (
+    RowwiseConfig,
+    RowwiseQuantEmbedding,
+    load_table,
+)
 from slimcart.compress.embeddings.int_matmul import IntMatmulScores
 from slimcart.compress.embeddings.packed_rows import PackedRows
 from slimcart.errors import SlimcartError
@@ -50,7 +54,7 @@ def table(n=300, d=16, seed=0, padding_idx=None, bag=None):
 
 
 def test_hand_packed_rows_equal_the_prepacked_layout():
-    f16 = lambda x: list(np.array([x], np.float16).view(np.uint8))  # noqa: E731
+    f16 = lambda x: list(np.array([x], np.float16).view(np.uint8))
     w4 = torch.arange(16.0)[None]  # min 0, max 15: scale 1, codes = values
     want4 = [c0 | (c1 << 4) for c0, c1 in zip(range(0, 16, 2), range(1, 16, 2))] + f16(1.0) + f16(0.0)
     assert PackedRows.pack(w4, 4).data[0].tolist() == want4

@@ -11,8 +11,19 @@ share a fallback). Saving: `state_for_save()` -> (tensors, JSON-able dict); `loa
 from .apply import compress_embeddings_, plan_tables
 from .artifact import EmbeddingsCompressedArtifact  # registers the saved format
 from .base import CompressedEmbedding, load_table
-from .config import (DimBlock, EmbeddingCompressConfig, HashConfig, MixedDimConfig, MixedPrecisionConfig,
-                     PruneRowsConfig, QRConfig, RowwiseConfig, Tier, TTConfig, parse_embedding_config)
+from .config import (
+                     DimBlock,
+                     EmbeddingCompressConfig,
+                     HashConfig,
+                     MixedDimConfig,
+                     MixedPrecisionConfig,
+                     PruneRowsConfig,
+                     QRConfig,
+                     RowwiseConfig,
+                     Tier,
+                     TTConfig,
+                     parse_embedding_config,
+)
 from .hashed import HashedEmbedding
 from .mixed_dim import MixedDimEmbedding
 from .mixed_precision import MixedPrecisionEmbedding
@@ -22,8 +33,27 @@ from .rowwise import RowwiseQuantEmbedding
 from .tt import TTEmbedding
 
 __all__ = [
-    "CompressedEmbedding", "DimBlock", "EmbeddingsCompressedArtifact", "EmbeddingCompressConfig", "HashConfig", "HashedEmbedding", "MixedDimConfig",
-    "MixedDimEmbedding", "MixedPrecisionConfig", "MixedPrecisionEmbedding", "PruneRowsConfig", "PrunedRowsEmbedding",
-    "QRConfig", "QREmbedding", "RowwiseConfig", "RowwiseQuantEmbedding", "TTConfig", "TTEmbedding", "Tier",
-    "compress_embeddings_", "load_table", "parse_embedding_config", "plan_tables",
+                     "CompressedEmbedding",
+                     "DimBlock",
+                     "EmbeddingCompressConfig",
+                     "EmbeddingsCompressedArtifact",
+                     "HashConfig",
+                     "HashedEmbedding",
+                     "MixedDimConfig",
+                     "MixedDimEmbedding",
+                     "MixedPrecisionConfig",
+                     "MixedPrecisionEmbedding",
+                     "PruneRowsConfig",
+                     "PrunedRowsEmbedding",
+                     "QRConfig",
+                     "QREmbedding",
+                     "RowwiseConfig",
+                     "RowwiseQuantEmbedding",
+                     "TTConfig",
+                     "TTEmbedding",
+                     "Tier",
+                     "compress_embeddings_",
+                     "load_table",
+                     "parse_embedding_config",
+                     "plan_tables",
 ]

@@ -22,17 +22,17 @@ from torch import nn
 
 from ...errors import SlimcartError
 
-TABLE_KINDS: dict[str, type["CompressedEmbedding"]] = {}
+TABLE_KINDS: dict[str, type[CompressedEmbedding]] = {}
 BAG_MODES = ("sum", "mean")
 
 
-def register_table(cls: type["CompressedEmbedding"]) -> type["CompressedEmbedding"]:
+def register_table(cls: type[CompressedEmbedding]) -> type[CompressedEmbedding]:
     """Class decorator: make a table kind loadable by `load_table`."""
     TABLE_KINDS[cls.kind] = cls
     return cls
 
 
-def load_table(tensors: dict[str, torch.Tensor], meta: dict) -> "CompressedEmbedding":
+def load_table(tensors: dict[str, torch.Tensor], meta: dict) -> CompressedEmbedding:
     """Rebuild any registered table from what its `state_for_save` returned."""
     cls = TABLE_KINDS.get(meta.get("kind")) if isinstance(meta, dict) else None
     if cls is None:
@@ -66,7 +66,7 @@ class CompressedEmbedding(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_saved(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "CompressedEmbedding":  # pragma: no cover
+    def from_saved(cls, tensors: dict[str, torch.Tensor], meta: dict) -> CompressedEmbedding:  # pragma: no cover
         raise NotImplementedError
 
     def __getattr__(self, name: str):
@@ -199,7 +199,7 @@ class RowOverrides(nn.Module):
 def check_frequencies(frequencies, n: int) -> torch.Tensor:
     """Training-set counts as a float64 tensor [n], refused unless finite, non-negative and n long."""
     if frequencies is None:
-        raise SlimcartError(f"this technique ranks rows by training-set frequency: pass frequencies")
+        raise SlimcartError("this technique ranks rows by training-set frequency: pass frequencies")
     f = torch.as_tensor(frequencies).reshape(-1)
     if f.numel() != n:
         raise SlimcartError(f"frequencies have {f.numel()} entries for a table of {n} rows")
@@ -207,5 +207,5 @@ def check_frequencies(frequencies, n: int) -> torch.Tensor:
         raise SlimcartError(f"frequencies must be numbers, not {f.dtype}")
     f = f.to(torch.float64)
     if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
-        raise SlimcartError(f"frequencies must be finite and non-negative")
+        raise SlimcartError("frequencies must be finite and non-negative")
     return f

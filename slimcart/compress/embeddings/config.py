@@ -12,7 +12,7 @@ unless only `per_table` is given (no technique): then only its tables. A model t
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -154,7 +154,10 @@ class PruneRowsConfig(_Technique):
 
 
 TECHNIQUES = (RowwiseConfig, MixedPrecisionConfig, QRConfig, HashConfig, MixedDimConfig, TTConfig, PruneRowsConfig)
-Technique = Annotated[Union[TECHNIQUES], Field(discriminator="method")]
+Technique = Annotated[
+    RowwiseConfig | MixedPrecisionConfig | QRConfig | HashConfig | MixedDimConfig | TTConfig | PruneRowsConfig,
+    Field(discriminator="method"),
+]
 TECHNIQUE_FIELDS = set().union(*(c.model_fields for c in TECHNIQUES))
 
 

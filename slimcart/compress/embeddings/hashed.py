@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from ...errors import SlimcartError
-from .base import CompressedEmbedding, check_frequencies, register_table, table_shape, tensor
+from .base import (
+    CompressedEmbedding,
+    check_frequencies,
+    register_table,
+    table_shape,
+    tensor,
+)
 from .rowwise import bag_mode, source_weight
 
 PRIME = 2**31 - 1
@@ -49,10 +55,10 @@ class HashedEmbedding(CompressedEmbedding):
         return torch.remainder(torch.remainder(ids * self.a + self.b, PRIME), self.buckets)
 
     @classmethod
-    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> "HashedEmbedding":
+    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> HashedEmbedding:
         w = source_weight(emb).float()
         n, d = w.shape
-        buckets = config.buckets if config.buckets is not None else max(1, int(round(config.ratio * n)))
+        buckets = config.buckets if config.buckets is not None else max(1, round(config.ratio * n))
         a, b = 1, 0
         if config.hash == "universal":
             rng = np.random.default_rng(config.seed)

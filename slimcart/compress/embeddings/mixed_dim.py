@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from ...errors import SlimcartError
-from .base import CompressedEmbedding, RowOverrides, check_frequencies, register_table, table_shape, tensor
+from .base import (
+    CompressedEmbedding,
+    RowOverrides,
+    check_frequencies,
+    register_table,
+    table_shape,
+    tensor,
+)
 from .rowwise import bag_mode, source_weight
 
 GRAM_CHUNK_ROWS = 1 << 18
@@ -70,7 +77,7 @@ class MixedDimEmbedding(CompressedEmbedding):
         self.held[j] = RowOverrides(ids)
 
     @classmethod
-    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> "MixedDimEmbedding":
+    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> MixedDimEmbedding:
         w = source_weight(emb).float()
         n, d = w.shape
         freq = check_frequencies(frequencies, n)
@@ -80,7 +87,7 @@ class MixedDimEmbedding(CompressedEmbedding):
             raise SlimcartError(f"mixed-dim block width {max(dims)} exceeds the table's width {d}")
         sizes, start, groups = [], 0, []
         for b in config.blocks[:-1]:
-            k = min(n - start, int(round(b.fraction * n)))
+            k = min(n - start, round(b.fraction * n))
             groups.append(torch.sort(order[start: start + k]).values)
             sizes.append(k)
             start += k

@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from ...errors import SlimcartError
-from .base import CompressedEmbedding, RowOverrides, check_frequencies, register_table, table_shape
+from .base import (
+    CompressedEmbedding,
+    RowOverrides,
+    check_frequencies,
+    register_table,
+    table_shape,
+)
 from .int_matmul import IntMatmulScores
 from .packed_rows import PackedRows
 from .rowwise import SCORE_KERNELS, bag_mode, source_weight
@@ -45,7 +51,7 @@ class MixedPrecisionEmbedding(CompressedEmbedding):
         self.score_copy = IntMatmulScores(base) if score_kernel == "int_mm" and base.bits <= 8 else None
 
     @classmethod
-    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> "MixedPrecisionEmbedding":
+    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> MixedPrecisionEmbedding:
         w = source_weight(emb)
         n = w.shape[0]
         freq = check_frequencies(frequencies, n)
@@ -53,7 +59,7 @@ class MixedPrecisionEmbedding(CompressedEmbedding):
         base = PackedRows.pack(w, config.tail_bits, config.optimized_range)
         tiers, start = [], 0
         for tier in config.tiers:
-            k = min(n - start, int(round(tier.fraction * n)))
+            k = min(n - start, round(tier.fraction * n))
             ids = torch.sort(order[start: start + k]).values
             ids = ids[freq[ids] > 0]  # rows never seen in training gain nothing from precision
             start += k

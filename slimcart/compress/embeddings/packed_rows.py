@@ -79,7 +79,7 @@ class PackedRows(nn.Module):
 
     @classmethod
     def pack(cls, weight: torch.Tensor, bits: int, optimized_range: bool = False,
-             trainable: bool = False, copy: bool = True) -> "PackedRows":
+             trainable: bool = False, copy: bool = True) -> PackedRows:
         """Quantize float rows [n, d] with torch's prepack ops, chunk by chunk. `copy=False` lets
         32-bit rows keep a tensor the caller just made (rows gathered by id) instead of cloning it."""
         w = weight.detach()
@@ -185,7 +185,7 @@ class PackedRows(nn.Module):
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str, bits: int, dim: int,
-                   trainable: bool = False) -> "PackedRows":
+                   trainable: bool = False) -> PackedRows:
         t = tensors.get(prefix + "data")
         if t is None:
             raise SlimcartError(f"saved embedding table lacks tensor '{prefix}data'")

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from ...errors import SlimcartError
-from .base import CompressedEmbedding, RowOverrides, check_frequencies, register_table, table_shape, tensor
+from .base import (
+    CompressedEmbedding,
+    RowOverrides,
+    check_frequencies,
+    register_table,
+    table_shape,
+    tensor,
+)
 from .packed_rows import PackedRows
 from .rowwise import bag_mode, source_weight
 
@@ -36,12 +43,12 @@ class PrunedRowsEmbedding(CompressedEmbedding):
         self.fallback = nn.Parameter(fallback.float().clone())
 
     @classmethod
-    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> "PrunedRowsEmbedding":
+    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> PrunedRowsEmbedding:
         w = source_weight(emb).float()
         n, d = w.shape
         freq = check_frequencies(frequencies, n)
         if config.keep_fraction is not None:
-            k = int(round(config.keep_fraction * n))
+            k = round(config.keep_fraction * n)
             keep = torch.zeros(n, dtype=torch.bool)
             keep[torch.sort(freq, descending=True, stable=True).indices[:k]] = True
             keep &= freq > 0

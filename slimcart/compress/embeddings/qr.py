@@ -23,7 +23,13 @@ import torch
 from torch import nn
 
 from ...errors import SlimcartError
-from .base import CompressedEmbedding, check_frequencies, register_table, table_shape, tensor
+from .base import (
+    CompressedEmbedding,
+    check_frequencies,
+    register_table,
+    table_shape,
+    tensor,
+)
 from .rowwise import bag_mode, source_weight
 
 OPERATIONS = ("mult", "sum", "concat")
@@ -58,7 +64,7 @@ class QREmbedding(CompressedEmbedding):
         return torch.div(ids, self.m, rounding_mode="floor"), torch.remainder(ids, self.m)
 
     @classmethod
-    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> "QREmbedding":
+    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> QREmbedding:
         w = source_weight(emb).float()
         n, d = w.shape
         new = cls(n, d, config.collisions, config.operation, config.q_dim, emb.padding_idx, bag_mode(emb))

@@ -75,7 +75,7 @@ class RowwiseQuantEmbedding(CompressedEmbedding):
         return out
 
     @classmethod
-    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> "RowwiseQuantEmbedding":
+    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> RowwiseQuantEmbedding:
         w = source_weight(emb)
         rows = PackedRows.pack(w, config.bits, config.optimized_range)
         return cls(rows, w.shape[0], emb.padding_idx, bag_mode(emb), config.score_kernel)

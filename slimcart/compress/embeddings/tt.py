@@ -81,7 +81,7 @@ class TTEmbedding(CompressedEmbedding):
             for k in range(c))
 
     @classmethod
-    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> "TTEmbedding":
+    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> TTEmbedding:
         w = source_weight(emb).float()
         n, d = w.shape
         c = config.cores
@@ -146,7 +146,7 @@ class TTEmbedding(CompressedEmbedding):
         B = h.shape[0]
         t = h.reshape(B, self.embedding_dim, 1, 1)  # [B, X, r_c, I]
         for core in reversed(self.cores):
-            r_prev, nk, dk, rk = core.shape
+            r_prev, _, dk, rk = core.shape
             t = t.reshape(B, -1, dk, rk, t.shape[-1])
             t = torch.einsum("bxdri,sndr->bxsni", t, core)
             t = t.reshape(B, t.shape[1], r_prev, -1)
