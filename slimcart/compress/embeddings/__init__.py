@@ -12,17 +12,17 @@ from .apply import compress_embeddings_, plan_tables
 from .artifact import EmbeddingsCompressedArtifact  # registers the saved format
 from .base import CompressedEmbedding, load_table
 from .config import (
-                     DimBlock,
-                     EmbeddingCompressConfig,
-                     HashConfig,
-                     MixedDimConfig,
-                     MixedPrecisionConfig,
-                     PruneRowsConfig,
-                     QRConfig,
-                     RowwiseConfig,
-                     Tier,
-                     TTConfig,
-                     parse_embedding_config,
+    DimBlock,
+    EmbeddingCompressConfig,
+    HashConfig,
+    MixedDimConfig,
+    MixedPrecisionConfig,
+    PruneRowsConfig,
+    QRConfig,
+    RowwiseConfig,
+    Tier,
+    TTConfig,
+    parse_embedding_config,
 )
 from .hashed import HashedEmbedding
 from .mixed_dim import MixedDimEmbedding
