@@ -134,7 +134,11 @@ class SASRec(nn.Module):
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         """Scores of every item as the user's next interaction, from the last position's state."""
-        return self.encode(seq)[:, -1] @ self.item_emb.weight.T
+        h = self.encode(seq)[:, -1]
+        # A compressed item table (slimcart.compress.embeddings) scores all rows on its own kernel;
+        # looked up by duck typing, as models/ sits below compress/ and never imports it.
+        scores = getattr(self.item_emb, "scores", None)
+        return scores(h) if scores is not None else h @ self.item_emb.weight.T
 
 
 def actual_config(model: SASRec) -> SASRecConfig:
