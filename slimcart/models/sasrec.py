@@ -202,20 +202,20 @@ def sequence_loss(
     h = model.encode(seq)
     mask = targets > 0
     h, pos = h[mask], targets[mask]
-    W = model.item_emb.weight
-    n_items = W.shape[0] - 1
-    pos_logit = (h * W[pos]).sum(-1)
+    rows = model.item_emb  # looked up by calling it: a compressed table (compress/embeddings) has no float .weight
+    n_items = rows.num_embeddings - 1
+    pos_logit = (h * rows(pos)).sum(-1)
     if loss == "bce":
         neg = torch.randint(1, n_items + 1, pos.shape, generator=gen)
-        neg_logit = (h * W[neg]).sum(-1)
+        neg_logit = (h * rows(neg)).sum(-1)
         return F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit)) + \
             F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
     if loss != "sampled_softmax":
         raise ValueError(f"unknown loss '{loss}' (bce or sampled_softmax)")
     if negatives >= n_items:
-        return F.cross_entropy(h @ W[1:].T, pos - 1)
+        return F.cross_entropy(h @ rows(torch.arange(1, n_items + 1)).T, pos - 1)
     neg = torch.randint(1, n_items + 1, (negatives,), generator=gen)
-    neg_logit = (h @ W[neg].T).masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), MASK_VALUE)
+    neg_logit = (h @ rows(neg).T).masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), MASK_VALUE)
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], 1)
     return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long))
 

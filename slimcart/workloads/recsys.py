@@ -195,6 +195,12 @@ class RecsysWorkload:
     def torch_runner(self, bundle: ModelBundle):
         return TorchRunner(bundle.module)
 
+    def table_frequencies(self, bundle: ModelBundle, data: "RecsysData") -> dict[str, np.ndarray]:
+        """How often each item appears in the training histories (validation and test items excluded):
+        what frequency-aware embedding compression ranks the item table's rows by."""
+        train, _, _ = leave_last_out(data.histories)
+        return {"item_emb": np.bincount(np.concatenate(train), minlength=data.n_items + 1).astype(np.float64)}
+
     @staticmethod
     def max_len(bundle: ModelBundle) -> int:
         """History length the model was built for (config.json's model.max_len)."""

@@ -21,7 +21,6 @@ Hugging Face folders do); anything else is refused with one clear error.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
@@ -34,6 +33,7 @@ from torch import nn
 
 from ...contracts import Artifact, inside, register_artifact, write_format
 from ...errors import SlimcartError
+from ...outputs import copy_files
 from .base import CompressedEmbedding, load_table
 
 TABLES_FILE = "embeddings.safetensors"
@@ -137,11 +137,14 @@ class EmbeddingsCompressedArtifact(Artifact):
             built[name] = load_table({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}, desc)
         with tempfile.TemporaryDirectory(prefix="slimcart-emb-load-") as tmp:
             work = Path(tmp) / "model"
-            shutil.copytree(model_dir, work)
+            copy_files(model_dir, work)  # regular files only: links in a model folder are never followed
             by_file: dict[str, list[dict]] = {}
             for s in stand_ins:
                 if not isinstance(s, dict) or not isinstance(s.get("key"), str) or not isinstance(s.get("shape"), list):
                     raise SlimcartError(f"{folder}: a stand-in entry in the format file is malformed")
+                owner = next((t for n, t in built.items() if s["key"].startswith(n + ".")), None)
+                if owner is None or [int(x) for x in s["shape"]] != [owner.num_embeddings, owner.embedding_dim]:
+                    raise SlimcartError(f"{folder}: stand-in {s['key']} does not match a compressed table's shape")
                 by_file.setdefault(s.get("file"), []).append(s)
             for rel, entries in by_file.items():
                 f = inside(work, rel, "stand-in file")
@@ -154,7 +157,7 @@ class EmbeddingsCompressedArtifact(Artifact):
             bundle = workload.load_model(str(work))
         for name, t in built.items():
             _swap(bundle.module, name, t)
-        bundle = replace(bundle, source=folder)
+        bundle = replace(bundle, source=folder, name=str(folder))
         return workload.torch_runner(bundle), bundle
 
     def describe(self) -> str:
