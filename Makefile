@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/activate
 	touch $@
 
 demo: install
-	$(BIN)/slimcart demo
+	$(BIN)/slimcart demo --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q

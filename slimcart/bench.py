@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .workloads.base import BenchInputs
+from .contracts import BenchInputs
+from .errors import SlimcartError
 
 INTERESTING_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "avx_vnni")
 
@@ -31,7 +32,25 @@ def set_threads(n: int) -> None:
 
 
 def default_threads() -> int:
-    return int(os.environ.get("SLIMCART_THREADS", min(os.cpu_count() or 1, 8)))
+    """The thread budget when the user gives none: $SLIMCART_THREADS, else all cores (at most 8).
+    Read here only; everything below the API receives its thread count explicitly."""
+    raw = os.environ.get("SLIMCART_THREADS")
+    if not raw:
+        return min(os.cpu_count() or 1, 8)
+    try:
+        return resolve_threads(int(raw))
+    except ValueError:
+        raise SlimcartError(f"SLIMCART_THREADS={raw!r} is not a whole number") from None
+
+
+def resolve_threads(threads: int | None) -> int:
+    """A user's thread count, checked: at least 1 and at most the machine's logical CPUs."""
+    if threads is None:
+        return default_threads()
+    cpus = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise SlimcartError(f"threads must be a whole number from 1 to {cpus} (this machine's CPUs), got {threads!r}")
+    return threads
 
 
 def environment(threads: int | None = None) -> dict:
@@ -145,13 +164,3 @@ def paired_bootstrap(candidate, baseline, resamples: int = 2000, seed: int = 0) 
     ratios = c[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-30) - 1
     lo, hi = np.percentile(ratios, [2.5, 97.5])
     return {"rel_change": float(c.mean() / max(b.mean(), 1e-30) - 1), "ci95": [float(lo), float(hi)]}
-
-
-def dir_bytes(path: Path, suffixes: tuple[str, ...] | None = None) -> int:
-    """Bytes on disk of a model file or folder (optionally only files with the given suffixes)."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(
-        f.stat().st_size for f in path.rglob("*") if f.is_file() and (suffixes is None or f.suffix in suffixes)
-    )

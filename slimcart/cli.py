@@ -1,9 +1,11 @@
 """The `slimcart` command line: a thin typer layer over slimcart.api."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress and accelerate e-commerce models, with measured results.")
+app = typer.Typer(add_completion=False, no_args_is_help=True)
 console = Console(stderr=True)
 out_console = Console()
 
@@ -33,10 +35,29 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+OPTIONS = {"verbose": False, "log_file": None}
+
+
+@app.callback()
+def main_options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show library warnings and full tracebacks"),
+    log_file: Optional[Path] = typer.Option(None, "--log-file", help="also append timestamped progress lines to this file"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="let model folders run their own Python code (off: such folders are refused)"),
+) -> None:
+    """Compress and accelerate e-commerce models, with measured results."""
+    from . import hf
+
+    OPTIONS.update(verbose=verbose, log_file=log_file)
+    hf.allow_remote_code(trust_remote_code)
+
+
 def _quiet_libraries() -> None:
     import logging
     import warnings
 
+    if OPTIONS["verbose"]:
+        return
     warnings.filterwarnings("ignore")
     logging.getLogger().setLevel(logging.ERROR)
     try:
@@ -48,22 +69,52 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _log(msg: str) -> None:
+    if OPTIONS["log_file"] is not None:
+        with open(OPTIONS["log_file"], "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+
 def _run(fn, *args, **kwargs):
-    """Call the API with a live status line; SlimcartError becomes one error line and exit code 2."""
+    """Call the API with progress: a live status line with elapsed time on a terminal, plain timestamped
+    lines when output goes to a file (CI, job schedulers). SlimcartError becomes one error line and exit
+    code 2; anything else is a bug: one line and exit 3 (the traceback with --verbose or in --log-file)."""
     _quiet_libraries()
-    with console.status("starting") as status:
+    start, live = time.monotonic(), console.is_terminal
+    status = console.status("starting") if live else contextlib.nullcontext()
+    with status:
         def progress(msg: str) -> None:
+            _log(msg)
+            elapsed = time.monotonic() - start
+            if not live:
+                console.print(f"[{time.strftime('%H:%M:%S')} +{elapsed:.0f}s] {msg}", highlight=False, markup=False)
+                return
             if msg.startswith("WARNING") or msg.startswith("resuming") or msg.startswith("wrote"):
                 console.print(msg, style="bold yellow" if msg.startswith("WARNING") else None, highlight=False)
-            status.update(msg)
+            status.update(f"{msg}  [dim]({elapsed:.0f}s)[/]")
         try:
             return fn(*args, progress=progress, **kwargs)
         except SlimcartError as e:
-            status.stop()
+            _stop(status)
+            _log(f"error: {e}")
             _fail(str(e))
         except KeyboardInterrupt:
-            status.stop()
+            _stop(status)
             _fail("interrupted — rerun the same command to resume")
+        except Exception as e:  # a bug, not the user's input: say so in one line
+            _stop(status)
+            _log("internal error:\n" + traceback.format_exc())
+            if OPTIONS["verbose"]:
+                traceback.print_exc()
+            console.print(f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                          "(a slimcart bug: rerun with --verbose for the traceback and please report it)", highlight=False,
+                          soft_wrap=True)
+            raise typer.Exit(3) from None
+
+
+def _stop(status) -> None:
+    if hasattr(status, "stop"):
+        status.stop()
 
 
 def _print_compare(m: dict) -> None:
@@ -151,11 +202,11 @@ def train(workload: str = WorkloadOpt, data: Optional[str] = DataOpt,
           epochs: int = typer.Option(30, "--epochs", help="maximum epochs (early stopping on validation NDCG@10)"),
           seed: int = typer.Option(0, "--seed"), threads: Optional[int] = ThreadsOpt) -> None:
     """Train the workload's own model (recsys: SASRec on the interaction log). Resumes an interrupted run."""
-    from .bench import default_threads, set_threads
+    from .bench import resolve_threads, set_threads
     from .workloads import get_workload
 
-    set_threads(threads or default_threads())
     try:
+        set_threads(resolve_threads(threads))
         wl = get_workload(workload)
         if not hasattr(wl, "train"):
             raise SlimcartError(f"workload '{workload}' has no trainable model of its own (only recsys does)")
@@ -199,6 +250,7 @@ def recipes(markdown: bool = typer.Option(False, "--markdown", help="print a Mar
 @app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o"), data: Optional[str] = DataOpt,
          threads: Optional[int] = ThreadsOpt,
+         overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
          recipe: str = typer.Option("int8-static", "--recipe", help="a search recipe (see `slimcart recipes`)")) -> None:
     """The main job: compress the bundled MiniLM for product search, print before/after, write the report."""
     from . import api
@@ -206,7 +258,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o"), data: Optio
     # int8-static: static W8A8 calibrated on the workload's own queries, runtime picked by timing;
     # on CrowdFlower it is 3x PyTorch fp32 at -0.2% nDCG@10 and builds in seconds (docs/bench-quantization.md).
     console.print(f"[bold]slimcart demo[/]: all-MiniLM-L6-v2 for product search, recipe {recipe}")
-    m = _run(api.compress, "search", "minilm", recipe, out, data=data, overwrite=True, threads=threads)
+    m = _run(api.compress, "search", "minilm", recipe, out, data=data, overwrite=overwrite, threads=threads)
     _print_compare(m)
     out_console.print(f"report: {out / 'report.md'}   metrics: {out / 'metrics.json'}")
 

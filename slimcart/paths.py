@@ -1,4 +1,5 @@
-"""Locating bundled models and the data root."""
+"""Where things live: bundled model packages, the data root (SLIMCART_DATA) and slimcart's own cache
+of trained checkpoints (SLIMCART_HOME). Each environment variable is read here and nowhere else."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,12 +17,20 @@ def package_dir(dist_module: str) -> Path:
     return Path(spec.origin).parent
 
 
+def home() -> Path:
+    """slimcart's cache of checkpoints it trains (SASRec, distillation runs): $SLIMCART_HOME or ~/.cache/slimcart."""
+    return Path(os.environ.get("SLIMCART_HOME") or "~/.cache/slimcart").expanduser()
+
+
 def data_root() -> Path | None:
-    """The data root from SLIMCART_DATA, if set and existing."""
+    """The data root from SLIMCART_DATA (None when unset); set but missing is an error, not a silent
+    fall-back to synthetic data."""
     root = os.environ.get("SLIMCART_DATA")
-    if root and Path(root).is_dir():
-        return Path(root)
-    return None
+    if not root:
+        return None
+    if not Path(root).expanduser().is_dir():
+        raise SlimcartError(f"SLIMCART_DATA={root} is not a folder (unset it to use synthetic data)")
+    return Path(root).expanduser()
 
 
 def resolve_dataset(data: str | None, folder_name: str) -> Path | None:

@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from slimcart.bench import dir_bytes, environment, measure_interleaved, paired_bootstrap, paired_ratio
-from slimcart.workloads.base import BenchInputs
+from slimcart.bench import environment, measure_interleaved, paired_bootstrap, paired_ratio
+from slimcart.contracts import BenchInputs
 
 
 def _sleeper(seconds):
@@ -40,12 +40,7 @@ def test_paired_ratio_is_median_of_per_round_ratios():
     assert paired_ratio([2, 4, 30], [1, 2, 3]) == pytest.approx(2.0)
 
 
-def test_dir_bytes_and_environment(tmp_path):
-    (tmp_path / "a.bin").write_bytes(b"x" * 10)
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "b.onnx").write_bytes(b"y" * 5)
-    assert dir_bytes(tmp_path) == 15
-    assert dir_bytes(tmp_path, (".onnx",)) == 5
+def test_environment():
     env = environment(2)
     assert env["threads"] == 2 and env["versions"]["torch"].startswith("2.")
 

@@ -42,7 +42,7 @@ def test_compress_tiny_encoder_synthetic(tmp_path, tiny_encoder_dir, synthetic_d
     assert m["ratios"]["size"] < 0.4
     # the saved model reloads and agrees with the fp32 encoder
     wl = get_workload("search")
-    runner, bundle = api.load_any(wl, str(out))
+    runner, bundle = api.load(wl, str(out), threads=1)
     base = wl.load_model(str(tiny_encoder_dir))
     batch = wl.tokenize(bundle.tokenizer, ["red running shoes", "Acme coffee maker 12-cup"])
     cos = (runner(batch) * wl.torch_runner(base)(batch)).sum(1)

@@ -55,5 +55,5 @@ def render_report(m: dict, higher_is_better: dict[str, bool]) -> str:
         lines += ["## Notes", *[f"- {n}" for n in m["notes"]], ""]
     env = m["environment"]
     lines += ["## Environment", f"- CPU: {env['cpu']} ({', '.join(env['cpu_flags'])}), threads: {env['threads']}",
-              f"- " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v), ""]
+              "- " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v), ""]
     return "\n".join(lines)

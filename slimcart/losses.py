@@ -1,4 +1,4 @@
-"""Distillation losses: plain functions of student and teacher tensors, each a scalar mean.
+"""Distillation and training losses shared by techniques and workloads' distillation tasks: plain functions of student and teacher tensors, each a scalar mean.
 
 Every KL here is KL(teacher || student) on temperature-softened distributions, multiplied by T²
 so its gradient scale stays comparable to a hard-label loss when T changes (Hinton et al., 2015).
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import SlimcartError
+from .errors import SlimcartError
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -135,9 +135,3 @@ def relation_kl(student_x: torch.Tensor, teacher_x: torch.Tensor, heads: int,
     Widths may differ (only the L×L relations are compared), heads must divide both widths."""
     return attention_kl(self_relation(student_x, heads, mask), self_relation(teacher_x, heads, mask), mask)
 
-
-LOSS_FUNCTIONS = {
-    "soft_kl": soft_kl, "token_kl": token_kl, "listwise_kl": listwise_kl, "binary_kl": binary_kl,
-    "embedding_cosine": embedding_cosine, "embedding_mse": embedding_mse, "hidden_mse": hidden_mse,
-    "attention_kl": attention_kl, "relation_kl": relation_kl,
-}

@@ -1,4 +1,4 @@
-"""Real execution of weight-only quantized LLMs, two ways (picked by measurement, both kept):
+"""Real execution of weight-only quantized LLMs (the `slimcart-wq` format of packed_llm.py), two ways (picked by measurement, both kept):
 
 * "onnxruntime": one ONNX graph per model built straight from the packed weights, with
   com.microsoft ops: MatMulNBits (4-bit codes, int8 dot products on VNNI with accuracy_level 4;
@@ -13,16 +13,25 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ...bench import default_threads
-from ...errors import SlimcartError
-from .schemes import pack_int4
-from .weight_only import QuantizedWeight
-from .wq_format import PackedLLM
+from ..contracts import Artifact, ModelBundle, register_artifact
+from ..errors import SlimcartError
+from .packed_llm import (
+    FORMAT,
+    PackedLLM,
+    QuantizedWeight,
+    WeightSpec,
+    load_packed,
+    pack_int4,
+    save_packed,
+    to_torch,
+)
 
 MS = "com.microsoft"
 
@@ -74,8 +83,6 @@ def offset_correction(q: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
 
 def int8_rows(codes: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
     """The int8-per-row embedding as an 8-bit QuantizedWeight (codes + 128, zero 128) for MatMulNBits."""
-    from .weight_only import WeightSpec
-
     spec = WeightSpec(bits=8, group_size=None, symmetric=False)
     u = (codes.to(torch.int16) + 128).to(torch.uint8)
     return QuantizedWeight(u, scales[:, None].half(), torch.full((codes.shape[0], 1), 128, dtype=torch.uint8), spec)
@@ -196,12 +203,12 @@ class OrtLLMRunner:
 
     runtime = "onnxruntime-matmulnbits"
 
-    def __init__(self, p: PackedLLM, threads: int | None = None, accuracy_level: int = 4, pad_token_id=None):
+    def __init__(self, p: PackedLLM, threads: int, accuracy_level: int = 4, pad_token_id=None):
         import onnxruntime as ort
 
         model = build_graph(p, accuracy_level)
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or default_threads()
+        opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
@@ -295,8 +302,6 @@ class TorchInt8Head(torch.nn.Module):
 
 def torch_int4_model(p: PackedLLM) -> torch.nn.Module:
     """The HF model with int4 Linears on torch's CPU kernel (float Linears stay float)."""
-    from .wq_format import to_torch
-
     model = to_torch(p)
     for name, q in p.linears.items():
         if isinstance(q, QuantizedWeight) and q.spec.bits <= 4 and q.codebook is None:
@@ -310,16 +315,16 @@ def torch_int4_model(p: PackedLLM) -> torch.nn.Module:
 ACCURACY_LEVEL = {"int8": 4, "fp32": 1}  # MatMulNBits attribute: 4 = int8 dot products, 1 = fp32
 
 
-def make_runner(p: PackedLLM, runtime: str = "onnxruntime", pad_token_id=None, threads: int | None = None,
-                compute: str = "int8"):
-    """A workload runner for a packed model: "onnxruntime" (MatMulNBits graph, int8 or fp32 compute)
-    or "torch" (int4 kernel)."""
+def make_runner(p: PackedLLM, threads: int, runtime: str = "onnxruntime", pad_token_id=None, compute: str = "int8"):
+    """A runner for a packed model: "onnxruntime" (MatMulNBits graph, int8 or fp32 compute) or "torch"
+    (int4 kernel inside the same `generate` loop as the fp32 baseline)."""
     if runtime == "onnxruntime":
         if compute not in ACCURACY_LEVEL:
             raise SlimcartError(f"unknown MatMulNBits compute '{compute}' (int8 or fp32)")
         return OrtLLMRunner(p, threads, accuracy_level=ACCURACY_LEVEL[compute], pad_token_id=pad_token_id)
     if runtime == "torch":
-        from ...workloads.llm import CausalLM, CausalLMRunner
+        from ..models.causal_lm import CausalLM
+        from .torch_runtime import CausalLMRunner
 
         r = CausalLMRunner(CausalLM(torch_int4_model(p)), pad_token_id=pad_token_id)
         r.runtime = "torch-int4pack"
@@ -327,21 +332,25 @@ def make_runner(p: PackedLLM, runtime: str = "onnxruntime", pad_token_id=None, t
     raise SlimcartError(f"unknown runtime '{runtime}' for a packed LLM (onnxruntime or torch)")
 
 
-def attach_packed(state, lm, qweights: dict, method: str, embedding_bits: int, compute: str = "int8"):
-    """Hand the packed weights to the saver and record which kernels will run them."""
-    from .wq_format import save_packed
+@register_artifact
+class PackedLLMFolder(Artifact):
+    """A weight-only quantized decoder in the `slimcart-wq` layout (see packed_llm.py), run by ONNX
+    Runtime's MatMulNBits (or torch's int4 kernel)."""
 
-    tok = state.bundle.tokenizer
-    state.saver = lambda folder: save_packed(folder, lm, qweights, method, embedding_bits, tok, compute)
-    bits = sorted({q.spec.bits for q in qweights.values()})
-    if any(q.codebook is not None for q in qweights.values()):
-        state.size_only.append(f"k-means {bits}-bit codebooks: dequantized to float32 at load (no LUT kernel)")
-    else:
-        state.kernels.append(f"onnxruntime MatMulNBits {'/'.join(map(str, bits))}-bit weights, {compute} compute "
-                             f"(accuracy_level {ACCURACY_LEVEL[compute]})")
-    if embedding_bits == 8:
-        state.kernels.append("onnxruntime MatMulNBits 8-bit tied lm_head (embedding int8 per row)")
-    state.notes.append(f"weight-only {method}: {len(qweights)} decoder Linears; tied embedding/lm_head "
-                       f"{'int8 per row' if embedding_bits == 8 else 'float16'}")
-    state.runtime = "onnxruntime"
-    return state
+    format = FORMAT
+    runtime = "onnxruntime-matmulnbits"
+
+    def __init__(self, lm, qweights: dict, method: str, embedding_bits: int, compute: str = "int8"):
+        self.lm, self.qweights, self.method = lm, qweights, method
+        self.embedding_bits, self.compute = embedding_bits, compute
+
+    def save(self, folder: Path, workload, bundle: ModelBundle) -> None:
+        save_packed(folder, self.lm, self.qweights, self.method, self.embedding_bits, bundle.tokenizer, self.compute)
+
+    @classmethod
+    def load(cls, folder: Path, meta: dict, workload, threads: int):
+        bundle = workload.load_companions(folder)
+        runner = make_runner(load_packed(folder), threads, meta.get("runtime", "onnxruntime"),
+                             pad_token_id=getattr(bundle.tokenizer, "eos_token_id", None), compute=meta.get("compute", "int8"))
+        bundle.extra["packed"] = meta
+        return runner, bundle

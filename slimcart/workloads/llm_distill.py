@@ -14,34 +14,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import SlimcartError
-from . import losses as L
+from .. import losses as L
+from ..errors import SlimcartError
+from ..training import TeacherStudentTask
 
 WEIGHTS = ("logits_kl", "task")
 DEFAULT_WEIGHTS = {"logits_kl": 1.0}
 
 
-class LlmDistillTask:
+class LlmDistillTask(TeacherStudentTask):
     """DistillTask for CausalLM teacher/student pairs with one vocabulary."""
+
+    LOSSES, DEFAULTS, what = WEIGHTS, DEFAULT_WEIGHTS, "llm distillation"
 
     def __init__(self, teacher, student, windows: list[np.ndarray], weights: dict[str, float] | None = None,
                  temperature: float = 1.0, val_windows: int = 8):
-        weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
-        unknown = sorted(set(weights) - set(WEIGHTS))
-        if unknown:
-            raise SlimcartError(f"llm distillation has no loss {unknown} (choose from {', '.join(WEIGHTS)})")
-        self.w = {k: v for k, v in weights.items() if v}
-        if not self.w:
-            raise SlimcartError("all distillation loss weights are zero")
+        self.setup(teacher, weights)
         v_t, v_s = teacher.model.config.vocab_size, student.model.config.vocab_size
         if v_t != v_s:
             raise SlimcartError(f"teacher and student vocabularies differ ({v_t} vs {v_s} tokens): token KL needs one")
         windows = [w for w in windows if w.shape[1] == windows[0].shape[1]] if windows else []
         if len(windows) < 2:
             raise SlimcartError(f"distillation transfer data is empty or too small ({len(windows)} token windows)")
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
         self.T = temperature
         n_val = min(val_windows, max(1, len(windows) // 10))
         self.windows = np.concatenate(windows[:-n_val])
@@ -51,20 +45,10 @@ class LlmDistillTask:
         self._fp = {"windows": digest, "weights": self.w, "T": self.T}
 
     def set_student(self, student: nn.Module) -> None:
-        student.requires_grad_(True)  # a copy of the (frozen) teacher must train
-        self.heads = nn.ModuleDict({"student": student})
-
-    def trainable(self) -> nn.Module:
-        return self.heads
-
-    def student(self) -> nn.Module:
-        return self.heads["student"]
+        self.attach(student)
 
     def n_examples(self) -> int:
         return len(self.windows)
-
-    def fingerprint(self) -> dict:
-        return self._fp
 
     def loss(self, idx: np.ndarray):
         ids = torch.from_numpy(self.windows[idx])
@@ -76,8 +60,7 @@ class LlmDistillTask:
             parts["logits_kl"] = L.token_kl(s_logits, t_logits, self.T)
         if "task" in self.w:
             parts["task"] = F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        total = sum(self.w[k] * v for k, v in parts.items())
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return self.combine(parts)
 
     @torch.no_grad()
     def validate(self) -> float:

@@ -17,14 +17,113 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from ...errors import SlimcartError
-from ...formats import register_format, write_format
-from .schemes import pack_int4, unpack_int4
-from .weight_only import QuantizedWeight, WeightSpec
+from ..contracts import FORMAT_FILE, read_format, write_format
+from ..errors import SlimcartError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+class WeightSpec(BaseModel):
+    """Bits and grouping of weight-only quantization."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    bits: int = 4
+    group_size: int | None = 128  # None: per output channel
+    symmetric: bool = False
+    zero_point: Literal["int", "float"] = "int"  # asymmetric only
+    partial_last_group: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check(cls, v):
+        if isinstance(v, dict):
+            bits, g = v.get("bits", 4), v.get("group_size", 128)
+            if bits not in SUPPORTED_BITS or isinstance(bits, bool):
+                raise SlimcartError(f"weight-only bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+            if g is not None and (not isinstance(g, int) or g < 16 or g & (g - 1)):
+                raise SlimcartError(f"group_size must be a power of two >= 16 (or null for per-channel), got {g!r}")
+        return v
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, in_features: int, name: str = "weight") -> list[tuple[int, int]]:
+        """[(start, end)] column ranges of the groups of a row of `in_features` columns."""
+        g = self.group_size or in_features
+        if in_features % g and not self.partial_last_group:
+            raise SlimcartError(
+                f"group_size {g} does not divide in_features {in_features} of {name} "
+                "(set partial_last_group: true to allow a shorter last group)")
+        return [(s, min(s + g, in_features)) for s in range(0, in_features, g)]
+
+
+@dataclass
+class QuantizedWeight:
+    """Codes [out, in] uint8; scale [out, n_groups] float16; zero [out, n_groups] uint8 (zero_point int)
+    or offset [out, n_groups] float16 (zero_point float); neither when symmetric."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    spec: WeightSpec
+    offset: torch.Tensor | None = None
+    codebook: torch.Tensor | None = None  # [out, 2**bits] float16: k-means levels (codes index them)
+
+    def offsets(self) -> torch.Tensor:
+        """m per (row, group) in float32: W = codes * scale + m."""
+        if self.offset is not None:
+            return self.offset.float()
+        z = self.zero.float() if self.zero is not None else torch.full_like(self.scale, 2 ** (self.spec.bits - 1), dtype=torch.float32)
+        return -z * self.scale.float()
+
+    def per_column(self, t: torch.Tensor) -> torch.Tensor:
+        """Expand a per-(row, group) tensor to [out, in]."""
+        idx = torch.cat([torch.full((e - s,), i) for i, (s, e) in enumerate(self.spec.groups(self.codes.shape[1]))])
+        return t[:, idx]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight the kernels compute with."""
+        if self.codebook is not None:
+            return torch.gather(self.codebook.float(), 1, self.codes.long())
+        return self.codes.float() * self.per_column(self.scale.float()) + self.per_column(self.offsets())
+
+
+
+def pack_int4(codes: torch.Tensor | np.ndarray, signed: bool = False) -> torch.Tensor:
+    """Pack 4-bit codes two per byte along the last dim: element 2i in the low nibble, 2i+1 in the high
+    nibble (the ONNX Runtime MatMulNBits / GGUF order). Codes are 0..15, or -8..7 with `signed`."""
+    c = torch.as_tensor(codes)
+    if c.dtype.is_floating_point or c.dtype == torch.bool:
+        raise SlimcartError(f"pack_int4 needs integer codes, got {c.dtype}")
+    if c.dim() == 0 or c.shape[-1] % 2:
+        raise SlimcartError(f"pack_int4 needs an even last dimension, got shape {tuple(c.shape)}")
+    c = c.to(torch.int16)
+    lo_ok, hi_ok = (-8, 7) if signed else (0, 15)
+    if c.numel() and (int(c.min()) < lo_ok or int(c.max()) > hi_ok):
+        raise SlimcartError(f"int4 codes must lie in [{lo_ok}, {hi_ok}], got [{int(c.min())}, {int(c.max())}]")
+    u = (c & 0xF).to(torch.uint8)  # two's complement nibble for signed codes
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor | np.ndarray, signed: bool = False) -> torch.Tensor:
+    """Inverse of `pack_int4`: [..., n] uint8 -> [..., 2n] codes (uint8, or int8 with `signed`)."""
+    p = torch.as_tensor(packed)
+    if p.dtype != torch.uint8:
+        raise SlimcartError(f"unpack_int4 needs uint8 bytes, got {p.dtype}")
+    lo, hi = p & 0xF, p >> 4
+    out = torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+    if signed:
+        out = out.to(torch.int8)
+        out = torch.where(out > 7, out - 16, out)
+    return out
+
 
 FORMAT = "slimcart-wq"
 
@@ -117,24 +216,30 @@ def load_packed(folder: Path) -> PackedLLM:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    meta = json.loads((folder / "slimcart-format.json").read_text())
+    meta = read_format(folder) or {}
+    if not isinstance(meta.get("linears"), dict):
+        raise SlimcartError(f"{folder / FORMAT_FILE} has no 'linears' table of quantized layers")
     try:
         t = load_file(str(folder / "model.safetensors"))
         config = json.loads((folder / "config.json").read_text())
     except Exception as e:
         raise SlimcartError(f"cannot read packed model in {folder}: {str(e).splitlines()[0]}") from None
     linears: dict = {}
-    for name, sp in meta["linears"].items():
-        n = sp.pop("in_features")
-        spec = WeightSpec(**sp)
-        codes = unpack_bits(t[f"{name}.qweight"], spec.bits, n)
-        if f"{name}.kmeans_codebook" in t:
-            cb = t[f"{name}.kmeans_codebook"]
-            linears[name] = QuantizedWeight(codes, torch.ones(cb.shape[0], 1, dtype=torch.float16), None, spec, codebook=cb)
-            continue
-        scales = t[f"{name}.scales"]
-        zero = unpack_bits(t[f"{name}.qzeros"], spec.bits, scales.shape[1]) if f"{name}.qzeros" in t else None
-        linears[name] = QuantizedWeight(codes, scales, zero, spec, t.get(f"{name}.offsets"))
+    try:
+        for name, sp in meta["linears"].items():
+            sp = dict(sp)
+            n = int(sp.pop("in_features"))
+            spec = WeightSpec(**sp)
+            codes = unpack_bits(t[f"{name}.qweight"], spec.bits, n)
+            if f"{name}.kmeans_codebook" in t:
+                cb = t[f"{name}.kmeans_codebook"]
+                linears[name] = QuantizedWeight(codes, torch.ones(cb.shape[0], 1, dtype=torch.float16), None, spec, codebook=cb)
+                continue
+            scales = t[f"{name}.scales"]
+            zero = unpack_bits(t[f"{name}.qzeros"], spec.bits, scales.shape[1]) if f"{name}.qzeros" in t else None
+            linears[name] = QuantizedWeight(codes, scales, zero, spec, t.get(f"{name}.offsets"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise SlimcartError(f"{folder}: the packed weights do not match {FORMAT_FILE} ({type(e).__name__}: {e})") from None
     embed_int8 = None
     if "embed.qweight" in t:
         embed_int8 = (t["embed.qweight"], t["embed.scales"])
@@ -167,17 +272,3 @@ def to_torch(packed: PackedLLM) -> torch.nn.Module:
     return model
 
 
-@register_format(FORMAT)
-def _load(workload, folder: Path, meta: dict):
-    """Loader for `slimcart compress`/`evaluate`: the ONNX Runtime MatMulNBits runner (or torch)."""
-    from transformers import AutoTokenizer
-
-    from ...workloads.base import ModelBundle
-    from .int4_kernels import make_runner
-
-    folder = Path(folder)
-    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    packed = load_packed(folder)
-    runner = make_runner(packed, meta.get("runtime", "onnxruntime"), pad_token_id=tok.eos_token_id,
-                         compute=meta.get("compute", "int8"))
-    return runner, ModelBundle(name=str(folder), module=None, source=folder, tokenizer=tok, extra={"packed": meta})

@@ -1,8 +1,10 @@
-"""One small trainer for every distillation task: AdamW, warm-up + linear decay, validation with
-early stopping, a hard step/time budget, atomic checkpoints, exact resume and data parallelism.
+"""One trainer for every model slimcart trains or distils (SASRec and the other recommenders, the CNN,
+distillation students): AdamW, warm-up + linear decay (or a constant rate), validation with early
+stopping, a hard step/time budget, atomic checkpoints, exact resume and data parallelism.
 
-A task (see `DistillTask`) owns the models, the transfer data and the losses; the trainer only
-picks example indices, steps the optimizer and keeps the books. Randomness is a function of
+A task (`slimcart.contracts.DistillTask`: trainable(), n_examples(), loss(idx), validate(),
+fingerprint()) owns the models, the data and the losses; the trainer only picks example indices,
+steps the optimizer and keeps the books. Randomness is a function of
 (seed, epoch) for the example order and (seed, step) for anything inside a step (dropout,
 sampled negatives), so a resumed run takes the same steps an uninterrupted one would.
 """
@@ -10,20 +12,21 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ...errors import SlimcartError
-from . import ddp
+from . import parallel as ddp
+from .contracts import DistillTask
+from .errors import SlimcartError
+from .outputs import atomic_dir
 
 
 class TrainConfig(BaseModel):
@@ -38,29 +41,13 @@ class TrainConfig(BaseModel):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup: float = Field(0.05, ge=0, lt=1)  # fraction of the budget spent ramping the LR up
+    schedule: Literal["linear", "constant"] = "linear"  # after the warm-up: decay to 0, or keep lr
     grad_clip: float | None = 1.0
     eval_every: int = Field(100, ge=1)
     patience: int = Field(5, ge=1)
     seed: int = 0
     dropout: bool = False  # train the student with its dropout on (off: a deterministic function to match)
     world_size: int = Field(1, ge=1)  # > 1: data-parallel worker processes (torch.distributed)
-
-
-class DistillTask(Protocol):
-    """What the trainer needs from a workload-specific distillation set-up."""
-
-    def trainable(self) -> nn.Module: ...  # student plus any loss-only heads (projections)
-
-    def n_examples(self) -> int: ...  # number of transfer examples
-
-    def loss(self, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]: ...  # mean over the examples idx
-
-    def validate(self) -> float: ...  # higher is better; held-out transfer data, never the test split
-
-    def fingerprint(self) -> dict: ...  # identifies teacher, student init, data and losses (for resume)
-
-    # Optional: `arrange(order, batch_size, rng) -> order`, a reordering of one epoch's permutation
-    # (e.g. batches of similar length); must be a deterministic function of its arguments.
 
 
 @dataclass
@@ -108,17 +95,6 @@ class _Reporter:
             self.bar.stop()
 
 
-def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _state_of(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
 
@@ -155,7 +131,21 @@ def _load(folder: Path, model: nn.Module, opt) -> tuple[dict, dict]:
 def _lr_factor(cfg: TrainConfig, progress: float) -> float:
     if cfg.warmup and progress < cfg.warmup:
         return max(progress / cfg.warmup, 0.01)
-    return max(0.0, (1 - progress) / (1 - cfg.warmup))
+    return 1.0 if cfg.schedule == "constant" else max(0.0, (1 - progress) / (1 - cfg.warmup))
+
+
+def length_bucketed(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Reorder one epoch's example permutation into batches of similar length (sorted inside windows
+    of 16 batches, then the full batches shuffled; a short last batch goes to the end so batch slices
+    stay aligned): mixing short and long sequences would pad every row to the longest."""
+    window, batches = batch_size * 16, []
+    for a in range(0, len(order), window):
+        chunk = order[a : a + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    rest = [b for b in batches if len(b) < batch_size]
+    return np.concatenate([full[j] for j in rng.permutation(len(full))] + rest)
 
 
 def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progress: Callable[[str], None] | None = None,
@@ -173,7 +163,8 @@ def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progr
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise SlimcartError("the student has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel per step instead of several passes over the parameters (these models are small)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=all(p.is_floating_point() for p in params))
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -190,13 +181,15 @@ def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progr
                 res.stopped = f"reused finished run ({book['result']['stopped']})"
                 return res
             if progress and ddp.rank() == 0:
-                progress(f"resuming distillation at step {res.steps} from {ckpt_dir}")
+                progress(f"resuming {label} at step {res.steps} from {ckpt_dir}")
 
     def checkpoint(final: bool) -> None:
         if ckpt_dir is not None and ddp.rank() == 0:
             book = {"fingerprint": fingerprint, "result": res.as_dict(), "done": final}
-            _atomic_dir(ckpt_dir, lambda f: _save(f, model, best, opt, book, final))
+            atomic_dir(ckpt_dir, lambda f: _save(f, model, best, opt, book, final))
         ddp.barrier()
+
+    losses: list[float] = []  # training losses since the last validation
 
     def evaluate() -> bool:
         """Validate on rank 0, share the verdict; True when patience has run out."""
@@ -208,13 +201,15 @@ def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progr
             best = _state_of(model)
         else:
             res.evals_since_best += 1
-        res.history.append({"step": res.steps, "val": score, "seconds": round(res.seconds, 1)})
+        res.history.append({"step": res.steps, "val": score, "seconds": round(res.seconds, 1),
+                            "loss": float(np.mean(losses)) if losses else None})
+        losses.clear()
         return res.evals_since_best >= cfg.patience
 
     reporter = _Reporter(total, progress, label)
     if res.steps == 0:
         evaluate()  # the initial student is a candidate too (and a baseline for the log)
-    t0, base_s, losses = time.perf_counter(), res.seconds, []
+    t0, base_s, epoch_order = time.perf_counter(), res.seconds, [-1, None]
     c0, base_c = time.process_time(), res.cpu_seconds
     try:
         while not res.stopped:
@@ -229,10 +224,13 @@ def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progr
                 res.stopped = "time budget"
                 break
             epoch, offset = divmod(res.steps, steps_per_epoch)
-            rng = np.random.default_rng([cfg.seed, epoch])
-            order = rng.permutation(n)
-            if hasattr(task, "arrange"):  # e.g. length-bucketed batches: less padding, same examples
-                order = task.arrange(order, cfg.batch_size, rng)
+            if epoch_order[0] != epoch:  # the epoch's example order: a function of (seed, epoch) only
+                rng = np.random.default_rng([cfg.seed, epoch])
+                order = rng.permutation(n)
+                if hasattr(task, "arrange"):  # e.g. length-bucketed batches: less padding, same examples
+                    order = task.arrange(order, cfg.batch_size, rng)
+                epoch_order[:] = [epoch, order]
+            order = epoch_order[1]
             batch = order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(cfg, frac)
@@ -251,7 +249,7 @@ def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progr
             res.steps += 1
             res.seconds = base_s + time.perf_counter() - t0
             res.cpu_seconds = base_c + time.process_time() - c0
-            info = f"loss {np.mean(losses[-20:]):.4f}" if losses else ""
+            info = f"loss {np.mean(losses[-20:]):.4f}" if losses else ""  # before evaluate() clears them
             if res.steps % cfg.eval_every == 0 or res.steps >= total:
                 stop = evaluate()
                 res.seconds = base_s + time.perf_counter() - t0
@@ -270,3 +268,42 @@ def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progr
     model.eval()
     checkpoint(final=True)
     return res
+
+
+class TeacherStudentTask:
+    """The parts every workload's distillation task shares: loss weights checked against the losses
+    the task defines (`LOSSES`, defaults `DEFAULTS`), a frozen teacher, the student plus loss-only
+    heads as the trainable module, and the weighted sum of the loss parts."""
+
+    LOSSES: tuple[str, ...] = ()
+    DEFAULTS: dict[str, float] = {}
+    what = "distillation"
+
+    def setup(self, teacher: nn.Module, weights: dict[str, float] | None) -> None:
+        weights = dict(self.DEFAULTS if weights is None else weights)
+        unknown = sorted(set(weights) - set(self.LOSSES))
+        if unknown:
+            raise SlimcartError(f"{self.what} has no loss {unknown} (choose from {', '.join(self.LOSSES)})")
+        self.w = {k: v for k, v in weights.items() if v}
+        if not self.w:
+            raise SlimcartError("all distillation loss weights are zero")
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def attach(self, student: nn.Module, **heads: nn.Module) -> None:
+        student.requires_grad_(True)  # a copy of the (frozen) teacher must train
+        self.heads = nn.ModuleDict({"student": student, **heads})
+
+    def trainable(self) -> nn.Module:
+        return self.heads
+
+    def student(self) -> nn.Module:
+        return self.heads["student"]
+
+    def fingerprint(self) -> dict:
+        return self._fp
+
+    def combine(self, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """(weighted total, each part as a float for the log)."""
+        return sum(self.w[k] * v for k, v in parts.items()), {k: float(v.detach()) for k, v in parts.items()}

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import SlimcartError
-from ...paths import data_root
-from . import losses as L
+from .. import losses as L
+from ..arch import detect
+from ..errors import SlimcartError
+from ..paths import data_root
+from ..training import TeacherStudentTask, length_bucketed
 
 WEIGHTS = ("embedding_cosine", "embedding_mse", "listwise", "hidden_mse", "attention", "value_relation")
 DEFAULT_WEIGHTS = {"embedding_cosine": 1.0, "listwise": 1.0}
@@ -65,37 +67,29 @@ class _Capture:
 
 
 def _value_module(encoder) -> nn.Module:
-    from .students import find_stack
-
-    last = find_stack(encoder)[1][-1]
+    last = detect(encoder).layers[-1]
     value = getattr(getattr(getattr(last, "attention", None), "self", None), "value", None)
     if value is None:
         raise SlimcartError("value-relation loss needs a BERT-style layer (attention.self.value)")
     return value
 
 
-class SearchDistillTask:
+class SearchDistillTask(TeacherStudentTask):
     """DistillTask for SentenceEncoder teacher/student pairs that share a tokenizer."""
+
+    LOSSES, DEFAULTS, what = WEIGHTS, DEFAULT_WEIGHTS, "search distillation"
 
     def __init__(self, teacher, student, tokenizer, texts: list[str], weights: dict[str, float] | None = None,
                  score_temperature: float = 0.05, bank_size: int = 1024, val_texts: int = 512, seed: int = 0,
                  progress=_quiet):
-        weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
-        unknown = sorted(set(weights) - set(WEIGHTS))
-        if unknown:
-            raise SlimcartError(f"search distillation has no loss {unknown} (choose from {', '.join(WEIGHTS)})")
-        self.w = {k: v for k, v in weights.items() if v}
-        if not self.w:
-            raise SlimcartError("all distillation loss weights are zero")
+        self.setup(teacher, weights)
         if len(texts) < 4:
             raise SlimcartError(f"distillation transfer data is empty or too small ({len(texts)} texts)")
         t_tok, s_tok = teacher.transformer.config.vocab_size, student.transformer.config.vocab_size
         if t_tok != s_tok:
             raise SlimcartError(f"teacher and student vocabularies differ ({t_tok} vs {s_tok} tokens): "
                                 "they must share the tokenizer the transfer texts are encoded with")
-        self.teacher, self.tokenizer, self.tau = teacher.eval(), tokenizer, score_temperature
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.tokenizer, self.tau = tokenizer, score_temperature
         self.set_student(student)
         self.online = any(k in self.w for k in ("hidden_mse", "attention", "value_relation"))
         if "attention" in self.w and teacher.transformer.config.num_attention_heads != student.transformer.config.num_attention_heads:
@@ -134,39 +128,20 @@ class SearchDistillTask:
 
     def set_student(self, student: nn.Module) -> None:
         """Swap in another initial student (after choosing layers by measurement)."""
-        student.requires_grad_(True)  # a copy of the (frozen) teacher must train
         ds, dt = student.transformer.config.hidden_size, self.teacher.transformer.config.hidden_size
-        self.heads = nn.ModuleDict({"student": student, "proj": L.projection(ds, dt)})
+        self.attach(student, proj=L.projection(ds, dt))
         n_s = student.transformer.config.num_hidden_layers
         n_t = self.teacher.transformer.config.num_hidden_layers
         self.layer_map = [round(i * n_t / n_s) for i in range(n_s + 1)]  # student hidden i <-> teacher hidden
 
     # ------------------------------------------------------------- DistillTask
-    def trainable(self) -> nn.Module:
-        return self.heads
-
-    def student(self) -> nn.Module:
-        return self.heads["student"]
-
     def n_examples(self) -> int:
         return len(self.train_idx)
 
-    def fingerprint(self) -> dict:
-        return self._fp
-
     def arrange(self, order: np.ndarray, batch_size: int, rng) -> np.ndarray:
-        """Batches of similar length (sorted inside windows of 16 batches, then shuffled): titles,
-        queries and long product texts mixed in one batch would pad every row to the longest."""
-        window = batch_size * 16
-        lengths = np.array([len(self.ids[i]) for i in self.train_idx])
-        batches = []
-        for a in range(0, len(order), window):
-            chunk = order[a : a + window]
-            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-        full = [b for b in batches if len(b) == batch_size]
-        rest = [b for b in batches if len(b) < batch_size]  # at the end, so the trainer's slices stay aligned
-        return np.concatenate([full[j] for j in rng.permutation(len(full))] + rest)
+        """Batches of similar length: titles, queries and long product texts mixed in one batch would
+        pad every row to the longest."""
+        return length_bucketed(order, np.array([len(self.ids[i]) for i in self.train_idx]), batch_size, rng)
 
     def batch(self, idx) -> dict[str, torch.Tensor]:
         rows = [self.ids[i] for i in idx]
@@ -222,8 +197,7 @@ class SearchDistillTask:
                 parts["attention"] = L.attention_kl(s_out.attentions[-1], t_out.attentions[-1], mask)
             if s_val is not None:
                 parts["value_relation"] = L.relation_kl(s_val, t_val, self.rel_heads, mask)
-        total = sum(self.w[k] * v for k, v in parts.items())
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return self.combine(parts)
 
     @torch.no_grad()
     def validate(self) -> float:

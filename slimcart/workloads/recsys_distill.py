@@ -12,34 +12,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...errors import SlimcartError
-from . import losses as L
+from .. import losses as L
+from ..errors import SlimcartError
+from ..models.sasrec import sequence_loss
+from ..training import TeacherStudentTask
+from .ranking import leave_last_out, ndcg_at, rank_users
 
 WEIGHTS = ("logits_kl", "hidden_mse", "task")
 DEFAULT_WEIGHTS = {"logits_kl": 1.0, "task": 1.0}
 VAL_USERS = 3000
 
 
-class RecsysDistillTask:
+class RecsysDistillTask(TeacherStudentTask):
     """DistillTask for SASRec teacher/student pairs over the same item catalogue."""
+
+    LOSSES, DEFAULTS, what = WEIGHTS, DEFAULT_WEIGHTS, "recsys distillation"
 
     def __init__(self, teacher, student, data, weights: dict[str, float] | None = None, temperature: float = 1.0,
                  kd_positions: int = 4, negatives: int = 1024, seed: int = 0):
-        from ...workloads.recsys import leave_last_out
-
-        weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
-        unknown = sorted(set(weights) - set(WEIGHTS))
-        if unknown:
-            raise SlimcartError(f"recsys distillation has no loss {unknown} (choose from {', '.join(WEIGHTS)})")
-        self.w = {k: v for k, v in weights.items() if v}
-        if not self.w:
-            raise SlimcartError("all distillation loss weights are zero")
+        self.setup(teacher, weights)
         n_t, n_s = teacher.item_emb.num_embeddings, student.item_emb.num_embeddings
         if n_t != n_s:
             raise SlimcartError(f"teacher scores {n_t - 1} items but the student {n_s - 1}: they must share the catalogue")
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
         self.T, self.k, self.negatives = temperature, kd_positions, negatives
         self.max_len = teacher.config.max_len
         train, valid, _ = leave_last_out(data.histories)
@@ -54,21 +48,11 @@ class RecsysDistillTask:
                     "negatives": negatives, "seed": seed, "name": data.name}
 
     def set_student(self, student: nn.Module) -> None:
-        student.requires_grad_(True)  # a copy of the (frozen) teacher must train
         t_dim, s_dim = self.teacher.item_emb.embedding_dim, student.item_emb.embedding_dim
-        self.heads = nn.ModuleDict({"student": student, "proj": L.projection(s_dim, t_dim)})
-
-    def trainable(self) -> nn.Module:
-        return self.heads
-
-    def student(self) -> nn.Module:
-        return self.heads["student"]
+        self.attach(student, proj=L.projection(s_dim, t_dim))
 
     def n_examples(self) -> int:
         return len(self.users)
-
-    def fingerprint(self) -> dict:
-        return self._fp
 
     def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (input, next item) pairs, cut to the batch's longest history."""
@@ -80,8 +64,6 @@ class RecsysDistillTask:
         return torch.from_numpy(inp), torch.from_numpy(tgt)
 
     def loss(self, idx: np.ndarray):
-        from ...models.sasrec import sequence_loss
-
         inp, tgt = self.batch(idx)
         student = self.student()
         h_s = student.encode(inp)
@@ -100,8 +82,7 @@ class RecsysDistillTask:
             parts["hidden_mse"] = L.hidden_mse(h_s, h_t, self.heads["proj"], tgt > 0)
         if "task" in self.w:
             parts["task"] = sequence_loss(student, inp, tgt, "sampled_softmax", self.negatives, None)
-        total = sum(self.w[k] * v for k, v in parts.items())
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return self.combine(parts)
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -109,9 +90,12 @@ class RecsysDistillTask:
         return self.ndcg(self.student())
 
     @torch.no_grad()
-    def ndcg(self, model) -> float:
-        from ...workloads.recsys import ndcg_at, rank_users
+    def score_undistilled(self, model) -> float:
+        """Validation NDCG@10 of a candidate student (used to choose layers)."""
+        return self.ndcg(model)
 
+    @torch.no_grad()
+    def ndcg(self, model) -> float:
         model.eval()
         r = rank_users(lambda b: model(torch.from_numpy(b)).numpy(), self.val_in, self.val_tgt, self.max_len)
         return ndcg_at(r["ranks"])
