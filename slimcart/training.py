@@ -1,5 +1,5 @@
 """One trainer for every model slimcart trains or distils (SASRec and the other recommenders, the CNN,
-distillation students): AdamW, warm-up + linear decay (or a constant rate), validation with early
+distillation students): AdamW, warm-up + linear or cosine decay (or a constant rate), validation with early
 stopping, a hard step/time budget, atomic checkpoints, exact resume and data parallelism.
 
 A task (`slimcart.contracts.DistillTask`: trainable(), n_examples(), loss(idx), validate(),
@@ -20,7 +20,7 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 from torch import nn
 
 from . import parallel as ddp
@@ -41,13 +41,27 @@ class TrainConfig(BaseModel):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup: float = Field(0.05, ge=0, lt=1)  # fraction of the budget spent ramping the LR up
-    schedule: Literal["linear", "constant"] = "linear"  # after the warm-up: decay to 0, or keep lr
+    # after the warm-up: decay to 0 along a line or a half cosine, or keep lr
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
     grad_clip: float | None = 1.0
     eval_every: int = Field(100, ge=1)
     patience: int = Field(5, ge=1)
     seed: int = 0
     dropout: bool = False  # train the student with its dropout on (off: a deterministic function to match)
+    # batch-norm layers while training: "frozen" normalise with their stored statistics (a fixed affine map,
+    # the same function training and serving); "update" normalise with each batch's statistics and update
+    # the running averages, as when a CNN is trained from scratch
+    batch_norm: Literal["frozen", "update"] = "frozen"
     world_size: int = Field(1, ge=1)  # > 1: data-parallel worker processes (torch.distributed)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """`batch_norm` is left out at its default, so the settings (and with them the fingerprints of
+        resumable runs) of configs written before the field existed stay the same."""
+        out = handler(self)
+        if out.get("batch_norm") == "frozen":
+            del out["batch_norm"]
+        return out
 
 
 @dataclass
@@ -120,18 +134,29 @@ def _load(folder: Path, model: nn.Module, opt) -> tuple[dict, dict]:
     if book.get("done"):
         return book, best
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    params = [p for g in opt.param_groups for p in g["params"]]
     optim: dict[int, dict] = {}
     for key, v in load_file(str(folder / "optim.safetensors")).items():
         i, name = key.split(".", 1)
-        optim.setdefault(int(i), {})[name] = v
+        p = params[int(i)]
+        # moments back in their parameter's memory layout (saved packed; a channels-last CNN's are not):
+        # the fused optimizer steps parameter and moments as flat buffers
+        optim.setdefault(int(i), {})[name] = torch.empty_like(p).copy_(v) if v.shape == p.shape else v
     opt.load_state_dict({"state": optim, "param_groups": book.pop("param_groups")})
     return book, best
 
 
 def _lr_factor(cfg: TrainConfig, progress: float) -> float:
+    """Learning-rate multiplier at `progress` (0..1 of the budget): linear warm-up over `warmup`, then
+    constant, linear decay (1 - u) or cosine decay (1 + cos(pi u)) / 2, u = (progress - warmup) / (1 - warmup)."""
     if cfg.warmup and progress < cfg.warmup:
         return max(progress / cfg.warmup, 0.01)
-    return 1.0 if cfg.schedule == "constant" else max(0.0, (1 - progress) / (1 - cfg.warmup))
+    u = min(1.0, (progress - cfg.warmup) / (1 - cfg.warmup))
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * u))
+    return max(0.0, 1 - u)
 
 
 def length_bucketed(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -206,6 +231,7 @@ def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progr
         losses.clear()
         return res.evals_since_best >= cfg.patience
 
+    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     reporter = _Reporter(total, progress, label)
     if res.steps == 0:
         evaluate()  # the initial student is a candidate too (and a baseline for the log)
@@ -236,6 +262,8 @@ def fit(task: DistillTask, cfg: TrainConfig, ckpt_dir: Path | None = None, progr
                 g["lr"] = cfg.lr * _lr_factor(cfg, frac)
             torch.manual_seed(cfg.seed * 1_000_003 + res.steps)
             model.train(cfg.dropout)
+            for m in batch_norms:
+                m.train(cfg.batch_norm == "update")
             local = ddp.shard(batch)
             opt.zero_grad(set_to_none=True)
             if len(local):

@@ -194,7 +194,7 @@ def load_folder(root: Path) -> VisionData:
         files[split] = [p for c in sorted(by_class) for p in by_class[c]]
         labels[split] = np.array([classes.index(c) for c in sorted(by_class) for _ in by_class[c]], np.int64)
     n = len(labels["test"])
-    info = DataInfo(name=root.name, synthetic=False, n=n,
+    info = DataInfo(name=root.name, synthetic=False, n=n, source=root,
                     split=f"test split ({n} photos, {len(classes)} classes; splits present: {', '.join(splits)})")
     return VisionData(root.name, classes, files, labels, info)
 

@@ -18,7 +18,11 @@ fp32 GEMM kernels vectorise best):
 The layers that produce the model's outputs are never narrowed (their width is the class count).
 
 After removal the BatchNorm running statistics downstream are stale (a conv lost some inputs);
-`recalibrate_batchnorm` re-estimates them on calibration batches before any fine-tuning.
+`recalibrate_batchnorm` re-estimates them on calibration batches before any fine-tuning: for each
+BN, running mean = (1/B) sum_b mean_b and running var = (1/B) sum_b var_b (unbiased) over the B
+batches, taken in one forward pass per batch in which every BN normalises with the batch's own
+statistics (as in training), so each BN sees the inputs the pruned layers before it now produce.
+The recipe step is `prune_channels` (steps.py).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...arch import run_batch
 from ...errors import SlimcartError
 
 IMPORTANCES = ("l1", "l2", "fpgm", "bn_scale", "taylor")
@@ -72,8 +77,8 @@ def _count(module: nn.Module, example: Any) -> tuple[int, int]:
 
 
 def _forward(module: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return module(**inputs)
+    if isinstance(inputs, dict):  # a workload batch: keys that are not model inputs (labels) left out
+        return run_batch(module, inputs)
     return module(*inputs) if isinstance(inputs, tuple) else module(inputs)
 
 
@@ -149,10 +154,10 @@ def prune_channels(module: nn.Module, ratio: float, example_inputs: Any, importa
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(module: nn.Module, batches: list[Any], input_keys: tuple[str, ...] | None = None) -> int:
+def recalibrate_batchnorm(module: nn.Module, batches: list[Any]) -> int:
     """Re-estimate every BatchNorm's running mean/variance as the plain average over `batches`
     (momentum None = cumulative average), weights untouched; returns the number of BatchNorms reset.
-    `input_keys`: the dict keys the forward takes (None: all of them)."""
+    Dict batches are fed as keyword inputs, keys that are not model inputs (labels) left out."""
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or not batches:
         return 0
@@ -165,10 +170,7 @@ def recalibrate_batchnorm(module: nn.Module, batches: list[Any], input_keys: tup
         m.train()
     try:
         for b in batches:
-            b = _tensors(b)
-            if isinstance(b, dict) and input_keys is not None:
-                b = {k: v for k, v in b.items() if k in input_keys}
-            _forward(module, b)
+            _forward(module, _tensors(b))
     finally:
         for m, mom in saved:
             m.momentum = mom

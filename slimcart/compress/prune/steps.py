@@ -1,19 +1,22 @@
-"""Recipe steps of the pruning family: `prune`, `prune_structured`, `recover`.
+"""Recipe steps of the pruning family: `prune`, `prune_structured`, `prune_channels`, `recover`.
 
 A pruning step keeps a copy of the model before pruning as the teacher when a `recover` or `distill`
 step follows. Unstructured and N:M sparsity is labelled size-only (no CPU kernel here skips zeros)
-and saved bitmask-encoded; structured pruning needs no label: the smaller model runs on the same
-runtime as the dense one.
+and saved bitmask-encoded; structured and channel pruning need no label: the smaller model runs on
+the same runtime as the dense one.
 """
 from __future__ import annotations
 
 from typing import Literal
 
-from ...arch import detect
+from pydantic import Field, field_validator
+from torch import nn
+
+from ...arch import LayerSelect, detect
 from ...errors import SlimcartError
 from ...recipe import Step, register_step
 from ..train import train
-from .config import RecoverConfig, SparsityConfig, StructuredConfig
+from .config import RecoverConfig, SparsityConfig, StructuredConfig, check_fraction
 from .masks import apply_masks, sparsity_report, target_linears
 from .oneshot import check_targets, magnitude_masks, prune_sparse
 from .recover import distill_loss, recover, sensitivity_loss
@@ -113,6 +116,61 @@ class PruneStructuredStep(StructuredConfig, Step):
             state.notes.append("per-layer shapes are not expressible in the stock HF config: saved as 'structured-hf' "
                                "(safetensors + config.json with slimcart_structure), reloaded by slimcart")
             state.artifact = StructuredHF()
+        return state
+
+
+@register_step
+class PruneChannelsStep(LayerSelect, Step):
+    """Channel (filter) pruning of a CNN: remove the least important `ratio` of every coupled channel
+    group (torch-pruning's dependency graph: batch norm, residual additions, consumers' inputs), then
+    re-estimate the batch-norm statistics on calibration batches. `targets` / `exclude` choose the
+    Conv / Linear layers whose output channels may go; the layers producing the model's outputs never do.
+    The dense model is kept as the teacher of a following `distill` (student `current`) step."""
+
+    kind: Literal["prune_channels"] = "prune_channels"
+    ratio: float
+    importance: Literal["l1", "l2", "fpgm", "bn_scale", "taylor"] = "l2"
+    round_to: int | None = Field(8, ge=1)  # kept channel counts a multiple of this (vectorised GEMM kernels)
+    calibration_batches: int = Field(16, ge=1)  # for batch-norm re-estimation and taylor importance
+    recalibrate_bn: bool = True
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        return check_fraction(v, "prune_channels ratio")
+
+    def apply(self, state, ctx):
+        from .channels import prune_channels, recalibrate_batchnorm
+
+        module = state.torch_module(self.kind)
+        if state.masks:
+            raise SlimcartError("put prune_channels before unstructured 'prune' steps (their masks would not fit)")
+        layers = {n: m for n, m in module.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+        if not any(isinstance(m, nn.modules.conv._ConvNd) for m in layers.values()):
+            raise SlimcartError("prune_channels removes convolution channels and this model has no Conv layer "
+                                "(for transformers use prune_structured)")
+        if not any(self.selects(n) for n in layers):
+            raise SlimcartError(f"prune_channels: targets {self.targets} / exclude {self.exclude} select no Conv or Linear layer")
+        loss_fn = None
+        if self.importance == "taylor":
+            loss_fn = ctx.workload.task_loss(state.bundle)
+            if loss_fn is None:
+                raise SlimcartError("taylor channel importance needs a workload with a training loss (labelled data)")
+        state.keep_teacher(ctx)
+        need_data = self.importance == "taylor" or self.recalibrate_bn
+        batches = ctx.calibration(state.bundle, self.calibration_batches) if need_data else None
+        ctx.progress(f"pruning {self.ratio:.0%} of the channels ({self.importance} importance)")
+        rep = prune_channels(module, self.ratio, ctx.workload.example_batch(state.bundle), self.importance,
+                             self.round_to, [m for n, m in layers.items() if not self.selects(n)], batches, loss_fn)
+        recalibrated = recalibrate_batchnorm(module, batches) if self.recalibrate_bn else 0
+        module.eval()
+        state.reports[self.kind] = {**rep, "batchnorms_recalibrated": recalibrated}
+        photos = sum(len(next(iter(b.values()))) for b in batches) if recalibrated else 0
+        state.notes.append(
+            f"channel pruning ({self.importance}, ratio {self.ratio:g}, round to {self.round_to}): parameters "
+            f"{rep['params_before']:,} -> {rep['params_after']:,}, multiply-adds per example {rep['macs_before']:,} -> "
+            f"{rep['macs_after']:,}; " + (f"{recalibrated} batch-norm layers re-estimated on {photos} calibration examples"
+                                          if recalibrated else "batch-norm statistics left as they were"))
         return state
 
 

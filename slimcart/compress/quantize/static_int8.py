@@ -1,4 +1,4 @@
-"""Static int8 post-training quantization on real int8 kernels (W8A8).
+"""Static int8 post-training quantization on real int8 kernels (W8A8), for transformers and CNNs.
 
 The PyTorch model is exported to a plain ONNX graph; each nn.Linear becomes a MatMul whose weight is
 stored int8 per output channel and whose input gets a QuantizeLinear/DequantizeLinear pair with a
@@ -7,6 +7,9 @@ positions are left out of the statistics: they never reach the output). Large em
 stored int8 per row and dequantized after the Gather (only the looked-up rows). The QDQ graph runs on
 ONNX Runtime (fused into QLinearMatMul / MatMulIntegerToFloat) or OpenVINO (FakeQuantize -> int8
 MatMul); `runtime: auto` times both on calibration batches and keeps the faster.
+Each nn.Conv (batch norm folded in) gets int8 per-output-channel weights, an int32 bias and QDQ pairs on
+its input and output activations (conv_qdq.py), which ONNX Runtime runs as QLinearConv / QLinearAdd
+and OpenVINO as int8 convolutions.
 
 Layers chosen by `targets` / `exclude` (fnmatch on the PyTorch module name, e.g. "*.layer.5.output.dense")
 and those a `mixed_precision` step hands over (`ModelState.keep_fp32`) stay fp32.
@@ -28,6 +31,7 @@ from ...errors import SlimcartError
 from ...recipe import Step, register_step
 from ...runtime.onnx_runtime import OnnxFile, OnnxRunner, export_onnx
 from ...runtime.openvino_runtime import OpenVinoIR, OpenVinoRunner
+from .conv_qdq import activation_plan, conv_nodes, insert_conv_qdq, resolve_identities
 from .observers import ObserverKind, make_observer
 
 MIN_EMBEDDING_NUMEL = 16384  # smaller tables (token types) are not worth the extra ops
@@ -35,8 +39,17 @@ MIN_EMBEDDING_NUMEL = 16384  # smaller tables (token types) are not worth the ex
 
 def module_name_of(node_name: str) -> str:
     """"/transformer/encoder/layer.0/attention/self/query/MatMul" -> "transformer.encoder.layer.0.attention.self.query"
-    (wrapper levels such as SmoothedLinear's ".linear" are dropped so names match the original model)."""
-    parts = [p for p in node_name.strip("/").split("/")[:-1] if p]
+    (wrapper levels such as SmoothedLinear's ".linear" are dropped so names match the original model).
+    A child of an nn.Sequential repeats the container's scope: "/blocks/blocks.0/conv1/conv1.0/Conv" ->
+    "blocks.0.conv1.0"."""
+    parts: list[str] = []
+    for p in node_name.strip("/").split("/")[:-1]:
+        if not p:
+            continue
+        if parts and p.startswith(parts[-1] + "."):
+            parts[-1] = p
+        else:
+            parts.append(p)
     name = ".".join(parts)
     return name[: -len(".linear")] if name.endswith(".linear") else name
 
@@ -183,10 +196,11 @@ def time_runners(runners: dict, batches: list[dict], rounds: int = 3) -> dict[st
 
 @register_step
 class StaticInt8(LayerSelect, Step):
-    """Static W8A8 int8 on ONNX Runtime or OpenVINO, with activation ranges from slimcart's observers."""
+    """Static W8A8 int8 of Linear and Conv layers on ONNX Runtime or OpenVINO, with activation ranges from
+    slimcart's observers."""
 
     kind: Literal["static_int8"] = "static_int8"
-    workloads = ("search",)
+    workloads = ("search", "vision")
     # auto: time both on calibration batches, keep the faster (ties within 3% go to ONNX Runtime)
     runtime: Literal["auto", "onnxruntime", "openvino"] = "auto"
     calibration_batches: int = Field(32, ge=1)
@@ -209,38 +223,56 @@ class StaticInt8(LayerSelect, Step):
         ctx.progress("exporting to ONNX for static int8")
         export_onnx(module, spec["example"], fp32, spec["dynamic_axes"], spec["output_name"])
         model = onnx.load(str(fp32))
+        convs = [(n, module_name_of(n.name)) for n in conv_nodes(model)]
+        if convs:
+            resolve_identities(model)  # constants renamed by Identity nodes (deduplicated conv biases)
         linears = linear_matmuls(model)
-        chosen = [(n, name) for n, name in linears if self.selects(name) and name not in state.keep_fp32]
-        if not chosen:
-            raise SlimcartError("static_int8: no Linear layer left to quantize (check targets / exclude)")
+        keep = lambda name: self.selects(name) and name not in state.keep_fp32  # noqa: E731
+        chosen = [(n, name) for n, name in linears if keep(name)]
+        chosen_convs = [(n, name) for n, name in convs if keep(name)]
+        if not chosen and not chosen_convs:
+            raise SlimcartError("static_int8: no Linear or Conv layer left to quantize (check targets / exclude)")
         node_ranges = {n.name: state.act_ranges[name] for n, name in chosen if name in state.act_ranges}  # QAT's
-        todo = sorted({n.input[0] for n, _ in chosen if n.name not in node_ranges})
+        todo = {n.input[0] for n, _ in chosen if n.name not in node_ranges}
+        if chosen_convs:
+            tensors, same_as = activation_plan(model, [n for n, _ in chosen_convs])
+            todo |= {t for t in tensors if t not in same_as}
         ranges = {}
         if todo:
             ctx.progress(f"calibrating {len(todo)} activation ranges ({self.observer})")
-            ranges = collect_ranges(fp32, todo, batches, self.observer, self.observer_args)
-        insert_qdq(model, [n for n, _ in chosen], ranges, self.symmetric_activations, node_ranges)
+            ranges = collect_ranges(fp32, sorted(todo), batches, self.observer, self.observer_args)
+        if chosen:
+            insert_qdq(model, [n for n, _ in chosen], ranges, self.symmetric_activations, node_ranges)
+        act_tensors = insert_conv_qdq(model, [n for n, _ in chosen_convs], ranges, self.symmetric_activations) \
+            if chosen_convs else []
         tables = quantize_embeddings(model) if self.quantize_embeddings else []
         qdq = ctx.workdir / "model.onnx"
         onnx.save(model, str(qdq))
         fp32.unlink()
-        kept = [name for _, name in linears if name not in {c for _, c in chosen}]
-        state.reports[self.kind] = {"quantized": [c for _, c in chosen], "kept_fp32": kept, "embeddings_int8": tables}
-        how = f"{len(node_ranges)} QAT-learned, {len(chosen) - len(node_ranges)} {self.observer}-calibrated"
-        state.notes.append(f"static int8: {len(chosen)} Linear layers W8A8 (per-channel weights; activation ranges "
-                           f"{how}); kept fp32: {', '.join(kept) or 'none'}; int8 embedding tables: {len(tables)}")
-        return finish_runtime(state, ctx, qdq, self.runtime, batches)
+        done = {c for _, c in chosen + chosen_convs}
+        kept = [name for _, name in linears + convs if name not in done]
+        state.reports[self.kind] = {"quantized": [c for _, c in chosen + chosen_convs], "kept_fp32": kept,
+                                    "embeddings_int8": tables, "conv_activations_int8": len(act_tensors)}
+        how = f"{len(node_ranges)} QAT-learned, {len(todo)} {self.observer}-calibrated"
+        what = " and ".join(x for x in (f"{len(chosen)} Linear" if chosen else "", f"{len(chosen_convs)} Conv"
+                                        if chosen_convs else "") if x)
+        state.notes.append(f"static int8: {what} layers W8A8 (per-channel weights; activation ranges {how}); kept fp32: "
+                           f"{', '.join(kept) or 'none'}; int8 embedding tables: {len(tables)}")
+        ops = ["QLinearMatMul / MatMulIntegerToFloat"] * bool(chosen) + ["QLinearConv / QLinearAdd"] * bool(chosen_convs)
+        return finish_runtime(state, ctx, qdq, self.runtime, batches, " / ".join(ops))
 
 
 TIE = 0.03  # relative timing difference below which `auto` keeps ONNX Runtime (the more widely deployed)
 
 
-def finish_runtime(state, ctx, qdq: Path, runtime: str, batches: list[dict]):
-    """Make the QDQ model the artifact on the chosen runtime (timing both when `runtime` is auto)."""
+def finish_runtime(state, ctx, qdq: Path, runtime: str, batches: list[dict],
+                   ort_ops: str = "QLinearMatMul / MatMulIntegerToFloat"):
+    """Make the QDQ model the artifact on the chosen runtime (timing both when `runtime` is auto);
+    `ort_ops`: the int8 kernels ONNX Runtime fuses the graph into (for the kernel label)."""
     choice, note = runtime, ""
     if runtime == "auto":
         ctx.progress("timing ONNX Runtime vs OpenVINO on the int8 model")
-        # the first calibration batches are the short texts (queries), closest to serving traffic
+        # the first calibration batches are the short texts (queries), closest to serving traffic; photos: 8 batches
         t = time_runners({"onnxruntime": OnnxRunner(qdq, ctx.threads), "openvino": OpenVinoRunner(qdq, ctx.threads)},
                          batches[:8])
         choice = "openvino" if t["openvino"] < t["onnxruntime"] * (1 - TIE) else "onnxruntime"
@@ -249,8 +281,9 @@ def finish_runtime(state, ctx, qdq: Path, runtime: str, batches: list[dict]):
         state.reports["runtime_timing_s"] = t
     if choice == "openvino":
         state.artifact = OpenVinoIR(qdq)
-        state.kernels.append("OpenVINO int8 (FakeQuantize -> int8 MatMul, VNNI)" + note)
+        layers = " / ".join(op for op in ("MatMul", "Conv") if op in ort_ops)
+        state.kernels.append(f"OpenVINO int8 (FakeQuantize -> int8 {layers}, VNNI)" + note)
     else:
         state.artifact = OnnxFile(qdq)
-        state.kernels.append("onnxruntime static int8 QDQ (QLinearMatMul / MatMulIntegerToFloat, VNNI)" + note)
+        state.kernels.append(f"onnxruntime static int8 QDQ ({ort_ops}, VNNI)" + note)
     return state
