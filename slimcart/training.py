@@ -134,14 +134,10 @@ def _load(folder: Path, model: nn.Module, opt) -> tuple[dict, dict]:
     if book.get("done"):
         return book, best
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    params = [p for g in opt.param_groups for p in g["params"]]
     optim: dict[int, dict] = {}
     for key, v in load_file(str(folder / "optim.safetensors")).items():
         i, name = key.split(".", 1)
-        p = params[int(i)]
-        # moments back in their parameter's memory layout (saved packed; a channels-last CNN's are not):
-        # the fused optimizer steps parameter and moments as flat buffers
-        optim.setdefault(int(i), {})[name] = torch.empty_like(p).copy_(v) if v.shape == p.shape else v
+        optim.setdefault(int(i), {})[name] = v
     opt.load_state_dict({"state": optim, "param_groups": book.pop("param_groups")})
     return book, best
 

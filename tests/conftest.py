@@ -59,3 +59,47 @@ def real_data(monkeypatch) -> Path:
 def tree_fingerprint(folder: Path) -> dict[str, tuple[int, float]]:
     """Sizes and mtimes of every file: proves a folder was not written to."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- vision: tiny photo folders and CNNs
+PHOTO_COLOURS = {"hat": (220, 40, 40), "shoes": (40, 60, 220), "skirt": (40, 200, 60)}  # one dominant colour per class
+PHOTO_COUNTS = {"train": 8, "validation": 3, "test": 4}  # per class
+
+
+def write_photo(path: Path, colour, seed: int, size=(40, 30)) -> None:
+    """A small noisy single-colour JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    im = np.clip(np.array(colour) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(im).save(path, quality=90)
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """train/validation/test x 3 classes of small noisy single-colour JPEGs (every photo distinct)."""
+    root, seed = tmp_path / "photos", 0
+    for split, n in PHOTO_COUNTS.items():
+        for cls, colour in PHOTO_COLOURS.items():
+            for i in range(n):
+                write_photo(root / split / cls / f"{i}.jpg", colour, seed)
+                seed += 1
+    return root
+
+
+def tiny_cnn_bundle(classes, size=32, seed=0, widths=(8, 8, 16, 16), stem=8):
+    """A random slimcart ResNet (one block per stage) with non-trivial batch norm, as a vision ModelBundle."""
+    from slimcart.contracts import ModelBundle
+    from slimcart.models.cnn import CNNConfig, ResNet
+
+    torch.manual_seed(seed)
+    cfg = CNNConfig(classes=list(classes), image_size=size, stem=stem, widths=list(widths), blocks=[1, 1, 1, 1])
+    module = ResNet(cfg).eval()
+    with torch.no_grad():  # non-trivial BN so a wrong load (or a wrong fold) would show
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2), m.running_mean.normal_(0, 0.2)
+    return ModelBundle(name="tiny", module=module, source=None,
+                       extra={"config": {"model_type": "slimcart-resnet", "model": cfg.to_dict()}})

@@ -112,3 +112,53 @@ def test_time_budget_stops_training():
 def test_empty_transfer_data_is_an_error():
     with pytest.raises(SlimcartError, match="empty"):
         fit(ToyTask(n=0), TrainConfig(**CFG))
+
+
+# ---------------------------------------------------------------- schedule and batch-norm mode
+def test_cosine_and_linear_schedules_by_hand():
+    from slimcart.training import _lr_factor
+
+    cos = TrainConfig(schedule="cosine", warmup=0.2)
+    assert _lr_factor(cos, 0.1) == pytest.approx(0.5)  # half-way through the linear warm-up
+    assert _lr_factor(cos, 0.2) == pytest.approx(1.0)
+    assert _lr_factor(cos, 0.2 + 0.8 / 3) == pytest.approx(0.75)  # (1 + cos(pi/3)) / 2
+    assert _lr_factor(cos, 0.6) == pytest.approx(0.5)
+    assert _lr_factor(cos, 1.0) == pytest.approx(0.0, abs=1e-12)
+    lin = TrainConfig(schedule="linear", warmup=0.2)
+    for p in (0.2, 0.5, 0.9):  # the linear decay as it was: (1 - p) / (1 - warmup)
+        assert _lr_factor(lin, p) == pytest.approx((1 - p) / 0.8)
+    assert _lr_factor(TrainConfig(schedule="constant", warmup=0.0), 0.7) == 1.0
+
+
+class BatchNormTask(ToyTask):
+    """ToyTask whose student has a BatchNorm and a Dropout; records their modes during each loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.student = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3))
+        self.modes = []
+
+    def loss(self, idx):
+        self.modes.append((self.student[1].training, self.student[2].training))
+        return super().loss(idx)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "update"])
+def test_batch_norm_frozen_or_updated_while_training(mode):
+    task = BatchNormTask()
+    bn = task.student[1]
+    before = bn.running_mean.clone(), bn.running_var.clone()
+    fit(task, TrainConfig(**{**CFG, "max_steps": 6}, batch_norm=mode))
+    assert set(task.modes) == {(mode == "update", False)}  # dropout stays off (dropout=False) either way
+    changed = not torch.equal(bn.running_mean, before[0]) and not torch.equal(bn.running_var, before[1])
+    assert changed == (mode == "update") and not bn.training  # evaluation mode after training
+    with_dropout = BatchNormTask()
+    fit(with_dropout, TrainConfig(**{**CFG, "max_steps": 2}, dropout=True, batch_norm=mode))
+    assert set(with_dropout.modes) == {(mode == "update", True)}
+
+
+def test_batch_norm_default_leaves_earlier_fingerprints_alone():
+    assert "batch_norm" not in TrainConfig().model_dump()  # configs from before the field dump as they did
+    assert TrainConfig(batch_norm="update").model_dump()["batch_norm"] == "update"
+    assert TrainConfig.model_validate(TrainConfig(batch_norm="update").model_dump()).batch_norm == "update"

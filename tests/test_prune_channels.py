@@ -172,7 +172,7 @@ def test_recalibrated_batchnorm_holds_the_batch_statistics():
         outs = [model.stem[0]((b["pixels"] - model.mean) / model.std) for b in batches]
     means = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
     variances = torch.stack([o.transpose(0, 1).reshape(o.shape[1], -1).var(1, unbiased=True) for o in outs]).mean(0)
-    assert recalibrate_batchnorm(model, batches, input_keys=("pixels",)) == 1 + 2 * 5 + 3  # stem, 5 blocks, 3 shortcuts
+    assert recalibrate_batchnorm(model, batches) == 1 + 2 * 5 + 3  # stem, 5 blocks, 3 shortcuts (labels left out)
     bn = model.stem[1]
     assert torch.allclose(bn.running_mean, means, atol=1e-5) and torch.allclose(bn.running_var, variances, rtol=1e-4)
     assert not model.training and bn.momentum == 0.1 and int(bn.num_batches_tracked) == 3

@@ -1,6 +1,7 @@
 """Vision workload: metrics by hand, the photo-folder layout and its errors, preprocessing, the
 ResNet's save/load and ONNX round trips, augmentation geometry, calibration/distillation data,
-and a few training steps (with exact resume) on tiny JPEG folders written by the tests."""
+and a few training steps through slimcart.training.fit (with exact resume) on tiny JPEG folders
+written by the tests (fixtures in conftest.py)."""
 from __future__ import annotations
 
 import copy
@@ -11,58 +12,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PHOTO_COLOURS as COLOURS
+from conftest import tiny_cnn_bundle as tiny_bundle
+from conftest import write_photo
 from PIL import Image
 
-from slimcart.contracts import ModelBundle
+from slimcart.contracts import DistillOptions
 from slimcart.errors import SlimcartError
-from slimcart.models.cnn import CNNConfig, ResNet
-from slimcart.models.cnn_train import augment, learning_rate, to_pixels
+from slimcart.models.cnn_train import augment, to_pixels, top_up_last_batch
 from slimcart.workloads import get_workload
 from slimcart.workloads.images import decode
 from slimcart.workloads.vision import accuracy, macro_f1
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# max_minutes None: the schedule does not depend on the clock, so a resumed run is exact
 TINY = {"image_size": 32, "stem": 8, "widths": [8, 8, 16, 16], "blocks": [1, 1, 1, 1], "batch": 8, "patience": 100,
-        "lr": 3e-3}
-COLOURS = {"hat": (220, 40, 40), "shoes": (40, 60, 220), "skirt": (40, 200, 60)}  # one dominant colour per class
-COUNTS = {"train": 8, "validation": 3, "test": 4}
+        "lr": 3e-3, "max_minutes": None}
 
 
 @pytest.fixture
 def workload():
     return get_workload("vision")
-
-
-def write_photo(path: Path, colour, seed: int, size=(40, 30)) -> None:
-    rng = np.random.default_rng(seed)
-    im = np.clip(np.array(colour) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(im).save(path, quality=90)
-
-
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    """train/validation/test x 3 classes of small noisy single-colour JPEGs (every photo distinct)."""
-    root, seed = tmp_path / "photos", 0
-    for split, n in COUNTS.items():
-        for cls, colour in COLOURS.items():
-            for i in range(n):
-                write_photo(root / split / cls / f"{i}.jpg", colour, seed)
-                seed += 1
-    return root
-
-
-def tiny_bundle(classes, size=32, seed=0) -> ModelBundle:
-    torch.manual_seed(seed)
-    cfg = CNNConfig(classes=list(classes), image_size=size, stem=8, widths=[8, 8, 16, 16], blocks=[1, 1, 1, 1])
-    module = ResNet(cfg).eval()
-    with torch.no_grad():  # non-trivial BN so a wrong load would show
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2), m.running_mean.normal_(0, 0.2)
-    return ModelBundle(name="tiny", module=module, source=None,
-                       extra={"config": {"model_type": "slimcart-resnet", "model": cfg.to_dict()}})
 
 
 def one_line_error(fn, match: str):
@@ -245,40 +216,41 @@ def test_augment_with_no_jitter_is_the_photo_or_its_mirror():
     assert torch.equal(a, augment(x, torch.Generator().manual_seed(3))) and 0 <= a.min() and a.max() <= 1
 
 
-def test_learning_rate_schedule():
-    assert learning_rate(0, 100, 1.0, 10) == pytest.approx(0.1)
-    assert learning_rate(9, 100, 1.0, 10) == pytest.approx(1.0)
-    assert learning_rate(55, 100, 1.0, 10) == pytest.approx(0.5)  # half-way through the cosine
-    assert learning_rate(100, 100, 1.0, 10) == pytest.approx(0.0)
+def test_a_short_last_batch_is_topped_up_from_the_epochs_first_photos():
+    order = np.array([5, 3, 0, 1, 4, 2, 6])
+    assert top_up_last_batch(order, 3).tolist() == [5, 3, 0, 1, 4, 2, 6, 5, 3]  # 7 photos -> 3 full batches
+    assert top_up_last_batch(order[:6], 3).tolist() == [5, 3, 0, 1, 4, 2]
+    assert top_up_last_batch(order[:2], 3).tolist() == [5, 3]  # fewer photos than a batch: left alone
 
 
 def test_distill_task(workload, photos):
     data = workload.load_data(str(photos))
     bundle = tiny_bundle(data.classes)
     teacher, student = bundle.module, copy.deepcopy(bundle.module).eval()
-    task = workload.distill_task(teacher, student, bundle, data, {"weights": {"logits_kl": 1.0}, "augment": False})
-    loss, parts = task.loss(np.arange(6))
+    task = workload.distill_task(teacher, student, bundle, data, DistillOptions(losses={"logits_kl": 1.0}))
+    loss, parts = task.loss(np.arange(6))  # teacher and student see the same augmented photos
     assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6) and set(parts) == {"logits_kl"}  # a copy matches exactly
     assert task.score_undistilled(student) == pytest.approx(0.0, abs=1e-6)
     pred = workload.torch_runner(bundle)({"pixels": to_pixels(data.images("validation", 32)).numpy()}).argmax(1)
     assert task.validate() == pytest.approx(accuracy(data.labels("validation"), pred))
-    task = workload.distill_task(teacher, student, bundle, data, None)
+    task = workload.distill_task(teacher, student, bundle, data, DistillOptions(temperature=2.0))
     loss, parts = task.loss(np.arange(6))
     loss.backward()
     assert set(parts) == {"logits_kl", "task"} and parts["task"] > 0 and task.n_examples() == 24
+    assert loss.item() == pytest.approx(parts["logits_kl"] + parts["task"], rel=1e-5)  # default weights 1 and 1
     assert any(p.grad is not None for p in student.parameters()) and all(p.grad is None for p in teacher.parameters())
     with pytest.raises(SlimcartError, match="no loss"):
-        workload.distill_task(teacher, student, bundle, data, {"weights": {"hidden_mse": 1.0}})
+        workload.distill_task(teacher, student, bundle, data, DistillOptions(losses={"hidden_mse": 1.0}))
 
 
 def test_train_few_steps_and_resume_exactly(workload, photos, tmp_path):
     from safetensors.torch import load_file
 
-    data = workload.load_data(str(photos))
+    data = workload.load_data(str(photos))  # 24 training photos, batches of 8: 3 steps per epoch
     full = workload.train(data, tmp_path / "full", epochs=3, **TINY)
 
     def crash_after_epoch_2(msg):
-        if msg.startswith("epoch 2"):
+        if " step 6/9 " in msg and " val " in msg:  # said after the epoch-2 checkpoint is written
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -286,12 +258,15 @@ def test_train_few_steps_and_resume_exactly(workload, photos, tmp_path):
     assert (tmp_path / "cut.partial" / "state.json").exists() and not (tmp_path / "cut").exists()
     messages = []
     cut = workload.train(data, tmp_path / "cut", epochs=3, progress=messages.append, **TINY)
-    assert messages[0].startswith("resuming after epoch 2") and messages[-1].startswith("epoch 3")
+    assert messages[1].startswith("resuming ResNet at step 6") and " step 9/9 " in messages[-1]
     a, b = load_file(str(full / "model.safetensors")), load_file(str(cut / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # identical to the uninterrupted run
+    assert not (tmp_path / "cut.partial").exists()
     bundle = workload.load_model(str(cut))
     training = bundle.extra["config"]["training"]
-    assert len(training["history"]) == 3 and training["history"][-1]["loss"] < training["history"][0]["loss"]
+    history = training["history"]  # the untrained model (step 0), then one validation per epoch
+    assert [h["step"] for h in history] == [0, 3, 6, 9] and history[-1]["loss"] < history[1]["loss"]
+    assert training["epochs"] == 3 and training["stopped"] == "step budget"
     assert workload.model_config(bundle).classes == data.classes
     q = workload.evaluate(workload.torch_runner(bundle), bundle, data)
     assert set(q.quality) == {"accuracy", "macro_f1"} and q.outputs["logits"].shape == (12, 3)
