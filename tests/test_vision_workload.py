@@ -283,3 +283,20 @@ def test_real_clothing_folder(workload, monkeypatch):
     assert not data.info.synthetic and len(data.classes) == 10 and "t-shirt" in data.classes
     assert [len(data.labels(s)) for s in ("train", "validation", "test")] == [3068, 341, 372]
     assert data.images("test", 64).shape == (372, 64, 64, 3)
+
+
+def test_cli_trains_and_evaluates_a_vision_model(photos, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from slimcart.cli import app
+
+    monkeypatch.setenv("SLIMCART_HOME", str(tmp_path / "home"))
+    out = tmp_path / "model"
+    res = CliRunner().invoke(app, ["train", "--workload", "vision", "--data", str(photos), "--out", str(out),
+                                   "--epochs", "1", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "checkpoint:" in res.output and (out / "model.safetensors").is_file() and not (tmp_path / "model.partial").exists()
+    res = CliRunner().invoke(app, ["eval", "--workload", "vision", "--model", str(out), "--data", str(photos), "--json",
+                                   "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert '"accuracy"' in res.output and '"macro_f1"' in res.output
