@@ -266,3 +266,14 @@ def test_cnn_recipes_parse_and_are_for_vision_only(name):
 def test_the_search_only_steps_still_refuse_vision():
     with pytest.raises(SlimcartError, match="does not apply to workload 'vision'"):
         load_recipe("w8a8-smoothquant").check_workload("vision")
+
+
+def test_compress_publishes_a_vision_output_folder(setup, tmp_path):
+    wl, folder, data = setup
+    m = api.compress("vision", str(folder), "cnn-int8", tmp_path / "out", data=str(data.info.source), threads=1,
+                     repeats=1, measure_rss=False)
+    assert m["workload"] == "vision" and m["compressed"]["runtime"] in ("onnxruntime", "openvino")
+    assert set(m["compressed"]["quality"]) == {"accuracy", "macro_f1"} and m["bench"]["unit"] == "images"
+    assert m["ratios"]["size"] < 0.5  # int8 weights: about a quarter of fp32 plus scales and graph
+    runner, bundle = api.load("vision", tmp_path / "out", 1)  # the published folder reloads
+    assert wl.evaluate(runner, bundle, data).quality == m["compressed"]["quality"]
