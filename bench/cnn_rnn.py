@@ -13,6 +13,7 @@ session  (the RNN section is added by the session engineer: a `bench_session(arg
          registered in SECTIONS and a `session_markdown(r) -> list[str]` for the doc)
 
     SLIMCART_DATA=/work/shared/data python bench/cnn_rnn.py [--sections vision] [--threads 2] [--build-threads 1]
+    python bench/cnn_rnn.py --render-only      # rewrite the doc from bench/results/cnn_rnn.json
 
 Writes bench/results/cnn_rnn.json and docs/bench-cnn-rnn.md. Distillation runs are resumable and a
 finished one is reused by a rerun (its own training time is reported from its checkpoint).
@@ -202,7 +203,13 @@ def vision_markdown(r: dict) -> list[str]:
     for name, cmp in r["pruning_same_runtime"].items():
         for what, v in cmp.items():
             lines.append(f"| `{name}` | {what.replace('_', ' ')} | {fmt(v)} |")
-    lines += ["", "### How each model was built", ""]
+    lines += ["", "### How each model was built", "",
+              "Channel pruning physically removes filters (Torch-Pruning's dependency graph: batch norm, residual "
+              "additions and every consumer's input channels follow), then re-estimates the batch-norm statistics on "
+              "calibration photos. Recovery is the `distill` step with student `current`: the vision workload's "
+              "distillation task (every training photo, augmented as in training, teacher soft labels + true class, "
+              "batch norm updating, the best validation accuracy kept), rather than `recover`, which trains on a few "
+              "calibration batches against transformer-block hidden states and has no CNN adapter.", ""]
     for name, row in r["recipes"].items():
         d = row.get("distill")
         extra = ""
@@ -256,10 +263,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--vision-model", default="cnn")
     p.add_argument("--vision-recipes", default=",".join(VISION_RECIPES))
+    p.add_argument("--render-only", action="store_true", help="rewrite the doc from the JSON without measuring")
     args = p.parse_args()
-    set_threads(args.threads)
     out_json = ROOT / "bench" / "results" / "cnn_rnn.json"
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    if args.render_only:
+        (ROOT / "docs" / "bench-cnn-rnn.md").write_text(markdown(results))
+        return
+    set_threads(args.threads)
     results["environment"] = environment(args.threads)
     for section in args.sections.split(","):
         if section not in SECTIONS:

@@ -114,6 +114,10 @@ def test_prune_then_distill_the_current_student_with_batch_norm_updating(setup, 
     st.save(out, wl)
     runner, loaded = api.load(wl, out, 1)
     np.testing.assert_array_equal(logits(runner, wl, loaded, data), logits(wl.torch_runner(st.bundle), wl, st.bundle, data))
+    # the finished distillation is found again by a rerun (its fingerprint survives the JSON checkpoint)
+    again = build(wl, folder, data, steps, tmp_path / "c").state
+    assert again.reports["distill"]["stopped"].startswith("reused finished run")
+    assert all(torch.equal(a, b) for a, b in zip(again.bundle.module.state_dict().values(), student.state_dict().values()))
 
 
 # ---------------------------------------------------------------- static int8 of convolutions

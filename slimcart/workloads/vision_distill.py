@@ -45,8 +45,10 @@ class VisionDistillTask(TeacherStudentTask):
         self.x, self.y = torch.from_numpy(np.ascontiguousarray(train_images)), torch.as_tensor(train_labels)
         self.x_val, self.y_val = val_images, np.asarray(val_labels)
         self.set_student(student)
+        # JSON types only (lists, not tuples): the trainer compares this with the copy read back from a checkpoint
+        augment_json = {k: list(v) if isinstance(v, tuple) else v for k, v in AUGMENT_DEFAULTS.items()}
         self._fp = {"name": name, "n_train": len(self.y), "n_val": len(self.y_val), "weights": self.w, "T": self.T,
-                    "augment": AUGMENT_DEFAULTS if augment_photos else None, "image_size": int(self.x.shape[1]),
+                    "augment": augment_json if augment_photos else None, "image_size": int(self.x.shape[1]),
                     "seed": options.seed}
 
     def set_student(self, student: nn.Module) -> None:
