@@ -131,6 +131,9 @@ def _print_compare(m: dict) -> None:
         out_console.print("[bold yellow]SYNTHETIC DATA: quality figures only show the pipeline works.[/]")
     if m.get("size_only"):
         out_console.print(f"size-only (no speed-up kernel): {', '.join(m['size_only'])}")
+    trust = m.get("speed_reliability")
+    if trust and not trust["reliable"]:
+        out_console.print("[bold yellow]speed figures unreliable:[/] " + "; ".join(trust["reasons"]), highlight=False)
 
 
 @app.command()
@@ -144,12 +147,15 @@ def compress(
     threads: Optional[int] = ThreadsOpt,
     repeats: int = typer.Option(5, "--repeats", help="interleaved timing rounds"),
     no_rss: bool = typer.Option(False, "--no-rss", help="skip the peak-memory probe processes"),
+    target: Optional[str] = typer.Option(None, "--target", help="runtime to deploy on: torch | onnxruntime | openvino "
+                                         "(default: the recipe's choice; `runtime: auto` steps time the candidates and "
+                                         "keep ONNX Runtime unless OpenVINO is >3% faster)"),
 ) -> None:
     """Compress MODEL with RECIPE; measure baseline and result in the same run; write OUT."""
     from . import api
 
     m = _run(api.compress, workload, model, recipe, out, data=data, overwrite=overwrite, threads=threads,
-             repeats=repeats, measure_rss=not no_rss)
+             repeats=repeats, measure_rss=not no_rss, target=target)
     _print_compare(m)
 
 

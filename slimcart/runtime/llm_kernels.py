@@ -20,6 +20,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from ..arch import causal_lm
 from ..contracts import Artifact, ModelBundle, register_artifact
 from ..errors import SlimcartError
 from .packed_llm import (
@@ -354,3 +355,14 @@ class PackedLLMFolder(Artifact):
                              pad_token_id=getattr(bundle.tokenizer, "eos_token_id", None), compute=meta.get("compute", "int8"))
         bundle.extra["packed"] = meta
         return runner, bundle
+
+    @classmethod
+    def reference(cls, workload, bundle: ModelBundle, workdir: Path, threads: int):
+        """The same decoder graph with the unquantized fp32 weights: what the runtime alone buys."""
+        lm = causal_lm(bundle.module)
+        lin = {n: m.weight.detach() for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+        others = {k: v for k, v in lm.state_dict().items() if "norm" in k}
+        p = PackedLLM(lm.config.to_dict(), lin, lm.get_input_embeddings().weight.detach(), None, None, others, {})
+        runner = OrtLLMRunner(p, threads, pad_token_id=getattr(bundle.tokenizer, "eos_token_id", None))
+        runner.runtime = "onnxruntime-fp32"
+        return runner

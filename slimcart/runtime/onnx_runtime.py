@@ -75,26 +75,34 @@ class ExportOnnx(Step):
     optimize: bool = True
 
     def apply(self, state, ctx):
-        module = state.torch_module(self.kind)
-        spec = ctx.workload.export_spec(state.bundle)
-        path = ctx.workdir / "model.onnx"
-        ctx.progress("exporting to ONNX")
-        export_onnx(module, spec["example"], path, spec["dynamic_axes"], spec["output_name"])
-        if self.optimize and spec.get("model_type"):
-            from onnxruntime.transformers import optimizer
-
-            ctx.progress("fusing transformer ops (ORT optimizer)")
-            opt = optimizer.optimize_model(
-                str(path), model_type=spec["model_type"], num_heads=spec["num_heads"], hidden_size=spec["hidden_size"],
-                opt_level=1,
-            )
-            fused = ctx.workdir / "model.fused.onnx"
-            opt.save_model_to_file(str(fused))
-            path.unlink()
-            fused.rename(path)
+        path, fused = export_model(ctx.workload, state.bundle, state.torch_module(self.kind), ctx.workdir, self.optimize,
+                                   ctx.progress)
+        if fused:
             state.notes.append("ONNX graph fused by onnxruntime.transformers (Attention/SkipLayerNorm/Gelu)")
         state.artifact = OnnxFile(path)
         return state
+
+
+def export_model(workload, bundle: ModelBundle, module: torch.nn.Module, workdir: Path, optimize: bool = True,
+                 progress=lambda m: None) -> tuple[Path, bool]:
+    """workdir/model.onnx of `module` with the workload's export spec; with `optimize`, ONNX Runtime's
+    transformer fusions applied offline where the workload names a transformer type. (path, fused)."""
+    spec = workload.export_spec(bundle)
+    path = Path(workdir) / "model.onnx"
+    progress("exporting to ONNX")
+    export_onnx(module, spec["example"], path, spec["dynamic_axes"], spec["output_name"])
+    if not (optimize and spec.get("model_type")):
+        return path, False
+    from onnxruntime.transformers import optimizer
+
+    progress("fusing transformer ops (ORT optimizer)")
+    opt = optimizer.optimize_model(str(path), model_type=spec["model_type"], num_heads=spec["num_heads"],
+                                   hidden_size=spec["hidden_size"], opt_level=1)
+    fused = Path(workdir) / "model.fused.onnx"
+    opt.save_model_to_file(str(fused))
+    path.unlink()
+    fused.rename(path)
+    return path, True
 
 
 @register_step
@@ -163,6 +171,14 @@ class OnnxFile(Artifact):
     @classmethod
     def load(cls, folder: Path, meta: dict, workload, threads: int):
         return OnnxRunner(folder / "model.onnx", threads), workload.load_companions(folder)
+
+    @classmethod
+    def reference(cls, workload, bundle: ModelBundle, workdir: Path, threads: int):
+        """The uncompressed model exported the same way (fused graph), on ONNX Runtime fp32."""
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        runner = OnnxRunner(export_model(workload, bundle, bundle.module, workdir)[0], threads)
+        runner.runtime = "onnxruntime-fp32"
+        return runner
 
 
 def copy_onnx(src: Path, dest_dir: Path) -> Path:

@@ -11,7 +11,7 @@ import numpy as np
 from ..contracts import Artifact, ModelBundle, inside, register_artifact, write_format
 from ..errors import SlimcartError
 from ..recipe import Step, register_step
-from .onnx_runtime import onnx_path_of
+from .onnx_runtime import export_model, onnx_path_of
 
 
 class OpenVinoRunner:
@@ -60,6 +60,14 @@ class OpenVinoIR(Artifact):
         if not xml.is_file():
             raise SlimcartError(f"{folder} says it holds an OpenVINO model but {xml.name} is missing")
         return OpenVinoRunner(xml, threads), workload.load_companions(folder)
+
+    @classmethod
+    def reference(cls, workload, bundle: ModelBundle, workdir: Path, threads: int):
+        """The uncompressed model (plain ONNX export) on OpenVINO in fp32."""
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        runner = OpenVinoRunner(export_model(workload, bundle, bundle.module, workdir, optimize=False)[0], threads)
+        runner.runtime = "openvino-fp32"
+        return runner
 
 
 @register_step

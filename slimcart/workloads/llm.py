@@ -273,6 +273,7 @@ class LlmWorkload:
         return BenchInputs(
             single=prompts[:half], serving=prompts[half:] or prompts[:half],
             items_per_serving_batch=self.new_tokens, unit="tokens",
+            label=f"greedy decode at batch 1, {self.new_tokens} new tokens per request",
             extra={"prefill_tokens": ([{"input_ids": w} for w in prefill], int(prefill[0].shape[1]))},
         )
 

@@ -247,6 +247,7 @@ def finish_runtime(state, ctx, qdq: Path, runtime: str, batches: list[dict]):
         note = (f" (chosen by timing on calibration batches: onnxruntime {t['onnxruntime']*1e3:.0f} ms, openvino "
                 f"{t['openvino']*1e3:.0f} ms; within {TIE:.0%} counts as a tie, kept by onnxruntime)")
         state.reports["runtime_timing_s"] = t
+    state.reports.setdefault("static_int8", {})["runtime"] = choice
     if choice == "openvino":
         state.artifact = OpenVinoIR(qdq)
         state.kernels.append("OpenVINO int8 (FakeQuantize -> int8 MatMul, VNNI)" + note)
