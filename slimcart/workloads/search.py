@@ -23,7 +23,7 @@ from .. import hf
 from ..contracts import BenchInputs, DataInfo, DistillOptions, EvalResult, ModelBundle
 from ..errors import SlimcartError
 from ..outputs import copy_files
-from ..paths import package_dir, resolve_dataset
+from ..paths import model_path, package_dir, resolve_dataset
 from ..runtime.torch_runtime import TorchRunner
 from . import synthetic
 from .io import read_table, require_columns
@@ -77,6 +77,8 @@ def _split_of(query: str) -> str:
     return "dev" if h % 10 < 3 else "test"
 
 
+# Encoders whose Hugging Face classes load with AutoModel and export to ONNX as slimcart does
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "deberta-v2", "modernbert")
 POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max",
                  "pooling_mode_lasttoken": "lasttoken"}
 UNSUPPORTED_POOLING = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
@@ -125,9 +127,7 @@ class SearchWorkload:
         if spec in ALIASES:
             pkg, sub = ALIASES[spec]
             return package_dir(pkg) / sub
-        p = Path(spec).expanduser()
-        if not p.exists():
-            raise SlimcartError(f"unknown model '{spec}': not an alias ({', '.join(ALIASES)}) and no such folder")
+        p = model_path(spec, ALIASES)
         if not p.is_dir():
             raise SlimcartError(f"model path {p} must be a folder (HF / sentence-transformers layout)")
         return p
@@ -136,6 +136,10 @@ class SearchWorkload:
         folder = self.resolve_model_dir(spec)
         if not (folder / "config.json").exists():
             raise SlimcartError(f"model folder {folder} has no config.json (not a Hugging Face model folder)")
+        model_type = _json_file(folder / "config.json").get("model_type") if (folder / "config.json").is_file() else None
+        if model_type not in ENCODERS:
+            raise SlimcartError(f"{folder}: model type '{model_type}' is not a text encoder slimcart supports for search "
+                                f"({', '.join(ENCODERS)})")
         pooling, normalize = _pooling_of(folder)  # before the weights load: a refused pooling costs nothing
         tok = hf.load("AutoTokenizer", folder)
         model = hf.load("AutoModel", folder, attn_implementation="eager")
