@@ -64,7 +64,7 @@ def ort_fp32_runner(bundle, threads):
     lm = bundle.module.model
     lin = {n: m.weight.detach() for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
     others = {k: v for k, v in lm.state_dict().items() if "norm" in k}
-    p = PackedLLM(lm.config.to_dict(), lin, lm.get_input_embeddings().weight.detach(), None, None, others, {})
+    p = PackedLLM(lm.config.to_dict(), lin, lm.get_input_embeddings().weight.detach(), None, others, {})
     r = OrtLLMRunner(p, threads)
     r.runtime = "onnxruntime-fp32"
     return r

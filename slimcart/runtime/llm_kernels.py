@@ -81,13 +81,6 @@ def offset_correction(q: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
     return ind, C.t().contiguous().numpy()
 
 
-def int8_rows(codes: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
-    """The int8-per-row embedding as an 8-bit QuantizedWeight (codes + 128, zero 128) for MatMulNBits."""
-    spec = WeightSpec(bits=8, group_size=None, symmetric=False)
-    u = (codes.to(torch.int16) + 128).to(torch.uint8)
-    return QuantizedWeight(u, scales[:, None].half(), torch.full((codes.shape[0], 1), 128, dtype=torch.uint8), spec)
-
-
 def concat(ws: list) -> QuantizedWeight | torch.Tensor | None:
     """Stack Linears along out_features when they can run as one matmul (same spec), else None."""
     ws = [w.dequantize() if isinstance(w, QuantizedWeight) and w.codebook is not None else w for w in ws]
@@ -186,13 +179,7 @@ def build_graph(p: PackedLLM, accuracy_level: int = 4, max_positions: int = 4096
         x = g.linear(g.node("Mul", [act, up], [f"{pre}.act"]), lin[f"{pre}.mlp.down_proj"], f"{pre}.mlp.down_proj")
     w = g.init("model.norm.weight", p.others["model.norm.weight"].numpy())
     final = g.node("SkipSimplifiedLayerNormalization", [x, resid, w], ["final_norm", "", "", ""], MS, epsilon=eps)[0]
-    if p.lm_head is not None:
-        head = p.lm_head
-    elif p.embed_int8 is not None:
-        head = int8_rows(*p.embed_int8)
-    else:
-        head = p.embedding
-    g.linear(final, head, "lm_head")
+    g.linear(final, p.lm_head if p.lm_head is not None else p.embed, "lm_head")
     g.nodes[-1].output[0] = "logits"
     graph = helper.make_graph(g.nodes, "slimcart_wq_decoder", inputs, outputs, g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
@@ -218,16 +205,9 @@ class OrtLLMRunner:
         c = p.config
         self.layers, self.kvh = c["num_hidden_layers"], c["num_key_value_heads"]
         self.head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-        # Embedding lookup outside the graph, from the int8 table: one row per token, no fp32 copy of the table.
-        self.emb_q = p.embed_int8[0].numpy() if p.embed_int8 is not None else None
-        self.emb_s = p.embed_int8[1].float().numpy() if p.embed_int8 is not None else None
-        self.emb = p.embedding.numpy() if p.embed_int8 is None else None
+        # Embedding lookup outside the graph, from the quantized table: one row per token, no fp32 copy of the table.
+        self.embed = p.embedding_rows
         self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        if self.emb_q is not None:
-            return self.emb_q[ids].astype(np.float32) * self.emb_s[ids][..., None]
-        return self.emb[ids]
 
     def forward(self, ids: np.ndarray, past: list | None):
         b, s = ids.shape
@@ -307,8 +287,11 @@ def torch_int4_model(p: PackedLLM) -> torch.nn.Module:
         if isinstance(q, QuantizedWeight) and q.spec.bits <= 4 and q.codebook is None:
             parent, child = name.rsplit(".", 1)
             setattr(model.get_submodule(parent), child, TorchInt4Linear(q))
-    if p.embed_int8 is not None and p.lm_head is None:
-        model.lm_head = TorchInt8Head(*p.embed_int8)
+    head = p.lm_head if p.lm_head is not None else p.embed
+    if isinstance(head, QuantizedWeight) and head.spec.bits == 8 and head.spec.symmetric and head.spec.group_size is None:
+        model.lm_head = TorchInt8Head((head.codes.to(torch.int16) - 128).to(torch.int8), head.scale[:, 0])
+    elif isinstance(head, QuantizedWeight) and head.spec.bits <= 4 and head.codebook is None:
+        model.lm_head = TorchInt4Linear(head)
     return model
 
 
@@ -340,12 +323,13 @@ class PackedLLMFolder(Artifact):
     format = FORMAT
     runtime = "onnxruntime-matmulnbits"
 
-    def __init__(self, lm, qweights: dict, method: str, embedding_bits: int, compute: str = "int8"):
+    def __init__(self, lm, qweights: dict, method: str, embedding_bits: int, compute: str = "int8", embed_q=None):
         self.lm, self.qweights, self.method = lm, qweights, method
-        self.embedding_bits, self.compute = embedding_bits, compute
+        self.embedding_bits, self.compute, self.embed_q = embedding_bits, compute, embed_q
 
     def save(self, folder: Path, workload, bundle: ModelBundle) -> None:
-        save_packed(folder, self.lm, self.qweights, self.method, self.embedding_bits, bundle.tokenizer, self.compute)
+        save_packed(folder, self.lm, self.qweights, self.method, self.embedding_bits, bundle.tokenizer, self.compute,
+                    self.embed_q)
 
     @classmethod
     def load(cls, folder: Path, meta: dict, workload, threads: int):
