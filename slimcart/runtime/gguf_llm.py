@@ -96,7 +96,7 @@ def gguf_tensor(w, requantize: str = "Q8_0") -> tuple[np.ndarray, str, bool]:
     if requantize == "F32":
         return dense, "F32", not isinstance(w, QuantizedWeight)
     if requantize == "F16":
-        return dense.astype(np.float16), "F16", False
+        return dense.astype(np.float16), "F16", isinstance(w, torch.Tensor) and w.dtype == torch.float16
     return gguf.quants.quantize(dense, gguf.GGMLQuantizationType[requantize]), requantize, False
 
 
@@ -158,8 +158,9 @@ def source_gguf_pre(bundle: ModelBundle | None) -> str:
 # ---------------------------------------------------------------- the file
 
 def write_gguf(path: Path, p: PackedLLM, tokenizer, name: str = "slimcart", pre: str = "default",
-               requantize: str = "Q8_0") -> dict:
-    """Write `p` as a llama.cpp-loadable GGUF; returns {tensor: {"type", "exact"}}."""
+               requantize: str = "Q8_0", float_type: str = "F16") -> dict:
+    """Write `p` as a llama.cpp-loadable GGUF; returns {tensor: {"type", "exact"}}. Float matrices
+    (Linears left unquantized) are written as `float_type`; 1-D tensors (norms) as F32."""
     import gguf
 
     c = p.config
@@ -197,7 +198,8 @@ def write_gguf(path: Path, p: PackedLLM, tokenizer, name: str = "slimcart", pre:
     if getattr(tokenizer, "chat_template", None):
         w.add_chat_template(tokenizer.chat_template)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, L)
-    tensors = {"model.embed_tokens.weight": p.embed, **{f"{k}.weight": v for k, v in p.linears.items()}}
+    tensors = {"model.embed_tokens.weight": p.embed, **{f"{k}.weight": v for k, v in p.linears.items()},
+               **{k: v for k, v in p.others.items() if v.dim() == 2}}
     if p.lm_head is not None:
         tensors["lm_head.weight"] = p.lm_head
     report, kinds = {}, []
@@ -205,7 +207,7 @@ def write_gguf(path: Path, p: PackedLLM, tokenizer, name: str = "slimcart", pre:
         if ".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name:
             t = permute_rows(t, rope_rows(t.shape[0] if isinstance(t, torch.Tensor) else t.codes.shape[0],
                                           nh if ".q_proj." in hf_name else kvh))
-        data, kind, exact = gguf_tensor(t, requantize)
+        data, kind, exact = gguf_tensor(t, float_type if isinstance(t, torch.Tensor) else requantize)
         target = names.get_name(hf_name, try_suffixes=(".weight",))
         if target is None:
             raise SlimcartError(f"no llama.cpp tensor name for {hf_name}")
@@ -213,7 +215,7 @@ def write_gguf(path: Path, p: PackedLLM, tokenizer, name: str = "slimcart", pre:
         report[target] = {"type": kind, "exact": exact}
         if "blk." in target:
             kinds.append(kind)
-    for hf_name, t in p.others.items():
+    for hf_name, t in ((k, v) for k, v in p.others.items() if v.dim() != 2):
         target = names.get_name(hf_name, try_suffixes=(".weight",))
         if target is None:
             raise SlimcartError(f"no llama.cpp tensor name for {hf_name}")

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from .packed_llm import (
     PackedLLM,
     QuantizedWeight,
     WeightSpec,
+    embedding_rows,
     load_packed,
     pack_int4,
     save_packed,
@@ -193,21 +195,23 @@ class OrtLLMRunner:
     def __init__(self, p: PackedLLM, threads: int, accuracy_level: int = 4, pad_token_id=None):
         import onnxruntime as ort
 
-        model = build_graph(p, accuracy_level)
+        model = build_graph(p, accuracy_level).SerializeToString()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise SlimcartError(f"ONNX Runtime rejected the int4 graph: {str(e).splitlines()[0]}") from None
         c = p.config
         self.layers, self.kvh = c["num_hidden_layers"], c["num_key_value_heads"]
         self.head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-        # Embedding lookup outside the graph, from the quantized table: one row per token, no fp32 copy of the table.
-        self.embed = p.embedding_rows
+        # Embedding lookup outside the graph, from the quantized table: one row per token, no fp32 copy of the
+        # table; only the table is kept (not the PackedLLM, whose unpacked codes the session no longer needs).
+        self.embed = functools.partial(embedding_rows, p.embed)
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.vocab = c["vocab_size"]
 
     def forward(self, ids: np.ndarray, past: list | None):
         b, s = ids.shape
@@ -222,19 +226,39 @@ class OrtLLMRunner:
         out = self.session.run(self.outputs, feeds)
         return out[0], out[1:]
 
+    def generate(self, ids: np.ndarray, n: int) -> np.ndarray:
+        """Greedy decoding of exactly `n` tokens with the KV cache in preallocated buffers that every
+        layer's GroupQueryAttention updates in place (past and present bound to the same memory, so no
+        per-token copy of the cache) and the logits written into one reused array (IO binding)."""
+        from onnxruntime import OrtValue
+
+        b, s = ids.shape
+        io = self.session.io_binding()
+        shape = (b, self.kvh, s + n, self.head_dim)
+        self._kv = [OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * self.layers)]
+        for i in range(self.layers):
+            for j, kind in enumerate(("key", "value")):
+                io.bind_ortvalue_input(f"past_{kind}_{i}", self._kv[2 * i + j])
+                io.bind_ortvalue_output(f"present_{kind}_{i}", self._kv[2 * i + j])
+        prefill = np.empty((b, s, self.vocab), np.float32)
+        step_logits = np.empty((b, 1, self.vocab), np.float32)
+        new = np.empty((b, n), np.int64)
+        x, total, logits = ids, s, prefill
+        for step in range(n):
+            io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(self.embed(x), dtype=np.float32))
+            io.bind_cpu_input("seqlens_k", np.full(b, total - 1, np.int32))
+            io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+            io.bind_ortvalue_output("logits", OrtValue.ortvalue_from_numpy(logits))
+            self.session.run_with_iobinding(io)
+            new[:, step] = logits[:, -1].argmax(-1)
+            x, total, logits = new[:, step : step + 1], total + 1, step_logits
+        return new
+
     def __call__(self, batch: dict) -> np.ndarray:
         ids = np.asarray(batch["input_ids"], dtype=np.int64)
         if "max_new_tokens" not in batch:
             return self.forward(ids, None)[0]
-        n = int(batch["max_new_tokens"])
-        logits, past = self.forward(ids, None)
-        new = []
-        for step in range(n):
-            nxt = logits[:, -1].argmax(-1)[:, None]
-            new.append(nxt)
-            if step + 1 < n:
-                logits, past = self.forward(nxt, past)
-        return np.concatenate(new, 1)
+        return self.generate(ids, int(batch["max_new_tokens"]))
 
 
 class TorchInt4Linear(torch.nn.Module):
@@ -333,7 +357,14 @@ class PackedLLMFolder(Artifact):
 
     @classmethod
     def load(cls, folder: Path, meta: dict, workload, threads: int):
-        bundle = workload.load_companions(folder)
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the tokenizer loader reads the refusing config.json and warns about its model type
+        try:
+            bundle = workload.load_companions(folder)
+        finally:
+            hf_logging.set_verbosity(level)
         runner = make_runner(load_packed(folder), threads, meta.get("runtime", "onnxruntime"),
                              pad_token_id=getattr(bundle.tokenizer, "eos_token_id", None), compute=meta.get("compute", "int8"))
         bundle.extra["packed"] = meta

@@ -166,6 +166,18 @@ def quantize_embedding(w: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight((q + 128).to(torch.uint8), scale[:, None].contiguous(), None, spec)
 
 
+def embedding_rows(e: QuantizedWeight | torch.Tensor, ids: np.ndarray) -> np.ndarray:
+    """float32 rows of an embedding table for token ids (any shape): dequantizes only those rows, so no
+    float copy of the table is ever made."""
+    idx = torch.from_numpy(np.asarray(ids).reshape(-1))
+    if isinstance(e, torch.Tensor):
+        rows = e[idx].float()
+    else:
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        rows = QuantizedWeight(e.codes[idx], e.scale[idx], pick(e.zero), e.spec, pick(e.offset)).dequantize()
+    return rows.numpy().reshape(*np.shape(ids), -1)
+
+
 WEIGHTS_FILE = "slimcart-wq.safetensors"
 REFUSE_CONFIG = {"model_type": FORMAT, "architectures": ["SlimcartWeightOnlyPacked"],
                  "slimcart": "weight-only quantized codes only slimcart reads (slimcart.api.load); "
@@ -184,18 +196,7 @@ class PackedLLM:
     meta: dict
 
     def embedding_rows(self, ids: np.ndarray) -> np.ndarray:
-        """float32 rows of the embedding for token ids (any shape): dequantizes only those rows, so no
-        float copy of the table is ever made."""
-        flat = np.asarray(ids).reshape(-1)
-        e = self.embed
-        if isinstance(e, torch.Tensor):
-            rows = e[torch.from_numpy(flat)].float()
-        else:
-            idx = torch.from_numpy(flat)
-            sub = QuantizedWeight(e.codes[idx], e.scale[idx], None if e.zero is None else e.zero[idx], e.spec,
-                                  None if e.offset is None else e.offset[idx])
-            rows = sub.dequantize()
-        return rows.numpy().reshape(*np.shape(ids), -1)
+        return embedding_rows(self.embed, ids)
 
     def embedding_f32(self) -> torch.Tensor:
         return self.embed.float() if isinstance(self.embed, torch.Tensor) else self.embed.dequantize()
@@ -231,11 +232,11 @@ def _get(t: dict, name: str, sp: dict) -> QuantizedWeight:
 def pack_model(lm, qweights: dict, embedding_bits: int = 8, embed_q: QuantizedWeight | None = None, meta: dict | None = None) -> PackedLLM:
     """The in-memory PackedLLM of a Hugging Face causal LM whose Linears `qweights` quantized.
     `embed_q`: the embedding already quantized by the step (e.g. 4-bit groups); else `embedding_bits`
-    8 = int8 per row, 16 = float16. An untied lm_head is int8 per row."""
+    8 = int8 per row, 16 = float16, 32 = float32 (kept as is). An untied lm_head is int8 per row."""
     emb = lm.get_input_embeddings().weight.detach().float()
     tied = lm.get_output_embeddings() is not None and lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
     if embed_q is None:
-        embed_q = quantize_embedding(emb) if embedding_bits == 8 else emb.half()
+        embed_q = quantize_embedding(emb) if embedding_bits == 8 else emb.half() if embedding_bits == 16 else emb
     head = None if tied else quantize_embedding(lm.get_output_embeddings().weight.detach().float())
     skip = {f"{n}.weight" for n in qweights} | {"model.embed_tokens.weight", "lm_head.weight"}
     others = {n: p.detach().float().contiguous() for n, p in lm.state_dict().items() if n not in skip}
