@@ -28,7 +28,6 @@ from .packed_llm import (
     FORMAT,
     PackedLLM,
     QuantizedWeight,
-    WeightSpec,
     embedding_rows,
     load_packed,
     pack_int4,
