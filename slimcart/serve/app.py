@@ -86,7 +86,7 @@ async def _read_body(request, limit: int) -> bytes:
 
 
 def build_app(servable: Servable, opts: ServeOptions, warm: tuple[float, float] = (0.0, 0.0),
-              metrics: ServerMetrics | None = None):
+              metrics: ServerMetrics | None = None, say=lambda msg: None):
     metrics = metrics or ServerMetrics()
     batcher = MicroBatcher(servable.run, max_batch=opts.max_batch, max_wait_ms=opts.max_wait_ms,
                            max_queue=opts.max_queue, max_queue_wait_ms=opts.max_queue_wait_ms,
@@ -113,6 +113,7 @@ def build_app(servable: Servable, opts: ServeOptions, warm: tuple[float, float] 
             await batcher.stop(opts.graceful_s)
         if scheduler is not None:
             await asyncio.to_thread(scheduler.stop, opts.graceful_s)
+        say("stopped: requests in flight finished, queue drained")
 
     app = FastAPI(title="slimcart serve", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.status, app.state.metrics, app.state.batcher = status, metrics, batcher

@@ -20,15 +20,23 @@ class KVCacheDecoder:
     kind = "kv-cache"
 
     def __init__(self, hf_model: Any, tokenizer: Any):
+        import inspect
+
         self.model, self.tokenizer = hf_model.eval(), tokenizer
         self.eos_token_id = tokenizer.eos_token_id
+        params = inspect.signature(hf_model.forward).parameters
+        # transformers 5 renamed `past_key_values` to `cache`; older releases only know the first.
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        # Only the last position's logits are needed: skips a (prompt x vocab) matrix at prefill.
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def _forward(self, ids: list[int], cache: Any) -> tuple[Any, int]:
         import torch
 
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([ids], dtype=torch.long), past_key_values=cache, use_cache=True)
-        return out.past_key_values, int(out.logits[0, -1].argmax())
+            out = self.model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=True,
+                             **{self.cache_arg: cache}, **self.extra)
+        return getattr(out, self.cache_arg), int(out.logits[0, -1].argmax())
 
     def start(self, prompt_ids: list[int]) -> tuple[Any, int]:
         return self._forward(prompt_ids, None)

@@ -29,7 +29,7 @@ def prepare(workload: str, model: str, index: str | Path | None = None, opts: Se
     servable = servable_for(workload, runner, bundle, opts.limits(), wl=wl, index=idx)
     say("warming up")
     warm = servable.warmup(opts.max_batch)
-    return build_app(servable, opts, warm=warm), opts
+    return build_app(servable, opts, warm=warm, say=say), opts
 
 
 def serve(workload: str, model: str, index: str | Path | None = None, opts: ServeOptions | None = None,
