@@ -132,7 +132,7 @@ def build_app(servable: Servable, opts: ServeOptions, warm: tuple[float, float] 
     @app.get("/ready")
     async def ready():
         body = {"ready": status["ready"] and not status["draining"], **servable.info(),
-                "endpoints": [e.path for e in servable.endpoints]}
+                "endpoints": [e.path for e in servable.endpoints], "limits": opts.model_dump(exclude={"host", "port"})}
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics")

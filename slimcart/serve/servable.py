@@ -65,7 +65,8 @@ class Servable:
     """Base class: a model behind endpoints. Subclasses set `workload` and fill `endpoints`."""
 
     workload: ClassVar[str] = ""
-    batched: ClassVar[bool] = True
+    batched: ClassVar[bool] = True  # False: streamed through `self.decoder` (see streaming.Decoder)
+    decoder: Any = None
 
     def __init__(self, limits: Limits):
         self.limits = limits

@@ -1,15 +1,12 @@
 """Token streaming: a decode scheduler that interleaves generation streams on one model thread.
 
-Up to `max_streams` streams are active; each scheduler round advances every active stream by one
-token (the first round of a stream is its prefill), so concurrent streams share the model fairly
-and the first token of a new stream waits for at most one round, not for other streams to finish.
-Streams beyond `max_streams` wait in a bounded queue (full: 429); a stream still waiting after
-`timeout_s` is dropped (503). A stream whose client went away is dropped at the next round.
-
-Rounds run each stream's step separately (batch 1 per stream). Batching the decode steps of streams
-at different positions needs per-stream KV caches merged with padding masks every step (continuous
-batching); on 2 CPU cores a 135M model's decode step is mostly weight reads, so that is the next
-gain to measure, not assumed here.
+Up to `max_streams` streams are active. Each scheduler round prefills the streams that just joined
+(one forward pass each, their first token goes out right away) and advances every other active
+stream by one token in ONE batched decode step (`Decoder.step_many`). So concurrent streams share
+the model fairly, a new stream waits at most one round for its first token, and B streams cost one
+pass over the weights per token instead of B. Streams beyond `max_streams` wait in a bounded
+queue (full: 429); a stream still waiting after `timeout_s` is dropped (503); a stream whose
+client went away is dropped at the next round.
 """
 from __future__ import annotations
 
@@ -29,7 +26,7 @@ class Decoder(Protocol):
 
     def start(self, prompt_ids: list[int]) -> tuple[Any, int]: ...  # prefill -> (state, first token)
 
-    def step(self, state: Any, token: int) -> tuple[Any, int]: ...  # feed token -> (state, next token)
+    def step_many(self, states: list[Any], tokens: list[int]) -> tuple[list[Any], list[int]]: ...  # one token each
 
     def text(self, ids: list[int]) -> str: ...  # detokenize
 
@@ -109,13 +106,8 @@ class DecodeScheduler:
             self.metrics.queue_depth.labels("generate").set(len(self._waiting))
             self.metrics.active_streams.set(len(self._active))
 
-    def _advance(self, s: Stream) -> bool:
-        """One token for stream s; False when it is finished."""
-        if s.state is None:
-            s.state, tok = self.decoder.start(s.prompt_ids)
-            self.metrics.ttft.observe(time.monotonic() - s.enqueued)
-        else:
-            s.state, tok = self.decoder.step(s.state, s.next_token)
+    def _emit(self, s: Stream, tok: int) -> bool:
+        """Send stream s its new token; False when it is finished."""
         s.next_token = tok
         eos = s.stop_at_eos and tok == self.decoder.eos_token_id
         if not eos:
@@ -135,6 +127,33 @@ class DecodeScheduler:
             return False
         return True
 
+    def _round(self, streams: list[Stream]) -> list[Stream]:
+        """Prefill new streams, one batched decode step for the others; the streams still going."""
+        keep = []
+        joined = [s for s in streams if s.state is None]
+        going = [s for s in streams if s.state is not None]
+        for s in joined:
+            try:
+                s.state, tok = self.decoder.start(s.prompt_ids)
+            except Exception as e:  # noqa: BLE001 - one broken stream must not stop the others
+                s.emit({"error": f"generation failed: {type(e).__name__}: {str(e)[:200]}"})
+                continue
+            self.metrics.ttft.observe(time.monotonic() - s.enqueued)
+            if self._emit(s, tok):
+                keep.append(s)
+        if going:
+            try:
+                states, tokens = self.decoder.step_many([s.state for s in going], [s.next_token for s in going])
+            except Exception as e:  # noqa: BLE001
+                for s in going:
+                    s.emit({"error": f"generation failed: {type(e).__name__}: {str(e)[:200]}"})
+                return keep
+            for s, st, tok in zip(going, states, tokens):
+                s.state = st
+                if self._emit(s, tok):
+                    keep.append(s)
+        return keep
+
     def _loop(self) -> None:
         while not self._stop:
             self._admit()
@@ -142,15 +161,7 @@ class DecodeScheduler:
                 self._wake.wait(0.1)
                 self._wake.clear()
                 continue
-            keep = []
-            for s in self._active:
-                if s.cancelled:
-                    continue
-                try:
-                    if self._advance(s):
-                        keep.append(s)
-                except Exception as e:  # noqa: BLE001 - one broken stream must not stop the others
-                    s.emit({"error": f"generation failed: {type(e).__name__}: {str(e)[:200]}"})
+            keep = self._round([s for s in self._active if not s.cancelled])
             with self._lock:
                 self._active = keep
                 self.metrics.active_streams.set(len(keep))
