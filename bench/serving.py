@@ -139,26 +139,38 @@ def sequential(url: str, texts: list[str], n: int = 200) -> dict:
     return {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "n": n}
 
 
-async def open_loop(url: str, texts: list[str], rate: float, seconds: float, seed: int = 0, max_requests: int = 20000):
-    """Poisson arrivals at `rate`/s for `seconds`; latency from the scheduled send time."""
-    import httpx
+async def open_loop(url: str, texts: list[str], rate: float, seconds: float, seed: int = 0, max_requests: int = 20000,
+                    max_in_flight: int = 512):
+    """Poisson arrivals at `rate`/s for `seconds`; latency from the scheduled send time. A request due
+    while `max_in_flight` are outstanding is not sent and counts as failed ("client_overflow"): the
+    client stays bounded, and a server that stops answering cannot hide behind a growing client queue.
+    aiohttp, not httpx, generates the load: it costs ~5x less CPU per request, and the client shares
+    the cores with the server."""
+    import aiohttp
 
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1 / rate, size=min(max_requests, int(rate * seconds * 1.5) + 10))
     at = np.cumsum(gaps)
     at = at[at < seconds]
-    results = []
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    bodies = [json.dumps({"texts": [t]}).encode() for t in texts]
+    results, in_flight = [], 0
     cpu0 = time.process_time()
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as c:
+    conn = aiohttp.TCPConnector(limit=max_in_flight)
+    async with aiohttp.ClientSession(url, connector=conn, timeout=aiohttp.ClientTimeout(total=30),
+                                     headers={"content-type": "application/json"}) as c:
         t0 = time.perf_counter()
 
         async def one(i, when):
+            nonlocal in_flight
+            in_flight += 1
             try:
-                r = await c.post("/embed", json={"texts": [texts[i % len(texts)]]})
-                code = r.status_code
-            except httpx.HTTPError as e:
+                async with c.post("/embed", data=bodies[i % len(bodies)]) as r:
+                    await r.read()
+                    code = r.status
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 code = type(e).__name__
+            finally:
+                in_flight -= 1
             results.append((code, (time.perf_counter() - t0 - when) * 1e3))
 
         tasks = []
@@ -166,6 +178,9 @@ async def open_loop(url: str, texts: list[str], rate: float, seconds: float, see
             delay = t0 + when - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if in_flight >= max_in_flight:
+                results.append(("client_overflow", None))
+                continue
             tasks.append(asyncio.create_task(one(i, when)))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0

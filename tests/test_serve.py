@@ -253,6 +253,9 @@ def test_predicted_wait_over_the_budget_is_refused():
         codes = [r.status_code for r in rs]
         assert 2 <= codes.count(200) <= 4 and codes.count(429) == 10 - codes.count(200), codes
         assert all("predicted queue wait" in r.json()["error"] for r in rs if r.status_code == 429)
+    # an idle model is never refused on the estimate, even when one batch alone is over the budget
+    with serve_servable(SlowDouble(0.05), opts, warm=(1.0, 1.0)) as (url, _):
+        assert httpx.post(f"{url}/double", json={"x": 4}).json() == {"y": 8}
 
 
 def test_request_timeout_answers_503_and_the_model_skips_it():

@@ -158,6 +158,8 @@ def build_app(servable: Servable, opts: ServeOptions, warm: tuple[float, float] 
 
     async def _answer(ep: Endpoint, request):
         try:
+            if batcher is not None:
+                batcher.admit(1)  # overloaded: refuse before spending time on the body
             body = await _read_body(request, opts.max_body_bytes)
             try:
                 payload = json.loads(body)

@@ -11,15 +11,18 @@ Why admission control and not only a queue bound: a request that will wait longe
 latency objective is useless to its client, and queueing it delays everyone behind it. The
 predicted time until a new item is answered is
 
-    wait ~= (remaining time of the running batch) + sum of t(b) over the batches ahead of it and its own
+    wait ~= (event-loop lag) + (remaining time of the running batch) + sum of t(b) over the batches
+            ahead of it and its own
 
 where the queue ahead (plus the item) splits into full batches of max_batch and one remainder, and
 t(b) = s * (a + c * b) is the batch time: a (fixed cost) and c (per item) are fitted at warm-up from
 a batch of 1 and a full batch, s is an exponential moving average of observed / fitted time, so the
-estimate follows the machine's current speed while keeping the shape. An item is refused (429 with
-Retry-After) when the queue holds `max_queue` size units (a hard memory bound) or when its
-predicted wait exceeds `max_queue_wait_ms`. Items whose deadline passes while queued are dropped
-before they reach the model (503), so overload sheds work instead of growing latency.
+estimate follows the machine's current speed while keeping the shape. The event-loop lag covers the
+case where HTTP handling, not the model, is the bottleneck. An item is refused (429 with
+Retry-After) when the queue holds `max_queue` size units (a hard memory bound) or, while there is
+work ahead of it, when its predicted wait exceeds `max_queue_wait_ms`. Items whose deadline passes
+while queued are dropped before they reach the model (503), so overload sheds work instead of
+growing latency.
 """
 from __future__ import annotations
 
@@ -66,12 +69,25 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slimcart-{name}")
         self._fixed, self._per_item, self._scale = 0.0, 0.0, 1.0  # t(b) = scale * (fixed + per_item * b)
         self._running_until = 0.0  # expected end of the batch on the model thread
+        self._watch: asyncio.Task | None = None
+        self.loop_lag = 0.0  # how late the event loop runs: requests wait about this long before we see them
         self.accepting = True
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
         self._arrived = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
+        self._watch = asyncio.get_running_loop().create_task(self._watch_loop(), name="loop-lag")
+
+    async def _watch_loop(self, tick: float = 0.01) -> None:
+        """Event-loop lag: when the HTTP side (parsing, JSON, other requests) is the bottleneck, requests
+        queue in socket buffers where the model queue cannot see them; the lag measures that wait."""
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(tick)
+            lag = max(0.0, time.monotonic() - t - tick)
+            self.loop_lag = lag if lag > self.loop_lag else 0.7 * self.loop_lag + 0.3 * lag  # fast up, slow down
+            self.metrics.loop_lag.set(self.loop_lag)
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new items, let queued ones finish (up to drain_timeout_s), then stop the collector."""
@@ -79,12 +95,13 @@ class MicroBatcher:
         end = time.monotonic() + drain_timeout_s
         while self._queue and time.monotonic() < end:
             await asyncio.sleep(0.01)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._task, self._watch):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         for e in self._queue:
             if not e.future.done():
                 e.future.set_exception(Rejected(503, "server is shutting down", 1, "draining"))
@@ -107,23 +124,34 @@ class MicroBatcher:
     def predicted_wait(self, size: int) -> float:
         running = max(0.0, self._running_until - time.monotonic())
         full, rest = divmod(self._queued_size + size, self.max_batch)
-        return running + full * self.batch_time(self.max_batch) + (self.batch_time(rest) if rest else 0.0)
+        model = running + full * self.batch_time(self.max_batch) + (self.batch_time(rest) if rest else 0.0)
+        return self.loop_lag + model
 
     def _reject(self, status: int, message: str, retry_after: float, reason: str) -> Rejected:
         self.metrics.rejections.labels(self.name, reason).inc()
         return Rejected(status, message, retry_after, reason)
 
-    async def submit(self, item: Any, size: int = 1) -> Any:
+    def admit(self, size: int) -> None:
+        """Raise Rejected if an item of this size would be refused now (cheap: called before the body
+        is even read, and again with the real size)."""
         if not self.accepting:
             raise self._reject(503, "server is shutting down", 1, "draining")
         if self._queued_size + size > self.max_queue:
             raise self._reject(429, f"queue full ({self._queued_size} items waiting, limit {self.max_queue})",
                                self.predicted_wait(size), "queue_full")
-        if self.max_queue_wait is not None and self._fixed + self._per_item > 0:
+        if self.max_queue_wait is None or self._fixed + self._per_item <= 0:
+            return
+        # An idle model answers at once: refusing then would gain nothing, whatever the estimate says,
+        # unless the HTTP side alone is already over the budget.
+        model_busy = self._queued_size > 0 or self._running_until > 0
+        if model_busy or self.loop_lag > self.max_queue_wait:
             wait = self.predicted_wait(size)
             if wait > self.max_queue_wait:
                 raise self._reject(429, f"overloaded: predicted queue wait {wait * 1e3:.0f} ms exceeds "
                                         f"{self.max_queue_wait * 1e3:.0f} ms", wait, "predicted_wait")
+
+    async def submit(self, item: Any, size: int = 1) -> Any:
+        self.admit(size)
         fut = asyncio.get_running_loop().create_future()
         entry = _Entry(item, size, fut, time.monotonic() + self.timeout_s)
         self._queue.append(entry)

@@ -35,6 +35,8 @@ class ServerMetrics:
         self.queue_depth = Gauge("slimcart_queue_depth", "Items waiting for the model", ["queue"], registry=r)
         self.rejections = Counter("slimcart_rejections", "Requests refused to protect latency and memory",
                                   ["queue", "reason"], registry=r)
+        self.loop_lag = Gauge("slimcart_event_loop_lag_seconds", "How late the event loop runs (HTTP-side queueing)",
+                              registry=r)
         self.inflight = Gauge("slimcart_inflight_requests", "Requests being handled", registry=r)
         self.ttft = Histogram("slimcart_time_to_first_token_seconds", "Time to the first streamed token",
                               buckets=LATENCY_BUCKETS, registry=r)
