@@ -93,6 +93,8 @@ def run_job(task: Any, rows: pa.Table, identity: dict, out: Path, opts: JobOptio
         # otherwise start the job again inside the worker (what multiprocessing's own check catches later).
         raise SlimcartError("batch jobs with workers must be started under `if __name__ == '__main__':`")
     workers, threads = opts.resolved()
+    if workers * threads > (os.cpu_count() or 1):
+        say(f"warning: {workers} workers x {threads} threads oversubscribe the {os.cpu_count()} cores (slower, not faster)")
     task = dataclasses.replace(task, threads=threads)
     identity = {**identity, **task.identity(), "shard_rows": opts.shard_rows, "rows": rows.num_rows}
     partial = artifacts.partial_dir(out)
