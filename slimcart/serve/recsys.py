@@ -11,7 +11,16 @@ from typing import Any
 import numpy as np
 from pydantic import Field, create_model
 
-from .servable import Endpoint, Limits, Prepared, RequestError, Servable, Strict, register_servable, timed_pair
+from .servable import (
+    Endpoint,
+    Limits,
+    Prepared,
+    RequestError,
+    Servable,
+    Strict,
+    register_servable,
+    timed_pair,
+)
 
 
 @register_servable("recsys")

@@ -5,9 +5,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import SlimcartError
+from . import llm, recsys, search  # noqa: F401 - the built-in adapters register themselves
 from .app import ServeOptions, build_app, make_server
 from .loading import load_model
-from .servable import servable_for
+from .servable import SERVABLES
 
 
 def prepare(workload: str, model: str, index: str | Path | None = None, opts: ServeOptions | None = None,
@@ -39,3 +40,11 @@ def serve(workload: str, model: str, index: str | Path | None = None, opts: Serv
     say(f"serving {workload} model {model} on http://{opts.host}:{opts.port} "
         f"(POST {', '.join(r.path for r in app.routes if getattr(r, 'methods', None) == {'POST'})})")
     server.run()
+
+
+def servable_for(workload: str, runner, bundle, limits, **options):
+    """The servable of a workload: its registered adapter around the loaded model."""
+    factory = SERVABLES.get(workload)
+    if factory is None:
+        raise SlimcartError(f"workload '{workload}' cannot be served yet (servable workloads: {', '.join(sorted(SERVABLES))})")
+    return factory(runner, bundle, limits, **options)

@@ -13,7 +13,16 @@ import numpy as np
 from pydantic import Field, StringConstraints, create_model
 
 from .index import PROBE_TEXT, CatalogueIndex
-from .servable import Endpoint, Limits, Prepared, RequestError, Servable, Strict, register_servable, timed_pair
+from .servable import (
+    Endpoint,
+    Limits,
+    Prepared,
+    RequestError,
+    Servable,
+    Strict,
+    register_servable,
+    timed_pair,
+)
 
 
 def _check_texts(texts: list[str], field: str) -> None:

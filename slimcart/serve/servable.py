@@ -16,8 +16,6 @@ from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import SlimcartError
-
 
 class RequestError(Exception):
     """The request is wrong (4xx); the message names the field and the problem."""
@@ -111,13 +109,3 @@ def register_servable(workload: str):
         return factory
 
     return deco
-
-
-def servable_for(workload: str, runner: Any, bundle: Any, limits: Limits, **options) -> Servable:
-    """The servable of a workload (imports the built-in adapters so they register)."""
-    from . import llm, recsys, search  # noqa: F401 - registration side effect
-
-    factory = SERVABLES.get(workload)
-    if factory is None:
-        raise SlimcartError(f"workload '{workload}' cannot be served yet (servable workloads: {', '.join(sorted(SERVABLES))})")
-    return factory(runner, bundle, limits, **options)
