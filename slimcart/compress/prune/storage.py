@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ... import hf
 from ...contracts import (
     FORMAT_FILE,
     Artifact,
@@ -185,10 +186,7 @@ def dense_shapes(config_dir: Path) -> dict[str, tuple[int, ...]]:
     """Parameter shapes the stock model class builds from config.json (on the meta device: no memory)."""
     import transformers
 
-    try:
-        cfg = transformers.AutoConfig.from_pretrained(str(config_dir), trust_remote_code=False)
-    except Exception as e:
-        raise SlimcartError(f"cannot read {config_dir}/config.json: {str(e).splitlines()[0]}") from None
+    cfg = hf.load("AutoConfig", config_dir)
     arch = (cfg.architectures or [None])[0]
     if arch not in ARCHITECTURES:
         raise SlimcartError(f"{config_dir}/config.json names architecture {arch!r}; structured-hf folders hold one of "
