@@ -53,6 +53,49 @@ def nncf_side(wl, bundle, data, folder: Path, n_calib: int) -> str:
     return nncf.__version__
 
 
+def ir_summary(xml: Path) -> dict:
+    """Op counts of an IR, and what feeds each MatMul (FakeQuantize'd activations, int8 weights, layout)."""
+    import collections
+
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    ops = collections.Counter(n.get_type_name() for n in model.get_ops())
+    feeds = collections.Counter()
+    for n in model.get_ops():
+        if n.get_type_name() != "MatMul":
+            continue
+        src = [n.input_value(i).get_node() for i in range(2)]
+        while src[1].get_type_name() in ("Convert", "Multiply", "Subtract", "Transpose"):
+            src[1] = src[1].input_value(0).get_node()
+        weight = f"{src[1].get_type_name()}:{src[1].get_element_type()}" if src[1].get_type_name() == "Constant" else "activation"
+        feeds[(src[0].get_type_name(), weight, f"transpose_b={n.get_attributes()['transpose_b']}")] += 1
+    return {"ops": dict(sorted(ops.items())), "matmul_inputs": {" / ".join(k): v for k, v in feeds.items()}}
+
+
+def node_profile(xmls: dict[str, Path], batches: list, rounds: int = 3) -> dict:
+    """OpenVINO per-node profiling (1 thread): share of time per (node type, kernel) for each IR."""
+    import collections
+
+    import openvino as ov
+
+    out = {}
+    for name, xml in xmls.items():
+        compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_NUM_THREADS": 1, "PERF_COUNT": True,
+                                                             "INFERENCE_PRECISION_HINT": "f32"})
+        req, names = compiled.create_infer_request(), {i.get_any_name() for i in compiled.inputs}
+        agg = collections.Counter()
+        for r in range(rounds):
+            for b in batches:
+                req.infer({k: v for k, v in b.items() if k in names})
+                if r:
+                    for pi in req.profiling_info:
+                        agg[f"{pi.node_type} [{pi.exec_type}]"] += pi.real_time.total_seconds()
+        total = sum(agg.values())
+        out[name] = {k: round(v / total, 4) for k, v in agg.most_common(12)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="minilm")
@@ -60,6 +103,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--calibration-batches", type=int, default=32)
+    p.add_argument("--analyse", action="store_true", help="also compare the IRs op by op and profile them per node")
     args = p.parse_args()
     set_threads(args.threads)
     load0, t0 = os.getloadavg(), time.time()
@@ -91,6 +135,11 @@ def main() -> None:
                                   "rel": {k: q[k] / base.quality[k] - 1 for k in q if k in base.quality and k != "cosine"}}
             runners[side] = runner
             log(f"{side}: {q}")
+        if args.analyse:
+            xmls = {s: f / json.loads((f / "slimcart-format.json").read_text())["model"] for s, (f, _, _) in folders.items()
+                    if json.loads((f / "slimcart-format.json").read_text())["format"] == "openvino-ir"}
+            res["ir"] = {s: ir_summary(x) for s, x in xmls.items()}
+            res["node_profile"] = node_profile(xmls, wl.bench_inputs(bundle, data).serving[:4])
         load_t = os.getloadavg()
         timing = measure_interleaved(runners, wl.bench_inputs(bundle, data), repeats=args.repeats, progress=log)
         bt = timing["torch fp32 (baseline)"]
