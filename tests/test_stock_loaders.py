@@ -4,6 +4,7 @@ stock loaders refuse it loudly.
 
 The loading runs in a separate process (tests/stock_loaders.py) that never imports slimcart; it returns
 embeddings, and the metrics are computed from them here with the workload's own metric functions."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +25,16 @@ SCRIPT = Path(__file__).with_name("stock_loaders.py")
 # format in slimcart-format.json (None: none written, a plain sentence-transformers folder) -> stock loaders
 LOADERS = {None: ["st", "hf"], "onnx": ["onnxruntime"], "openvino-ir": ["openvino"]}
 REFUSED = {"structured-hf", "lowrank", "sparse-bitmask"}
+# sentence-transformers' onnx / openvino backends go through Optimum, which pins transformers versions other
+# than slimcart's (docs/loading.md): used here whenever it is importable, checked by hand otherwise.
+ST_BACKENDS = {"onnx": ("st-onnx", "optimum.onnxruntime"), "openvino-ir": ("st-openvino", "optimum.intel.openvino")}
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 EXPECTED = {  # the formats each recipe may produce (static int8 picks its runtime by timing)
     "distill-L3": {None}, "prune-layers": {None},
     "int8-dynamic": {"onnx"}, "distill-L3-int8": {"onnx"}, "prune-heads-ffn-40-int8": {"onnx"},
@@ -108,6 +119,8 @@ def outputs(six_layer_encoder, tmp_path_factory):
         loaders = ["st", "hf"] if fmt in REFUSED else list(LOADERS[fmt])
         if fmt == "onnx" and "openvino" in built[name]["runs_on"]:
             loaders.append("onnx-in-openvino")
+        if fmt in ST_BACKENDS and _importable(ST_BACKENDS[fmt][1]):
+            loaders.append(ST_BACKENDS[fmt][0])
         for loader in loaders:
             jobs.append({"name": f"{name}--{loader}", "folder": str(folder), "loader": loader})
     spec = root / "jobs.json"
