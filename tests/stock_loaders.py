@@ -51,14 +51,14 @@ def plain(folder: Path, texts: list[str], loader: str) -> np.ndarray:
 
         sess = ort.InferenceSession(str(folder / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
         names = {i.name for i in sess.get_inputs()}
-        run = lambda feed: sess.run(["last_hidden_state"], feed)[0]  # noqa: E731
+        run = lambda feed: sess.run(["last_hidden_state"], feed)[0]
     elif loader in ("openvino", "onnx-in-openvino"):
         import openvino as ov
 
         graph = folder / "openvino" / "openvino_model.xml" if loader == "openvino" else folder / "onnx" / "model.onnx"
         compiled = ov.Core().compile_model(str(graph), "CPU")
         names = {i.get_any_name() for i in compiled.inputs}
-        run = lambda feed: compiled(feed)["last_hidden_state"]  # noqa: E731
+        run = lambda feed: compiled(feed)["last_hidden_state"]
     else:  # hf
         import torch
         from transformers import AutoModel

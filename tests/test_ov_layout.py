@@ -6,10 +6,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from test_quant_int8 import _qdq_model, batches, tiny_encoder
 
 from slimcart.compress.quantize.ov_layout import dequantize_then_gather, weights_out_in
-
-from test_quant_int8 import _qdq_model, batches, tiny_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
