@@ -59,3 +59,31 @@ def test_openvino_runs_the_rewritten_graph_with_int8_kernels(tmp_path):
     ref = _run_unoptimized(out, feed)
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     assert float(cos.min()) > 0.995
+
+
+def test_static_int8_nncf_engine(tmp_path, tiny_encoder_dir, synthetic_data):
+    """engine: nncf quantizes the same exported graph with NNCF; excluded layers stay float; reloads."""
+    pytest.importorskip("nncf")
+    from slimcart import api
+    from slimcart.recipe import Recipe
+    from slimcart.workloads import get_workload
+
+    wl = get_workload("search")
+    keep = "transformer.encoder.layer.1.output.dense"
+    rec = Recipe(name="n", steps=[{"kind": "static_int8", "engine": "nncf", "runtime": "openvino",
+                                   "calibration_batches": 4, "exclude": [keep]}])
+    built = api.build(wl, str(tiny_encoder_dir), rec, threads=1, workdir=tmp_path / "w")
+    assert built.state.reports["static_int8"]["kept_fp32"] == [keep]
+    built.state.save(tmp_path / "m", wl)
+    runner, bundle = api.load(wl, tmp_path / "m", threads=1)
+    assert runner.runtime == "openvino" and (tmp_path / "m" / "openvino" / "openvino_model.xml").exists()
+    import openvino as ov
+
+    model = ov.Core().read_model(str(tmp_path / "m" / "openvino" / "openvino_model.xml"))
+    quantized = {n.get_friendly_name() for n in model.get_ops() if n.get_type_name() == "MatMul"
+                 and n.input_value(0).get_node().get_type_name() == "FakeQuantize"}
+    assert len(quantized) == 11 and not any("layer.1/output/dense" in q for q in quantized)
+    batch = wl.tokenize(bundle.tokenizer, ["red running shoes", "usb c cable 2m", "Acme coffee maker"])
+    ref = wl.torch_runner(wl.load_model(str(tiny_encoder_dir)))(batch)
+    got = runner(batch)
+    assert float(((got * ref).sum(1)).min()) > 0.98

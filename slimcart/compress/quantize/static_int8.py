@@ -197,6 +197,8 @@ class StaticInt8(LayerSelect, Step):
     observer_args: dict = {}
     symmetric_activations: bool = False
     quantize_embeddings: bool = True
+    # slimcart: the QDQ pass below; nncf: OpenVINO + NNCF PTQ on the same graph and batches (nncf_backend.py)
+    engine: Literal["slimcart", "nncf"] = "slimcart"
 
     def apply(self, state, ctx):
         module = state.torch_module(self.kind)
@@ -210,6 +212,8 @@ class StaticInt8(LayerSelect, Step):
         chosen = [(n, name) for n, name in linears if self.selects(name) and name not in state.keep_fp32]
         if not chosen:
             raise SlimcartError("static_int8: no Linear layer left to quantize (check targets / exclude)")
+        if self.engine == "nncf":
+            return self._with_nncf(state, ctx, fp32, batches, linears, chosen, spec.get("layout", {}))
         node_ranges = {n.name: state.act_ranges[name] for n, name in chosen if name in state.act_ranges}  # QAT's
         todo = sorted({n.input[0] for n, _ in chosen if n.name not in node_ranges})
         ranges = {}
@@ -233,6 +237,25 @@ class StaticInt8(LayerSelect, Step):
         state.notes.append(f"static int8: {len(chosen)} Linear layers W8A8 (per-channel weights; activation ranges "
                            f"{how}); kept fp32: {', '.join(kept) or 'none'}; int8 embedding tables: {len(tables)}")
         return finish_runtime(state, ctx, qdq, self.runtime, batches, spec.get("layout", {}), qdq_ov)
+
+
+    def _with_nncf(self, state, ctx, fp32: Path, batches, linears, chosen, layout: dict):
+        from .nncf_backend import nncf_quantize
+
+        if self.runtime == "onnxruntime":
+            raise SlimcartError("static_int8 engine 'nncf' produces an OpenVINO model: use runtime openvino or auto")
+        picked = {n.name for n, _ in chosen}
+        keep = [n.name for n, _ in linears if n.name not in picked]
+        ctx.progress(f"quantizing with NNCF ({len(chosen)} Linear layers)")
+        model, version = nncf_quantize(fp32, batches, keep)
+        fp32.unlink()
+        state.artifact = OpenVinoIR(model, layout.get("openvino", "model.xml"))
+        state.kernels.append(f"OpenVINO int8 quantized by NNCF {version} (FakeQuantize -> int8 MatMul, VNNI)")
+        state.reports[self.kind] = {"engine": "nncf", "quantized": [c for _, c in chosen],
+                                    "kept_fp32": [name for n, name in linears if n.name not in picked]}
+        state.notes.append(f"static int8 by NNCF {version} (transformer preset: its SmoothQuant + bias correction) on "
+                           f"{len(batches)} calibration batches; {len(chosen)} Linear layers int8, {len(keep)} kept float")
+        return state
 
 
 TIE = 0.03  # relative timing difference below which `auto` keeps ONNX Runtime (the more widely deployed)
