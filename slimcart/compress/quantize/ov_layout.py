@@ -2,8 +2,8 @@
 
 Found by comparing slimcart's static int8 IR of MiniLM with NNCF's int8 PTQ IR op by op and with
 OpenVINO's per-node profiling (docs/bench-quantization.md, "int8 vs NNCF"): both quantize the same 36
-Linear MatMuls and keep attention in float, but NNCF's graph was ~5% faster because of two layout
-choices, not because of what it quantizes:
+Linear MatMuls and keep attention in float; NNCF's graph was ~5% faster at batch 32, partly because of
+two layout choices (the rest comes from its activation ranges; see the doc):
 
 1. Linear weights. The ONNX export stores W as [in, out] (y = x W); NNCF stores [out, in] with
    MatMul(transpose_b=True), the layout of OpenVINO's FullyConnected kernel. Storing the int8 weight
