@@ -286,7 +286,14 @@ def _job_options(engine: str, workers: Optional[int], threads: Optional[int], sh
 
 def _run_job(fn, *args, **kwargs):
     """A batch job with a progress bar (rows, rate, ETA); SlimcartError -> one line, exit 2."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     _quiet_libraries()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
