@@ -156,6 +156,24 @@ def _json_file(path: Path) -> Any:
         raise SlimcartError(f"{path} is not readable JSON ({type(e).__name__})") from None
 
 
+DOCUMENT_PROMPTS = ("document", "passage", "corpus", "doc")
+
+
+def _prompts_of(folder: Path | None) -> dict[str, str]:
+    """The instruction prefixes sentence-transformers would apply (config_sentence_transformers.json):
+    {"query": ..., "document": ...}, each the role's own prompt or else the default prompt."""
+    cfg = Path(folder) / "config_sentence_transformers.json" if folder is not None else None
+    if cfg is None or not cfg.is_file() or cfg.is_symlink():
+        return {}
+    c = _json_file(cfg)
+    prompts = c.get("prompts") if isinstance(c, dict) else None
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        return {}
+    default = prompts.get(c.get("default_prompt_name") or "", "")
+    doc = next((prompts[k] for k in DOCUMENT_PROMPTS if k in prompts), default)
+    return {k: v for k, v in {"query": prompts.get("query", default), "document": doc}.items() if v}
+
+
 def _pooling_of(folder: Path) -> tuple[str, bool]:
     """The sentence-transformers pooling (1_Pooling/config.json) and whether a Normalize module follows;
     modes slimcart does not compute are refused by name, never silently replaced by mean pooling."""
@@ -210,7 +228,7 @@ class SearchWorkload:
         tok = hf.load("AutoTokenizer", folder)
         model = hf.load("AutoModel", folder, attn_implementation="eager")
         module = SentenceEncoder(model.float().eval(), pooling, normalize).eval()
-        return ModelBundle(name=spec, module=module, source=folder, tokenizer=tok)
+        return ModelBundle(name=spec, module=module, source=folder, tokenizer=tok, extra={"prompts": _prompts_of(folder)})
 
     def save_model(self, bundle: ModelBundle, folder: Path) -> None:
         """A full sentence-transformers folder: config.json + model.safetensors + tokenizer + module
@@ -243,7 +261,7 @@ class SearchWorkload:
         """Tokenizer, and the pooling a runner applies to graphs that output token states."""
         pooling, normalize = _pooling_of(folder)
         return ModelBundle(name=str(folder), module=None, source=folder, tokenizer=hf.load("AutoTokenizer", folder),
-                           extra={"postprocess": TokenPooler(pooling, normalize)})
+                           extra={"postprocess": TokenPooler(pooling, normalize), "prompts": _prompts_of(folder)})
 
     def torch_runner(self, bundle: ModelBundle):
         return TorchRunner(bundle.module)
@@ -348,8 +366,10 @@ class SearchWorkload:
         enc = tokenizer(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="np")
         return {k: v.astype(np.int64) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
-    def embed(self, runner, tokenizer, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Embeddings for texts, batched by length so padding is small (as a serving system would)."""
+    def embed(self, runner, tokenizer, texts: list[str], batch_size: int = 64, prompt: str = "") -> np.ndarray:
+        """Embeddings for texts (each prefixed by `prompt`, the model's instruction for their role), batched
+        by length so padding is small (as a serving system would)."""
+        texts = [prompt + t for t in texts] if prompt else texts
         order = np.argsort([len(t) for t in texts])
         chunks = []
         for i in range(0, len(texts), batch_size):
@@ -363,8 +383,9 @@ class SearchWorkload:
     def bench_inputs(self, bundle: ModelBundle, data: SearchData) -> BenchInputs:
         """Real queries and product titles: batch-1 requests, and batch-32 mixes padded per batch."""
         rng = np.random.default_rng(0)
-        queries = list(dict.fromkeys(data.pairs["query"]))
-        titles = list(dict.fromkeys(data.pairs["product"].str.split(". ").str[0]))
+        prompts = bundle.extra.get("prompts", {})
+        queries = [prompts.get("query", "") + q for q in dict.fromkeys(data.pairs["query"])]
+        titles = [prompts.get("document", "") + t for t in dict.fromkeys(data.pairs["product"].str.split(". ").str[0])]
         texts = queries + titles
         picks = rng.permutation(len(texts))
         single = [self.tokenize(bundle.tokenizer, [texts[i]]) for i in picks[:64]]
@@ -380,12 +401,12 @@ class SearchWorkload:
     # ---------------------------------------------------------------- quality
     def evaluate(self, runner, bundle: ModelBundle, data: SearchData, reference: Any = None) -> EvalResult:
         """Quality of `runner` on the evaluation split; `reference` = the baseline's outputs for cosine."""
-        tokenizer = bundle.tokenizer
+        tokenizer, prompts = bundle.tokenizer, bundle.extra.get("prompts", {})
         pairs = data.pairs
         queries = list(dict.fromkeys(pairs["query"]))
         products = list(dict.fromkeys(pairs["product"]))
-        q_emb = self.embed(runner, tokenizer, queries)
-        p_emb = self.embed(runner, tokenizer, products)
+        q_emb = self.embed(runner, tokenizer, queries, prompt=prompts.get("query", ""))
+        p_emb = self.embed(runner, tokenizer, products, prompt=prompts.get("document", ""))
         quality = {
             "ndcg@10": ndcg_rerank(pairs, queries, products, q_emb, p_emb, k=10),
             "recall@10": recall_corpus(pairs, queries, products, q_emb, p_emb, k=10),
@@ -394,7 +415,8 @@ class SearchWorkload:
         quality["cosine"] = 1.0 if reference is None else float(np.mean(cosine_rows(outputs, reference)))
         if data.guard is not None:
             g = data.guard
-            found = match_metrics(self.embed(runner, tokenizer, g.titles), g.cluster, g.queries)
+            found = match_metrics(self.embed(runner, tokenizer, g.titles, prompt=prompts.get("document", "")), g.cluster,
+                                  g.queries)
             quality.update({f"guard_{k}": v for k, v in found.items()})
         return EvalResult(quality=quality, outputs=outputs)
 
