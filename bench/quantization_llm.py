@@ -25,14 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
 from slimcart import api, outputs  # noqa: E402
 from slimcart.contracts import FORMAT_FILE  # noqa: E402
 from slimcart.api import baseline_size_bytes  # noqa: E402
 from slimcart.bench import environment, measure_interleaved, paired_ratio, set_threads  # noqa: E402
-from slimcart.runtime.llm_kernels import OrtLLMRunner, make_runner  # noqa: E402
-from slimcart.runtime.packed_llm import PackedLLM, load_packed  # noqa: E402
+from slimcart.runtime.llm_kernels import PackedLLMFolder, make_runner  # noqa: E402
+from slimcart.runtime.packed_llm import load_packed  # noqa: E402
 from slimcart.recipe import Recipe, load_recipe  # noqa: E402
 from slimcart.workloads import get_workload  # noqa: E402
 
@@ -57,17 +56,6 @@ def build(wl, bundle, data, recipe, folder: Path, calib: int | None, threads: in
                       loaded=(bundle, data))
     built.state.save(folder, wl)
     return {"recipe": rec.name, "steps": [s.model_dump(mode="json") for s in rec.steps], "build_s": built.seconds}
-
-
-def ort_fp32_runner(bundle, threads):
-    """The same ORT decoder graph with the unquantized fp32 weights (runtime alone, no bits)."""
-    lm = bundle.module.model
-    lin = {n: m.weight.detach() for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    others = {k: v for k, v in lm.state_dict().items() if "norm" in k}
-    p = PackedLLM(lm.config.to_dict(), lin, lm.get_input_embeddings().weight.detach(), None, None, others, {})
-    r = OrtLLMRunner(p, threads)
-    r.runtime = "onnxruntime-fp32"
-    return r
 
 
 def main() -> int:
@@ -129,7 +117,7 @@ def main() -> int:
         log(f"{key}: {v['quality']}")
     extra_sides = {}
     if not a.no_extra_sides:
-        extra_sides["ort-fp32-graph"] = ort_fp32_runner(bundle, a.threads)
+        extra_sides["ort-fp32-graph"] = PackedLLMFolder.reference(wl, bundle, tmp, a.threads)
         if "w4-gptq" in res["variants"]:
             extra_sides["w4-gptq@torch-int4pack"] = make_runner(load_packed(tmp / "w4-gptq"), a.threads, "torch",
                                                                 pad_token_id=bundle.tokenizer.eos_token_id)

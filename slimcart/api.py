@@ -18,11 +18,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from . import outputs
 from .bench import (
     environment,
     measure_interleaved,
     paired_ratio,
+    ratio_stats,
+    reliability,
     resolve_threads,
     set_threads,
 )
@@ -35,6 +39,7 @@ from .contracts import (
     Workload,
     load_saved,
     no_progress,
+    saved_format,
 )
 from .errors import SlimcartError
 from .recipe import Recipe, load_plugins, load_recipe
@@ -98,13 +103,14 @@ def _recipe(recipe: str | Path | Recipe) -> Recipe:
 
 def build(workload: str | Workload, model: str, recipe: str | Path | Recipe, data: str | None = None,
           threads: int | None = None, workdir: Path | None = None, progress: Progress = no_progress,
-          loaded: tuple[ModelBundle, Any] | None = None, cache: PrefixCache | None = None) -> Built:
+          loaded: tuple[ModelBundle, Any] | None = None, cache: PrefixCache | None = None,
+          target: str | None = None) -> Built:
     """Load the model and data (or take `loaded`), run the recipe's steps on a deep copy of the model
     (continuing from `cache` where it holds the recipe's leading steps). Nothing is measured or written
     outside `workdir` (a temporary folder when not given). `Built.seconds`: time spent in steps."""
     import tempfile
 
-    wl, rec = get_workload(workload), _recipe(recipe)
+    wl, rec = get_workload(workload), _retarget(_recipe(recipe), target)
     rec.check_workload(wl.name)
     threads = resolve_threads(threads)
     set_threads(threads)
@@ -132,7 +138,52 @@ def build(workload: str | Workload, model: str, recipe: str | Path | Recipe, dat
         seconds += time.perf_counter() - t0
         if cache is not None:
             cache.store(rec.steps[:i], rec.steps[i:], state, seconds)
-    return Built(wl, rec, bundle, dataset, state, threads, seconds)
+    if target is not None and runtime_family(state.runtime) != target:
+        extra = _steps_to(target, state.runtime, rec.name)
+        for step in extra:
+            progress(f"step {step.kind} (for --target {target})")
+            state = step.apply(state, ctx)
+        rec = rec.model_copy(update={"steps": rec.steps + extra})
+    return Built(wl, _resolved(rec, state), bundle, dataset, state, threads, seconds)
+
+
+TARGETS = ("torch", "onnxruntime", "openvino")
+
+
+def runtime_family(runtime: str) -> str:
+    """The deployable runtime a runner's label belongs to (torch-compile-bf16 -> torch, ...)."""
+    return next((t for t in ("onnxruntime", "openvino") if runtime.startswith(t)), "torch")
+
+
+def _retarget(rec: Recipe, target: str | None) -> Recipe:
+    """Steps that choose a runtime (`runtime: auto`) are told the target instead."""
+    if target is None:
+        return rec
+    if target not in TARGETS:
+        raise SlimcartError(f"unknown target '{target}' (choose one of: {', '.join(TARGETS)})")
+    steps = [s.model_copy(update={"runtime": target}) if "runtime" in type(s).model_fields and target != "torch" else s
+             for s in rec.steps]
+    return rec.model_copy(update={"steps": steps})
+
+
+def _steps_to(target: str, runtime: str, name: str) -> list:
+    """Steps that move a built model onto the target runtime, or a clear refusal."""
+    from .recipe import parse_step
+
+    family = runtime_family(runtime)
+    if target == "torch" or (family == "onnxruntime" and "matmulnbits" in runtime):
+        raise SlimcartError(f"recipe '{name}' builds a {runtime} model: it cannot be deployed on {target}")
+    if target == "onnxruntime":  # family torch
+        return [parse_step({"kind": "export_onnx"})]
+    return ([parse_step({"kind": "export_onnx"})] if family == "torch" else []) + [parse_step({"kind": "to_openvino"})]
+
+
+def _resolved(rec: Recipe, state: ModelState) -> Recipe:
+    """The recipe with every `runtime: auto` replaced by what the step chose, so a rerun builds the same artifact."""
+    steps = [s.model_copy(update={"runtime": state.reports[s.kind]["runtime"]})
+             if getattr(s, "runtime", None) == "auto" and "runtime" in state.reports.get(s.kind, {}) else s
+             for s in rec.steps]
+    return rec.model_copy(update={"steps": steps})
 
 
 def load(workload: str | Workload, model: str | Path, threads: int | None = None) -> tuple[Runner, ModelBundle]:
@@ -173,10 +224,12 @@ def peak_rss(workload: str, data: str | None, threads: int, model: str | Path) -
 
 
 def measure(workload: str | Workload, data: Any, sides: dict[str, tuple[Runner, ModelBundle]], threads: int,
-            repeats: int = 5, reference: str | None = None, quality: bool = True, progress: Progress = no_progress) -> dict:
+            repeats: int = 5, reference: str | None = None, quality: bool | set[str] = True,
+            progress: Progress = no_progress) -> dict:
     """Quality of every side on the evaluation split (unless `quality` is False) and their timing,
     interleaved in the same run. `reference`: the side whose outputs the others are compared with (e.g.
-    cosine to the baseline); its bundle also prepares the timing inputs.
+    cosine to the baseline); its bundle also prepares the timing inputs. `quality` may name the sides to
+    evaluate (the others are only timed).
     Returns {"quality": {side: {...}}, "timing": {side: SideTiming}, "inputs": BenchInputs}."""
     wl = get_workload(workload)
     if repeats < 1:
@@ -184,7 +237,7 @@ def measure(workload: str | Workload, data: Any, sides: dict[str, tuple[Runner, 
     set_threads(threads)
     results, ref_out = {}, None
     order = ([reference] if reference else []) + [k for k in sides if k != reference]
-    for name in order if quality else []:
+    for name in [n for n in order if quality is True or (quality and n in quality)]:
         progress(f"evaluating {name} quality")
         runner, bundle = sides[name]
         res = wl.evaluate(runner, bundle, data, reference=ref_out)
@@ -201,6 +254,7 @@ def _side(runtime: str, quality: dict, size: int, timing: dict, rss: int | None)
     return {
         "runtime": runtime, "quality": quality, "size_bytes": size,
         "latency_ms": timing["latency_ms"], "throughput_per_s": timing["throughput_per_s"],
+        "cpu_ms_per_item": timing["cpu_ms_per_item"],
         **({"extra_throughput_per_s": timing["extra_throughput_per_s"]} if "extra_throughput_per_s" in timing else {}),
         "peak_rss_bytes": rss,
     }
@@ -212,7 +266,8 @@ def _identity(wl: Workload, model: str, bundle: ModelBundle, dataset: Any, rec: 
 
     info = wl.data_info(dataset)
     return {"workload": wl.name, "model": model, "model_digest": outputs.tree_digest(bundle.source),
-            "data": info.as_dict(), "data_digest": outputs.tree_digest(info.source), "recipe": rec.to_dict(),
+            "data": info.as_dict(), "data_digest": outputs.tree_digest(info.source),
+            "extra_data_digests": [outputs.tree_digest(p) for p in info.extra_sources], "recipe": rec.to_dict(),
             "slimcart": __version__}
 
 
@@ -233,7 +288,7 @@ def _resumable(tmp: Path, identity: dict, progress: Progress) -> dict | None:
 
 def compress(workload: str | Workload, model: str, recipe: str | Path | Recipe, out: str | Path, data: str | None = None,
              overwrite: bool = False, threads: int | None = None, repeats: int = 5, measure_rss: bool = True,
-             progress: Progress = no_progress) -> dict:
+             target: str | None = None, progress: Progress = no_progress) -> dict:
     """Run a recipe on a model, measure baseline and result in the same run, write the output folder.
 
     Returns the metrics dict also written to OUT/metrics.json. The input model is never written;
@@ -242,7 +297,7 @@ def compress(workload: str | Workload, model: str, recipe: str | Path | Recipe, 
     model, the build is reused (the measurements are always redone).
     """
     out = Path(out)
-    wl, rec = get_workload(workload), _recipe(recipe)
+    wl, rec = get_workload(workload), _retarget(_recipe(recipe), target)
     rec.check_workload(wl.name)
     threads = resolve_threads(threads)
     if repeats < 1:
@@ -253,7 +308,7 @@ def compress(workload: str | Workload, model: str, recipe: str | Path | Recipe, 
         for stale in tmp.parent.glob(f".{out.resolve().name}.old-*"):  # left by a run killed while publishing
             shutil.rmtree(stale, ignore_errors=True)
         try:
-            return _compress_locked(wl, model, rec, out, data, threads, repeats, measure_rss, overwrite, progress)
+            return _compress_locked(wl, model, rec, out, data, threads, repeats, measure_rss, overwrite, target, progress)
         except OSError as e:  # disk full, permissions...: one line, and no half-written folder left to fill the disk
             shutil.rmtree(tmp, ignore_errors=True)
             raise SlimcartError(f"cannot write the output ({e.strerror or e}: {e.filename or out}); nothing was published") from None
@@ -267,7 +322,7 @@ def _input_paths(model: str, data: str | None) -> tuple[Path | None, ...]:
     return (*paths, data_root())
 
 
-def _compress_locked(wl, model, rec, out, data, threads, repeats, measure_rss, overwrite, progress) -> dict:
+def _compress_locked(wl, model, rec, out, data, threads, repeats, measure_rss, overwrite, target, progress) -> dict:
     set_threads(threads)
     progress("loading model and data")
     bundle, dataset = wl.load_model(model), wl.load_data(data)
@@ -275,31 +330,38 @@ def _compress_locked(wl, model, rec, out, data, threads, repeats, measure_rss, o
     outputs.check_output_path(out, overwrite, (bundle.source, info.source))  # an alias's folder is known only now
     tmp = outputs.partial_dir(out)
     model_dir, work = tmp / "model", tmp / "work"
-    identity = _identity(wl, model, bundle, dataset, rec)
+    identity = {**_identity(wl, model, bundle, dataset, rec), "target": target}
     build_info = _resumable(tmp, identity, progress)
     if build_info is not None:
         progress(f"resuming: reusing the model already built in {tmp}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
         work.mkdir(parents=True)
-        built = build(wl, model, rec, threads=threads, workdir=work, progress=progress, loaded=(bundle, dataset))
+        built = build(wl, model, rec, threads=threads, workdir=work, progress=progress, loaded=(bundle, dataset),
+                      target=target)
         progress("saving compressed model")
         built.state.save(model_dir, wl)
         st = built.state
         build_info = {"identity": identity, "runtime": st.runtime, "kernels": st.kernels, "size_only": st.size_only,
-                      "notes": st.notes}
+                      "notes": st.notes, "recipe": built.recipe.to_dict()}
         outputs.write_json(tmp / "build.json", build_info)
         del built, st
     work.mkdir(parents=True, exist_ok=True)
 
     progress("reloading the compressed model from disk")
     load_plugins()
+    fmt, _ = saved_format(model_dir)
     cand = load_saved(model_dir, wl, threads)
-    base = (wl.torch_runner(bundle), bundle)
-    m = measure(wl, dataset, {"baseline": base, "compressed": cand}, threads, repeats, reference="baseline",
+    sides = {"baseline": (wl.torch_runner(bundle), bundle), "compressed": cand}
+    ref = fmt.reference(wl, bundle, work / "reference", threads)
+    if ref is not None:
+        sides["baseline_same_runtime"] = (ref, bundle)
+    env_before = environment(threads)
+    m = measure(wl, dataset, sides, threads, repeats, reference="baseline", quality={"baseline", "compressed"},
                 progress=progress)
+    env_after = environment(threads)
     timing, inputs = m["timing"], m["inputs"]
-    base_t, cand_t = timing["baseline"].summary(), timing["compressed"].summary()
+    summaries = {k: t.summary() for k, t in timing.items()}
     base_size = baseline_size_bytes(bundle.module, work)
     cand_size = outputs.model_bytes(model_dir)
     base_rss = cand_rss = None
@@ -307,29 +369,46 @@ def _compress_locked(wl, model, rec, out, data, threads, repeats, measure_rss, o
         progress("measuring peak memory of each side in a fresh process")
         base_rss = peak_rss(wl.name, data, threads, model)
         cand_rss = peak_rss(wl.name, data, threads, model_dir)
-
+    detail = {"throughput": ratio_stats(timing["compressed"].throughput_per_s, timing["baseline"].throughput_per_s)}
+    if ref is not None:  # what the runtime buys (fp32 on it vs torch) and what compression buys on top
+        detail["runtime_gain"] = ratio_stats(timing["baseline_same_runtime"].throughput_per_s,
+                                             timing["baseline"].throughput_per_s)
+        detail["compression_gain"] = ratio_stats(timing["compressed"].throughput_per_s,
+                                                 timing["baseline_same_runtime"].throughput_per_s)
+    trust = reliability(env_before["load_average"], env_after["load_average"], env_before["logical_cpus"], detail, threads)
     metrics = {
         "workload": wl.name,
         "model": model,
-        "recipe": rec.name,
+        "recipe": build_info.get("recipe", {}).get("name", rec.name),
         "data": info.as_dict(),
-        "environment": environment(threads),
-        "baseline": _side("torch-fp32-eager", m["quality"]["baseline"], base_size, base_t, base_rss),
-        "compressed": _side(cand[0].runtime, m["quality"]["compressed"], cand_size, cand_t, cand_rss),
+        "environment": {**env_before, "load_average_after": env_after["load_average"]},
+        "baseline": _side("torch-fp32-eager", m["quality"]["baseline"], base_size, summaries["baseline"], base_rss),
+        "compressed": _side(cand[0].runtime, m["quality"]["compressed"], cand_size, summaries["compressed"], cand_rss),
         "ratios": {
-            "throughput": paired_ratio(timing["compressed"].throughput_per_s, timing["baseline"].throughput_per_s),
-            "latency_p50": cand_t["latency_ms"]["p50"] / base_t["latency_ms"]["p50"],
+            "throughput": detail["throughput"]["median"],
+            "latency_p50": summaries["compressed"]["latency_ms"]["p50"] / summaries["baseline"]["latency_ms"]["p50"],
             "size": cand_size / base_size,
+            **({"runtime_gain": detail["runtime_gain"]["median"], "compression_gain": detail["compression_gain"]["median"]}
+               if ref is not None else {}),
         },
+        "ratio_detail": detail,
+        "speed_reliability": trust,
         "kernels": build_info["kernels"],
         "size_only": build_info["size_only"],
         "notes": build_info["notes"],
         "bench": {"repeats": repeats, "serving_batch": inputs.items_per_serving_batch, "unit": inputs.unit,
+                  "throughput_label": inputs.label or f"batch {inputs.items_per_serving_batch}",
                   "latency_samples_per_round": min(32, len(inputs.single))},
     }
+    if ref is not None:
+        metrics["baseline_same_runtime"] = {"runtime": ref.runtime, "latency_ms": summaries["baseline_same_runtime"]["latency_ms"],
+                                            "throughput_per_s": summaries["baseline_same_runtime"]["throughput_per_s"],
+                                            "cpu_ms_per_item": summaries["baseline_same_runtime"]["cpu_ms_per_item"]}
+    if not trust["reliable"]:
+        progress("WARNING: speed figures unreliable: " + "; ".join(trust["reasons"]))
     outputs.write_json(tmp / "metrics.json", metrics)
-    (tmp / "recipe.yaml").write_text(rec.to_yaml())
-    (tmp / "report.md").write_text(render_report(metrics, wl.higher_is_better))
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(build_info.get("recipe") or rec.to_dict(), sort_keys=False))
+    (tmp / "report.md").write_text(render_report(metrics, wl.higher_is_better, model_dir))
     shutil.rmtree(work, ignore_errors=True)
     (tmp / "build.json").unlink()
     outputs.publish(tmp, out)

@@ -131,6 +131,9 @@ def _print_compare(m: dict) -> None:
         out_console.print("[bold yellow]SYNTHETIC DATA: quality figures only show the pipeline works.[/]")
     if m.get("size_only"):
         out_console.print(f"size-only (no speed-up kernel): {', '.join(m['size_only'])}")
+    trust = m.get("speed_reliability")
+    if trust and not trust["reliable"]:
+        out_console.print("[bold yellow]speed figures unreliable:[/] " + "; ".join(trust["reasons"]), highlight=False)
 
 
 @app.command()
@@ -144,12 +147,15 @@ def compress(
     threads: Optional[int] = ThreadsOpt,
     repeats: int = typer.Option(5, "--repeats", help="interleaved timing rounds"),
     no_rss: bool = typer.Option(False, "--no-rss", help="skip the peak-memory probe processes"),
+    target: Optional[str] = typer.Option(None, "--target", help="runtime to deploy on: torch | onnxruntime | openvino "
+                                         "(default: the recipe's choice; `runtime: auto` steps time the candidates and "
+                                         "keep ONNX Runtime unless OpenVINO is >3% faster)"),
 ) -> None:
     """Compress MODEL with RECIPE; measure baseline and result in the same run; write OUT."""
     from . import api
 
     m = _run(api.compress, workload, model, recipe, out, data=data, overwrite=overwrite, threads=threads,
-             repeats=repeats, measure_rss=not no_rss)
+             repeats=repeats, measure_rss=not no_rss, target=target)
     _print_compare(m)
 
 
@@ -263,6 +269,157 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o"), data: Optio
     m = _run(api.compress, "search", "minilm", recipe, out, data=data, overwrite=overwrite, threads=threads)
     _print_compare(m)
     out_console.print(f"report: {out / 'report.md'}   metrics: {out / 'metrics.json'}")
+
+
+# ---------------------------------------------------------------- serving and batch inference
+def _job_options(engine: str, workers: Optional[int], threads: Optional[int], shard_rows: int,
+                 ray_address: Optional[str], overwrite: bool):
+    from pydantic import ValidationError
+
+    from .batch.job import JobOptions
+
+    try:
+        return JobOptions(engine=engine, workers=workers, threads=threads, shard_rows=shard_rows,
+                          ray_address=ray_address, overwrite=overwrite)
+    except ValidationError as e:
+        err = e.errors()[0]
+        _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
+
+
+def _run_job(fn, *args, **kwargs):
+    """A batch job with a progress bar (rows, rate, ETA); SlimcartError -> one line, exit 2."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    _quiet_libraries()
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("rows", total=None, rate="")
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:,.0f} rows/s" if speed else "")
+
+        def say(msg: str) -> None:
+            bar.console.print(msg, highlight=False)
+
+        try:
+            return fn(*args, progress=progress, say=say, **kwargs)
+        except SlimcartError as e:
+            bar.stop()
+            _fail(str(e))
+        except KeyboardInterrupt:
+            bar.stop()
+            _fail("interrupted — rerun the same command to resume (finished shards are kept)")
+
+
+EngineOpt = typer.Option("local", "--engine", help="local worker processes, or ray (Ray Data actors)")
+WorkersOpt = typer.Option(None, "--workers", help="worker processes / Ray actors (default: one per core)")
+WorkerThreadsOpt = typer.Option(None, "--threads", help="threads per worker (default: cores / workers)")
+ShardRowsOpt = typer.Option(1024, "--shard-rows", help="rows per output shard (the unit of resuming)")
+RayAddressOpt = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray for this job)")
+OverwriteOpt = typer.Option(False, "--overwrite", help="replace an existing output folder")
+
+
+@app.command()
+def embed(model: str = typer.Option(..., "--model", "-m", help="search encoder: alias, folder or slimcart output"),
+          input: Path = typer.Option(..., "--input", "-i", help="catalogue: .csv, .tsv, .parquet or .jsonl"),
+          out: Path = typer.Option(..., "--out", "-o", help="output folder of Parquet shards"),
+          column: str = typer.Option(..., "--column", help="text column (a number with --no-header)"),
+          id_column: Optional[str] = typer.Option(None, "--id-column", help="column copied to the output as id"),
+          no_header: bool = typer.Option(False, "--no-header", help="the CSV has no header line: columns are 0, 1, ..."),
+          batch_size: int = typer.Option(64, "--batch-size", help="texts per model call"),
+          engine: str = EngineOpt, workers: Optional[int] = WorkersOpt, threads: Optional[int] = WorkerThreadsOpt,
+          shard_rows: int = ShardRowsOpt, ray_address: Optional[str] = RayAddressOpt, overwrite: bool = OverwriteOpt) -> None:
+    """Embed every text of a catalogue (parallel, resumable); OUT = Parquet shards (row, id, embedding)."""
+    from .batch.job import embed as run_embed
+
+    opts = _job_options(engine, workers, threads, shard_rows, ray_address, overwrite)
+    m = _run_job(run_embed, "search", model, input, out, column, id_column, header=not no_header,
+                 batch_size=batch_size, opts=opts)
+    rate = f"{m['rows_per_s']:,.0f} rows/s" if m["rows_per_s"] else "nothing left to compute"
+    out_console.print(f"{m['rows']} rows -> {out} ({m['shards']} shards, {len(m['skipped_shards'])} reused; {rate} "
+                      f"with {m['workers']} x {m['threads_per_worker']} threads, {m['engine']})")
+
+
+@app.command()
+def score(workload: str = typer.Option("recsys", "--workload", "-w", help="recsys"),
+          model: str = typer.Option(..., "--model", "-m", help="alias (sasrec), folder or slimcart output"),
+          input: Path = typer.Option(..., "--input", "-i", help="interaction log the model was trained on"),
+          out: Path = typer.Option(..., "--out", "-o", help="output folder of Parquet shards"),
+          k: int = typer.Option(10, "--k", help="recommendations per user"),
+          keep_seen: bool = typer.Option(False, "--keep-seen", help="allow items already in the user's history"),
+          engine: str = EngineOpt, workers: Optional[int] = WorkersOpt, threads: Optional[int] = WorkerThreadsOpt,
+          shard_rows: int = ShardRowsOpt, ray_address: Optional[str] = RayAddressOpt, overwrite: bool = OverwriteOpt) -> None:
+    """Top-k recommendations for every user of an interaction log; OUT = Parquet shards (user, items, scores)."""
+    from .batch.job import score as run_score
+
+    opts = _job_options(engine, workers, threads, shard_rows, ray_address, overwrite)
+    m = _run_job(run_score, workload, model, input, out, k=k, exclude_seen=not keep_seen, opts=opts)
+    out_console.print(f"{m['rows']} users -> {out} ({m['shards']} shards, {len(m['skipped_shards'])} reused)")
+
+
+@app.command()
+def index(model: str = typer.Option(..., "--model", "-m", help="search encoder: alias, folder or slimcart output"),
+          input: Path = typer.Option(..., "--input", "-i", help="catalogue: .csv, .tsv, .parquet or .jsonl"),
+          out: Path = typer.Option(..., "--out", "-o", help="index folder"),
+          column: str = typer.Option(..., "--column", help="product text column (a number with --no-header)"),
+          id_column: Optional[str] = typer.Option(None, "--id-column", help="product id column (default: row number)"),
+          no_header: bool = typer.Option(False, "--no-header"),
+          kind: str = typer.Option("exact", "--kind", help="exact (brute force) or hnsw (approximate)"),
+          hnsw_m: int = typer.Option(32, "--hnsw-m", help="HNSW graph degree"),
+          batch_size: int = typer.Option(64, "--batch-size"),
+          engine: str = EngineOpt, workers: Optional[int] = WorkersOpt, threads: Optional[int] = WorkerThreadsOpt,
+          shard_rows: int = ShardRowsOpt, ray_address: Optional[str] = RayAddressOpt, overwrite: bool = OverwriteOpt) -> None:
+    """Build a catalogue index for `slimcart serve --index` (embeds with the batch job, then FAISS)."""
+    from .batch.index_job import build_index
+
+    opts = _job_options(engine, workers, threads, shard_rows, ray_address, overwrite)
+    m = _run_job(build_index, "search", model, input, out, column, id_column, header=not no_header, kind=kind,
+                 hnsw_m=hnsw_m, batch_size=batch_size, opts=opts)
+    extra = f", recall@10 vs exact {m['recall@10_vs_exact']:.3f}" if "recall@10_vs_exact" in m else ""
+    out_console.print(f"{m['kind']} index of {m['count']} items -> {out}{extra}")
+
+
+@app.command()
+def serve(model: str = typer.Argument(..., help="slimcart output folder, model folder or alias"),
+          workload: str = typer.Option("search", "--workload", "-w", help="search | recsys | llm"),
+          index: Optional[Path] = typer.Option(None, "--index", help="catalogue index from `slimcart index` (enables /search)"),
+          host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
+          threads: int = typer.Option(1, "--threads", help="model threads (the event loop takes the rest)"),
+          max_batch: int = typer.Option(32, "--max-batch", help="items per model call"),
+          max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="how long a batch waits to fill"),
+          max_queue: int = typer.Option(256, "--max-queue", help="items waiting before 429"),
+          max_queue_wait_ms: float = typer.Option(500.0, "--max-queue-wait-ms", help="predicted wait before 429 (0: off)"),
+          timeout_s: float = typer.Option(10.0, "--timeout", help="seconds before an unanswered request gets 503"),
+          max_streams: int = typer.Option(4, "--max-streams", help="llm: streams decoded at once"),
+          graceful_s: float = typer.Option(30.0, "--graceful", help="seconds in-flight requests get on shutdown")) -> None:
+    """Serve MODEL over HTTP: /embed /search (search), /score (recsys), /generate (llm); /health /ready /metrics."""
+    from pydantic import ValidationError
+
+    from .serve.app import ServeOptions
+    from .serve.run import serve as run_serve
+
+    _quiet_libraries()
+    try:
+        opts = ServeOptions(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                            max_queue_wait_ms=max_queue_wait_ms or None, timeout_s=timeout_s, max_streams=max_streams,
+                            graceful_s=graceful_s)
+    except ValidationError as e:
+        err = e.errors()[0]
+        _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
+    try:
+        run_serve(workload, model, index, opts, threads, say=lambda m: console.print(m, highlight=False))
+    except SlimcartError as e:
+        _fail(str(e))
 
 
 def main() -> None:  # pragma: no cover

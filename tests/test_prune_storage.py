@@ -166,7 +166,7 @@ def test_structured_then_int8_onnx_recipe(tmp_path, tiny_encoder_dir, synthetic_
         {"kind": "ort_dynamic_int8"},
     ])
     m = api.compress("search", str(tiny_encoder_dir), rec, tmp_path / "out", repeats=1, measure_rss=False)
-    assert m["compressed"]["runtime"] == "onnxruntime" and (tmp_path / "out" / "model" / "model.onnx").exists()
+    assert m["compressed"]["runtime"] == "onnxruntime" and (tmp_path / "out" / "model" / "onnx" / "model.onnx").exists()
     assert m["compressed"]["quality"]["cosine"] > 0.5
 
 

@@ -218,7 +218,7 @@ def test_packed_save_load_is_bit_exact(tmp_path):
                 x, y = getattr(a, attr), getattr(b, attr)
                 assert (x is None and y is None) or (attr == "scale" and a.codebook is not None) or torch.equal(x, y), (n, attr)
         # bytes reflect the bits: 4-bit codes are half a byte per weight
-        size = (tmp_path / tag / "model.safetensors").stat().st_size
+        size = (tmp_path / tag / "slimcart-wq.safetensors").stat().st_size
         fp32 = sum(p.numel() * 4 for p in model.parameters())
         assert size < 0.45 * fp32
 

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,14 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from ..arch import causal_lm
 from ..contracts import Artifact, ModelBundle, register_artifact
 from ..errors import SlimcartError
 from .packed_llm import (
     FORMAT,
     PackedLLM,
     QuantizedWeight,
-    WeightSpec,
+    embedding_rows,
     load_packed,
     pack_int4,
     save_packed,
@@ -79,13 +81,6 @@ def offset_correction(q: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
         ind[s:e, i] = 1.0
     C = q.offsets() + mid * q.scale.float()
     return ind, C.t().contiguous().numpy()
-
-
-def int8_rows(codes: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
-    """The int8-per-row embedding as an 8-bit QuantizedWeight (codes + 128, zero 128) for MatMulNBits."""
-    spec = WeightSpec(bits=8, group_size=None, symmetric=False)
-    u = (codes.to(torch.int16) + 128).to(torch.uint8)
-    return QuantizedWeight(u, scales[:, None].half(), torch.full((codes.shape[0], 1), 128, dtype=torch.uint8), spec)
 
 
 def concat(ws: list) -> QuantizedWeight | torch.Tensor | None:
@@ -186,13 +181,7 @@ def build_graph(p: PackedLLM, accuracy_level: int = 4, max_positions: int = 4096
         x = g.linear(g.node("Mul", [act, up], [f"{pre}.act"]), lin[f"{pre}.mlp.down_proj"], f"{pre}.mlp.down_proj")
     w = g.init("model.norm.weight", p.others["model.norm.weight"].numpy())
     final = g.node("SkipSimplifiedLayerNormalization", [x, resid, w], ["final_norm", "", "", ""], MS, epsilon=eps)[0]
-    if p.lm_head is not None:
-        head = p.lm_head
-    elif p.embed_int8 is not None:
-        head = int8_rows(*p.embed_int8)
-    else:
-        head = p.embedding
-    g.linear(final, head, "lm_head")
+    g.linear(final, p.lm_head if p.lm_head is not None else p.embed, "lm_head")
     g.nodes[-1].output[0] = "logits"
     graph = helper.make_graph(g.nodes, "slimcart_wq_decoder", inputs, outputs, g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
@@ -206,28 +195,26 @@ class OrtLLMRunner:
     def __init__(self, p: PackedLLM, threads: int, accuracy_level: int = 4, pad_token_id=None):
         import onnxruntime as ort
 
-        model = build_graph(p, accuracy_level)
+        model = build_graph(p, accuracy_level).SerializeToString()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # No spin-waiting between calls: spinning threads would steal the cores of whatever runs next
+        # (the baseline, in an interleaved measurement), flattering ONNX Runtime's ratio.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise SlimcartError(f"ONNX Runtime rejected the int4 graph: {str(e).splitlines()[0]}") from None
         c = p.config
         self.layers, self.kvh = c["num_hidden_layers"], c["num_key_value_heads"]
         self.head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-        # Embedding lookup outside the graph, from the int8 table: one row per token, no fp32 copy of the table.
-        self.emb_q = p.embed_int8[0].numpy() if p.embed_int8 is not None else None
-        self.emb_s = p.embed_int8[1].float().numpy() if p.embed_int8 is not None else None
-        self.emb = p.embedding.numpy() if p.embed_int8 is None else None
+        # Embedding lookup outside the graph, from the quantized table: one row per token, no fp32 copy of the
+        # table; only the table is kept (not the PackedLLM, whose unpacked codes the session no longer needs).
+        self.embed = functools.partial(embedding_rows, p.embed)
         self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        if self.emb_q is not None:
-            return self.emb_q[ids].astype(np.float32) * self.emb_s[ids][..., None]
-        return self.emb[ids]
+        self.vocab = c["vocab_size"]
 
     def forward(self, ids: np.ndarray, past: list | None):
         b, s = ids.shape
@@ -242,19 +229,39 @@ class OrtLLMRunner:
         out = self.session.run(self.outputs, feeds)
         return out[0], out[1:]
 
+    def generate(self, ids: np.ndarray, n: int) -> np.ndarray:
+        """Greedy decoding of exactly `n` tokens with the KV cache in preallocated buffers that every
+        layer's GroupQueryAttention updates in place (past and present bound to the same memory, so no
+        per-token copy of the cache) and the logits written into one reused array (IO binding)."""
+        from onnxruntime import OrtValue
+
+        b, s = ids.shape
+        io = self.session.io_binding()
+        shape = (b, self.kvh, s + n, self.head_dim)
+        self._kv = [OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * self.layers)]
+        for i in range(self.layers):
+            for j, kind in enumerate(("key", "value")):
+                io.bind_ortvalue_input(f"past_{kind}_{i}", self._kv[2 * i + j])
+                io.bind_ortvalue_output(f"present_{kind}_{i}", self._kv[2 * i + j])
+        prefill = np.empty((b, s, self.vocab), np.float32)
+        step_logits = np.empty((b, 1, self.vocab), np.float32)
+        new = np.empty((b, n), np.int64)
+        x, total, logits = ids, s, prefill
+        for step in range(n):
+            io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(self.embed(x), dtype=np.float32))
+            io.bind_cpu_input("seqlens_k", np.full(b, total - 1, np.int32))
+            io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+            io.bind_ortvalue_output("logits", OrtValue.ortvalue_from_numpy(logits))
+            self.session.run_with_iobinding(io)
+            new[:, step] = logits[:, -1].argmax(-1)
+            x, total, logits = new[:, step : step + 1], total + 1, step_logits
+        return new
+
     def __call__(self, batch: dict) -> np.ndarray:
         ids = np.asarray(batch["input_ids"], dtype=np.int64)
         if "max_new_tokens" not in batch:
             return self.forward(ids, None)[0]
-        n = int(batch["max_new_tokens"])
-        logits, past = self.forward(ids, None)
-        new = []
-        for step in range(n):
-            nxt = logits[:, -1].argmax(-1)[:, None]
-            new.append(nxt)
-            if step + 1 < n:
-                logits, past = self.forward(nxt, past)
-        return np.concatenate(new, 1)
+        return self.generate(ids, int(batch["max_new_tokens"]))
 
 
 class TorchInt4Linear(torch.nn.Module):
@@ -307,8 +314,11 @@ def torch_int4_model(p: PackedLLM) -> torch.nn.Module:
         if isinstance(q, QuantizedWeight) and q.spec.bits <= 4 and q.codebook is None:
             parent, child = name.rsplit(".", 1)
             setattr(model.get_submodule(parent), child, TorchInt4Linear(q))
-    if p.embed_int8 is not None and p.lm_head is None:
-        model.lm_head = TorchInt8Head(*p.embed_int8)
+    head = p.lm_head if p.lm_head is not None else p.embed
+    if isinstance(head, QuantizedWeight) and head.spec.bits == 8 and head.spec.symmetric and head.spec.group_size is None:
+        model.lm_head = TorchInt8Head((head.codes.to(torch.int16) - 128).to(torch.int8), head.scale[:, 0])
+    elif isinstance(head, QuantizedWeight) and head.spec.bits <= 4 and head.codebook is None:
+        model.lm_head = TorchInt4Linear(head)
     return model
 
 
@@ -340,17 +350,36 @@ class PackedLLMFolder(Artifact):
     format = FORMAT
     runtime = "onnxruntime-matmulnbits"
 
-    def __init__(self, lm, qweights: dict, method: str, embedding_bits: int, compute: str = "int8"):
+    def __init__(self, lm, qweights: dict, method: str, embedding_bits: int, compute: str = "int8", embed_q=None):
         self.lm, self.qweights, self.method = lm, qweights, method
-        self.embedding_bits, self.compute = embedding_bits, compute
+        self.embedding_bits, self.compute, self.embed_q = embedding_bits, compute, embed_q
 
     def save(self, folder: Path, workload, bundle: ModelBundle) -> None:
-        save_packed(folder, self.lm, self.qweights, self.method, self.embedding_bits, bundle.tokenizer, self.compute)
+        save_packed(folder, self.lm, self.qweights, self.method, self.embedding_bits, bundle.tokenizer, self.compute,
+                    self.embed_q)
 
     @classmethod
     def load(cls, folder: Path, meta: dict, workload, threads: int):
-        bundle = workload.load_companions(folder)
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the tokenizer loader reads the refusing config.json and warns about its model type
+        try:
+            bundle = workload.load_companions(folder)
+        finally:
+            hf_logging.set_verbosity(level)
         runner = make_runner(load_packed(folder), threads, meta.get("runtime", "onnxruntime"),
                              pad_token_id=getattr(bundle.tokenizer, "eos_token_id", None), compute=meta.get("compute", "int8"))
         bundle.extra["packed"] = meta
         return runner, bundle
+
+    @classmethod
+    def reference(cls, workload, bundle: ModelBundle, workdir: Path, threads: int):
+        """The same decoder graph with the unquantized fp32 weights: what the runtime alone buys."""
+        lm = causal_lm(bundle.module)
+        lin = {n: m.weight.detach() for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+        others = {k: v for k, v in lm.state_dict().items() if "norm" in k}
+        p = PackedLLM(lm.config.to_dict(), lin, lm.get_input_embeddings().weight.detach(), None, others, {})
+        runner = OrtLLMRunner(p, threads, pad_token_id=getattr(bundle.tokenizer, "eos_token_id", None))
+        runner.runtime = "onnxruntime-fp32"
+        return runner

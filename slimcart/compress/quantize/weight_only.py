@@ -168,7 +168,10 @@ class WeightOnlyBase(LayerSelect, Step):
     symmetric: bool = False
     zero_point: Literal["int", "float"] = "int"
     partial_last_group: bool = True
-    embedding_bits: Literal[8, 16] = 8  # tied embedding / lm_head: int8 per row, or float16
+    # tied embedding / lm_head (SmolLM2: 28M weights, the largest matrix decode reads): int8 per row,
+    # 4-bit symmetric groups of `embedding_group_size` (group 32 = GGUF Q4_0's blocks), or float16
+    embedding_bits: Literal[4, 8, 16] = 8
+    embedding_group_size: int = 32
     # MatMulNBits arithmetic: int8 dot products on VNNI (activations quantized per block, fast) or fp32
     # (the weights' own error only, ~1% lower perplexity on SmolLM2, but ORT's fp32 path decoded 13x
     # slower here: docs/bench-quantization-llm.md)
@@ -207,17 +210,22 @@ class WeightOnlyBase(LayerSelect, Step):
         for name, mod in lm.named_modules():
             if name in qweights:
                 mod.weight.data = qweights[name].dequantize()
-        state.artifact = PackedLLMFolder(lm, qweights, method, self.embedding_bits, self.compute)
+        embed_q = None
+        if self.embedding_bits == 4:
+            spec = WeightSpec(bits=4, group_size=self.embedding_group_size, symmetric=True, partial_last_group=True)
+            embed_q = rtn(lm.get_input_embeddings().weight, spec, "embedding")
+            lm.get_input_embeddings().weight.data = embed_q.dequantize()  # the tied lm_head sees it too
+        state.artifact = PackedLLMFolder(lm, qweights, method, self.embedding_bits, self.compute, embed_q)
         bits = sorted({q.spec.bits for q in qweights.values()})
         if any(q.codebook is not None for q in qweights.values()):
             state.size_only.append(f"k-means {bits}-bit codebooks: dequantized to float32 at load (no LUT kernel)")
         else:
             state.kernels.append(f"onnxruntime MatMulNBits {'/'.join(map(str, bits))}-bit weights, {self.compute} compute "
                                  f"(accuracy_level {ACCURACY_LEVEL[self.compute]})")
-        if self.embedding_bits == 8:
-            state.kernels.append("onnxruntime MatMulNBits 8-bit tied lm_head (embedding int8 per row)")
-        state.notes.append(f"weight-only {method}: {len(qweights)} decoder Linears; tied embedding/lm_head "
-                           f"{'int8 per row' if self.embedding_bits == 8 else 'float16'}")
+        emb = {8: "int8 per row", 4: f"int4 symmetric, groups of {self.embedding_group_size}", 16: "float16"}[self.embedding_bits]
+        if self.embedding_bits < 16:
+            state.kernels.append(f"onnxruntime MatMulNBits {self.embedding_bits}-bit lm_head (embedding {emb})")
+        state.notes.append(f"weight-only {method}: {len(qweights)} decoder Linears; tied embedding/lm_head {emb}")
         return state
 
 
