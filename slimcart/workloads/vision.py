@@ -211,8 +211,9 @@ class VisionWorkload:
         single = [{"pixels": to_pixels(x[i:i + 1]).numpy()} for i in range(min(64, len(x)))]
         serving = [{"pixels": to_pixels(x[i:i + SERVING_BATCH]).numpy()} for i in range(0, len(x), SERVING_BATCH)]
         serving = [b for b in serving if len(b["pixels"]) == SERVING_BATCH] or serving[:1]
-        return BenchInputs(single=single, serving=serving, items_per_serving_batch=len(serving[0]["pixels"]),
-                           unit="images")
+        n = len(serving[0]["pixels"])
+        return BenchInputs(single=single, serving=serving, items_per_serving_batch=n, unit="images",
+                           label=f"batch {n} decoded photos (decode + resize timed apart)")
 
     def calibration_batches(self, bundle: ModelBundle, data: VisionData, n: int) -> list[dict]:
         """`n` batches of 32 training photos (never validation/test) with their labels, un-augmented."""

@@ -165,11 +165,10 @@ class PruneChannelsStep(LayerSelect, Step):
         recalibrated = recalibrate_batchnorm(module, batches) if self.recalibrate_bn else 0
         module.eval()
         state.reports[self.kind] = {**rep, "batchnorms_recalibrated": recalibrated}
-        photos = sum(len(next(iter(b.values()))) for b in batches) if recalibrated else 0
         state.notes.append(
             f"channel pruning ({self.importance}, ratio {self.ratio:g}, round to {self.round_to}): parameters "
             f"{rep['params_before']:,} -> {rep['params_after']:,}, multiply-adds per example {rep['macs_before']:,} -> "
-            f"{rep['macs_after']:,}; " + (f"{recalibrated} batch-norm layers re-estimated on {photos} calibration examples"
+            f"{rep['macs_after']:,}; " + (f"{recalibrated} batch-norm layers re-estimated on {len(batches)} calibration batches"
                                           if recalibrated else "batch-norm statistics left as they were"))
         return state
 
