@@ -143,7 +143,7 @@ def _sensitivity(study, ev: Evaluator, wl, emit: Emit) -> dict:
                 "ranking": list(vals)}
     else:
         calib = wl.calibration_batches(ev.bundle, ev.data, 8)
-        vals = sensitivity.linear_w8a8(wl, ev.bundle, ev.val["screen"], calib, base, prog)
+        vals = sensitivity.linear_w8a8(wl, ev.bundle, ev.val["screen"], calib, base, ev.base.outputs["screen"], prog)
         sens = {"method": "Linear alone W8A8 (fake-quant)", "values": vals, "ranking": list(vals)}
     study.set_user_attr("sensitivity", sens)
     return sens

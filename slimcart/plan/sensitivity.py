@@ -26,27 +26,30 @@ from ..arch import matches
 from .trial import quality_loss
 
 
-def _score(wl, bundle, module, vdata, base: float, hib: bool) -> float:
-    q = wl.evaluate(wl.torch_runner(replace(bundle, module=module)), bundle, vdata).quality[wl.primary_metric]
-    return quality_loss(base, q, hib)
+def _score(wl, bundle, module, vdata, base: float, hib: bool, reference: Any = None) -> tuple[float, float]:
+    """(relative loss of the primary metric, 1 - cosine to the baseline's outputs when the workload
+    reports it): the second figure orders layers whose metric does not move on a small validation set."""
+    q = wl.evaluate(wl.torch_runner(replace(bundle, module=module)), bundle, vdata, reference=reference).quality
+    return quality_loss(base, q[wl.primary_metric], hib), (1.0 - q["cosine"]) if "cosine" in q and reference is not None else 0.0
 
 
 @torch.no_grad()
-def linear_w8a8(wl, bundle, vdata, calib: list[Any], base: float, progress: Progress = no_progress) -> dict[str, float]:
-    """{Linear name: validation loss when only it runs W8A8}, most sensitive first."""
+def linear_w8a8(wl, bundle, vdata, calib: list[Any], base: float, reference: Any = None,
+                progress: Progress = no_progress) -> dict[str, float]:
+    """{Linear name: validation loss when only it runs W8A8}, most sensitive first (ties: by cosine drop)."""
     model = copy.deepcopy(bundle.module).eval()
     names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
     quantize_(model, MixedPrecisionConfig().w8a8, filter_fn=lambda n, m: n in set(names))
     calibrate_(model, lambda: [run_batch(model, b) for b in calib])
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
     hib = wl.higher_is_better[wl.primary_metric]
-    out = {}
+    out, tie = {}, {}
     for i, n in enumerate(layers):
         for other, m in layers.items():
             m.enabled = other == n
-        out[n] = _score(wl, bundle, model, vdata, base, hib)
+        out[n], tie[n] = _score(wl, bundle, model, vdata, base, hib, reference)
         progress(f"sensitivity {i + 1}/{len(layers)}: {n} {out[n]:+.4%}")
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], -tie[kv[0]])))
 
 
 @torch.no_grad()
@@ -66,7 +69,7 @@ def decoder_4bit(wl, bundle, vdata, base: float, progress: Progress = no_progres
         try:
             for n, m in lins.items():
                 m.weight.data = rtn(m.weight, spec, n).dequantize().to(m.weight.dtype)
-            out[i] = _score(wl, bundle, model, vdata, base, hib)
+            out[i] = _score(wl, bundle, model, vdata, base, hib)[0]
         finally:
             for n, m in lins.items():
                 m.weight.data = saved[n]

@@ -16,6 +16,7 @@ Fidelities: "screen" builds with training budgets cut to `screen_train` of the f
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,22 +162,26 @@ class Evaluator:
         folder = Path(folder)
         info = json.loads((folder / "build.json").read_text())
         set_threads(self.threads)
+        phase, t0 = {}, time.perf_counter()
         runner, cbundle = api.load(self.wl, folder / "model", self.threads)
         self.progress(f"evaluating on validation ({fid.name})")
         q = self.wl.evaluate(runner, cbundle, self.val[fid.name], reference=self.base.outputs[fid.name]).quality
         base_q = self.base.quality[fid.name]
+        phase["load_eval"], t0 = time.perf_counter() - t0, time.perf_counter()
         self.progress("timing against the baseline, interleaved")
         sides = {"baseline": EndToEnd(self.base_runner, self.requests.prepare),
                  "candidate": EndToEnd(runner, self.requests.prepare)}
         timing = measure_interleaved(sides, self.requests.inputs, repeats=fid.repeats)
         b, c = timing["baseline"].summary(), timing["candidate"].summary()
         energy = self._energy(sides)
+        phase["timing_energy"], t0 = time.perf_counter() - t0, time.perf_counter()
         e_key = "single" if self.resolved.profile.objective.startswith("latency") else "batch"
         e_ratio = energy["candidate"][e_key] / max(energy["baseline"][e_key], 1e-30)
         lat_ratio = {k: c["latency_ms"][k] / b["latency_ms"][k] for k in ("p50", "p99")}
         tp_ratio = paired_ratio(timing["candidate"].throughput_per_s, timing["baseline"].throughput_per_s)
         size = outputs.model_bytes(folder / "model")
         rss = api.peak_rss(self.wl.name, self.data_arg, self.threads, folder / "model") if measure_rss else None
+        phase["peak_rss"] = time.perf_counter() - t0
         figures = {
             "fidelity": fid.name,
             "quality": q, "baseline_quality": base_q,
@@ -193,6 +198,7 @@ class Evaluator:
             "energy": energy,
             "size_bytes": size,
             "peak_rss_bytes": rss,
+            "phase_s": {k: round(v, 1) for k, v in phase.items()},
             **info,
         }
         return figures
