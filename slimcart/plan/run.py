@@ -113,11 +113,17 @@ def _open_study(opts, url: str, name: str, directions: list[str], seed: int):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    try:
-        storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S,
-                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-    except Exception as e:  # SQLAlchemy: bad URL, refused connection, missing driver
-        raise SlimcartError(f"cannot open the study storage: {str(e).splitlines()[0][:300]}") from None
+    for attempt in range(5):
+        try:
+            storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S,
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+            break
+        except Exception as e:  # SQLAlchemy: bad URL, refused connection, missing driver
+            # two workers starting together race to create Optuna's tables: the loser retries
+            if attempt < 4 and any(w in str(e) for w in ("already exists", "UniqueViolation", "duplicate key")):
+                time.sleep(1 + attempt)
+                continue
+            raise SlimcartError(f"cannot open the study storage: {str(e).splitlines()[0][:300]}") from None
     if opts.sampler == "random":
         sampler = optuna.samplers.RandomSampler(seed=seed)
     else:
@@ -189,6 +195,7 @@ def _run(opts, wl, resolved, hw, url, out: Path, emit: Emit) -> dict:
                 "data": info.as_dict(), "data_digest": tree_digest(info.source), "profile": resolved.model_dump(),
                 "settings": opts.settings.model_dump(), "sampler": opts.sampler,
                 "space": [(p.name, p.options) for p in options.params]}
+    identity = json.loads(json.dumps(identity, default=str))  # as the study stores it (tuples become lists)
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     idf = out / IDENTITY_FILE
     if not opts.worker:
