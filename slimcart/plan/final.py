@@ -180,7 +180,7 @@ def finalize(ctx) -> dict:
             "energy_j_per_item": ctx.ev.base.energy, "size_bytes": ctx.ev.base.size_bytes},
         "sensitivity": ctx.sensitivity, "trials": rows, "pareto_front": front, "feasible_pareto_front": feasible_front,
         "chosen": {"number": chosen["number"], "feasible_on_validation": feasible, "why": why, "binding": binding,
-                   "test_figures": test_fig, "test_constraints": test_cons,
+                   "validation_figures": {k: chosen["figures"].get(k) for k in test_fig}, "test_figures": test_fig, "test_constraints": test_cons,
                    "meets_every_limit_on_test": all(v <= 0 for v in test_cons.values())},
         "test": {str(k): v for k, v in test.items()}, "final_timing": final,
     }

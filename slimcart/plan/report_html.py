@@ -77,6 +77,34 @@ def _fmt(fig: dict | None, key: str, scale: float = 1, unit: str = "") -> str:
     return f"{fig[key] * scale:.4g}{unit}"
 
 
+def _num(v) -> str:
+    return "" if v is None else f"{v:.4g}"
+
+
+LIMIT_OF = {"quality_loss": "max_quality_loss", "latency_p50_ms": "max_latency_p50_ms",
+            "latency_p99_ms": "max_latency_p99_ms", "throughput": "min_throughput",
+            "energy_j_per_item": "max_energy_j_per_item"}
+
+
+def _limit(plan: dict, key: str):
+    lim = plan["limits"]
+    if key == "size_bytes":
+        caps = [lim["max_size_mb"] * 1e6] if "max_size_mb" in lim else []
+        if "max_size_ratio" in lim:
+            caps.append(lim["max_size_ratio"] * plan["baseline_validation"]["size_bytes"])
+        return min(caps) if caps else None
+    if key == "peak_rss_bytes":
+        return lim["max_peak_rss_mb"] * 1e6 if "max_peak_rss_mb" in lim else None
+    return lim.get(LIMIT_OF.get(key, ""))
+
+
+def _banner(plan: dict) -> str:
+    if not plan["data"].get("synthetic"):
+        return ""
+    return ("<p style='background:#fff3cd;padding:8px'><b>SYNTHETIC DATA</b>: no real dataset was found; quality "
+            "figures only show the pipeline works.</p>")
+
+
 def render_html(plan: dict) -> str:
     import plotly.offline
 
@@ -98,13 +126,14 @@ def render_html(plan: dict) -> str:
             for k, v in plan["test"].items() if k != "baseline"]
     body = f"""
 <h1>slimcart plan: {html.escape(plan['workload'])} / {html.escape(plan['model'])} on profile {html.escape(plan['profile']['name'])}</h1>
-<p class="label">{html.escape(plan['label'])}. Tuned on the validation split; the chosen model and the Pareto front were
+{_banner(plan)}<p class="label">{html.escape(plan['label'])}. Tuned on the validation split; the chosen model and the Pareto front were
 evaluated once on the test split at the end.</p>
 <h2>Chosen: trial {c['number']} {'(meets every limit on validation)' if c['feasible_on_validation'] else '(NO trial met every limit: nearest point)'}</h2>
 <ul>{''.join(f'<li>{html.escape(w)}</li>' for w in c['why'])}</ul>
 <p>On the test split: {'meets every limit' if c['meets_every_limit_on_test'] else 'misses: ' +
     html.escape(', '.join(k for k, v in c['test_constraints'].items() if v > 0))}.</p>
-{_table([(k, f"{v:.4g}") for k, v in c['test_figures'].items() if v is not None], ('test figure', 'value'))}
+{_table([(k, _num(c.get('validation_figures', {}).get(k)), _num(v), _num(_limit(plan, k))) for k, v in c['test_figures'].items()],
+         ('figure', 'validation (tuning)', 'test (once, at the end)', 'limit'))}
 <h2>Trade-off (validation split)</h2>
 {divs}
 <h2>Test split: chosen and Pareto-front models</h2>

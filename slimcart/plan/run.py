@@ -127,8 +127,7 @@ def _open_study(opts, url: str, name: str, directions: list[str], seed: int):
     if opts.sampler == "random":
         sampler = optuna.samplers.RandomSampler(seed=seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8,
-                                             constraints_func=lambda t: t.user_attrs.get("constraint_values", [0.0]))
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8)
     return optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
                                load_if_exists=True)
 

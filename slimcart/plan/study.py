@@ -168,7 +168,8 @@ class Driver:
         feasible = all(v <= 0 for v in cons.values())
         trial.set_user_attr("figures", json.loads(json.dumps(fig, default=float)))
         trial.set_user_attr("constraints", cons)
-        trial.set_user_attr("constraint_values", list(cons.values()) or [0.0])
+        for k, v in (cons or {"none": 0.0}).items():
+            trial.set_constraint(k, float(v))  # what TPE's constrained sampling reads (Optuna >= 5)
         trial.set_user_attr("feasible", feasible)
         trial.set_user_attr("seconds", round(time.time() - t0, 1))
         if fig["fidelity"] != "full":
