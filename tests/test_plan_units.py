@@ -313,3 +313,35 @@ def test_recsys_requests_pad_back_to_the_same_batches(synthetic_data):
     for raw, b in zip(req.inputs.single, base.single):
         assert np.array_equal(req.prepare(raw)["seq"], b["seq"])
     assert np.array_equal(req.prepare(req.inputs.serving[0])["seq"], base.serving[0]["seq"])
+
+
+# ---------------------------------------------------------------- sensitivity
+def test_w8a8_sensitivity_of_one_layer_matches_quantizing_it_alone(synthetic_data):
+    """The scan's figure for a layer = the loss of a model where only that Linear is W8A8 fake-quantized,
+    built here independently (fresh copy, only that layer wrapped and calibrated)."""
+    import copy
+    from dataclasses import replace
+
+    from slimcart.arch import run_batch
+    from slimcart.compress.quantize.fake_quant import calibrate_, quantize_
+    from slimcart.compress.quantize.mixed_precision import MixedPrecisionConfig
+    from slimcart.plan.sensitivity import linear_w8a8
+    from slimcart.workloads import get_workload
+
+    from test_recsys_workload import tiny_bundle
+
+    wl = get_workload("recsys")
+    data = wl.load_data(None)
+    val = wl.validation_data(data, 0.2)
+    bundle = tiny_bundle(data.n_items)
+    calib = wl.calibration_batches(bundle, data, 4)
+    base = wl.evaluate(wl.torch_runner(bundle), bundle, val).quality["ndcg@10"]
+    sens = linear_w8a8(wl, bundle, val, calib, base)
+    names = [n for n, m in bundle.module.named_modules() if type(m).__name__ == "Linear"]
+    assert sorted(sens) == sorted(names) and list(sens.values()) == sorted(sens.values(), reverse=True)
+    name = names[0]
+    alone = copy.deepcopy(bundle.module)
+    quantize_(alone, MixedPrecisionConfig().w8a8, filter_fn=lambda n, m: n == name)
+    calibrate_(alone, lambda: [run_batch(alone, b) for b in calib])
+    q = wl.evaluate(wl.torch_runner(replace(bundle, module=alone)), bundle, val).quality["ndcg@10"]
+    assert sens[name] == pytest.approx(quality_loss(base, q, True), abs=1e-12)
