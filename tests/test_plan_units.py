@@ -345,3 +345,21 @@ def test_w8a8_sensitivity_of_one_layer_matches_quantizing_it_alone(synthetic_dat
     calibrate_(alone, lambda: [run_batch(alone, b) for b in calib])
     q = wl.evaluate(wl.torch_runner(replace(bundle, module=alone)), bundle, val).quality["ndcg@10"]
     assert sens[name] == pytest.approx(quality_loss(base, q, True), abs=1e-12)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["-p", "nope"], "unknown profile 'nope'"),
+    (["-p", "realtime", "--time-budget", "soon"], "not a duration"),
+    (["-p", "realtime", "--storage", "mysql://x/y"], "sqlite:/// or postgresql://"),
+    (["-p", "realtime", "--max-quality-loss", "-1"], "non-negative"),
+    (["-w", "nope", "-p", "realtime"], "unknown workload"),
+])
+def test_plan_cli_refuses_bad_input_in_one_line_before_loading(tmp_path, args, match):
+    from typer.testing import CliRunner
+
+    from slimcart.cli import app
+
+    base = ["plan", "-m", "/nonexistent-model", "--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(app, base + (args if args[0] == "-w" else ["-w", "search"] + args))
+    assert res.exit_code == 2 and match in " ".join(res.output.split()) and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
