@@ -54,6 +54,8 @@ def emit(kind: str, x) -> None:
                                                        f"{f['size_bytes'] / 1e6:.1f} MB feasible={x['feasible']}" if f else x.get("error", "")))
     elif kind in ("warning", "best"):
         log(f"{kind}: {x}")
+    elif kind == "msg" and not str(x).startswith(("sensitivity ", "step ", "round ")):
+        log(str(x))
 
 
 def run_case(name: str, args, work: Path) -> dict:
@@ -68,7 +70,7 @@ def run_case(name: str, args, work: Path) -> dict:
     c = p["chosen"]
     ft = p["final_timing"]
     test = p["test"][str(c["number"])]
-    row = {"case": name, "workload": wl, "profile": profile, "budget_min": budget / 60, "spent_min": p["spent_s"] / 60,
+    row = {"case": name, "workload": wl, "profile": profile, "budget_min": budget / 60, "spent_min": p["spent_s"] / 60, "setup_min": (p.get("setup_s") or 0) / 60,
            "trials": sum(t["state"] == "COMPLETE" for t in p["trials"]), "chosen": c["number"],
            "recipe": [s["kind"] for s in next(t for t in p["trials"] if t["number"] == c["number"])["recipe"]["steps"]],
            "params": next(t for t in p["trials"] if t["number"] == c["number"])["params"],

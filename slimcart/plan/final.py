@@ -174,7 +174,7 @@ def finalize(ctx) -> dict:
         "profile": ctx.resolved.profile.model_dump(), "limits": ctx.resolved.limits, "threads": ctx.ev.threads,
         "label": ctx.resolved.label(ctx.hw["cpu"]), "hardware": ctx.hw, "energy_method": ctx.ev.meter.as_dict(),
         "timing": ctx.ev.time_per_trial_note(), "space": ctx.space.describe(), "sampler": ctx.sampler,
-        "budget_s": ctx.budget_s, "spent_s": ctx.spent_s, "stopped": ctx.reason, "study": ctx.study.study_name,
+        "budget_s": ctx.budget_s, "spent_s": ctx.spent_s, "setup_s": getattr(ctx, "setup_s", None), "stopped": ctx.reason, "study": ctx.study.study_name,
         "objectives": names, "baseline_validation": {
             "quality": ctx.ev.base.quality, "latency_ms": ctx.ev.base.latency_ms, "throughput": ctx.ev.base.throughput,
             "energy_j_per_item": ctx.ev.base.energy, "size_bytes": ctx.ev.base.size_bytes},

@@ -71,6 +71,7 @@ class Context:
     budget_s: float | None
     spent_s: float
     reason: str
+    setup_s: float | None = None  # loading, baseline and sensitivity (not counted in the budget)
 
 
 def storage_url(opts: PlanOptions) -> str:
@@ -181,6 +182,7 @@ def _run(opts, wl, resolved, hw, url, out: Path, emit: Emit) -> dict:
     from ..arch import detect
     from ..outputs import tree_digest
 
+    t_setup = time.time()
     meter = EnergyMeter.create(hw["cpu"], opts.watts_per_core)
     set_threads(resolve_threads(opts.build_threads))
     emit("msg", "loading model and data")
@@ -226,6 +228,8 @@ def _run(opts, wl, resolved, hw, url, out: Path, emit: Emit) -> dict:
     sens = _sensitivity(study, ev, wl, emit)
     ranking = [int(x) for x in sens["ranking"]] if wl.name == "llm" else sens["ranking"]
     space = space_for(wl.name, hw, opts.time_budget_s, opts.settings, ranking, n_layers, _size_capped(resolved))
+    setup_s = time.time() - t_setup
+    emit("msg", f"set-up took {setup_s / 60:.1f} min; searching")
     driver = Driver(study, space, ev, resolved.profile.objective, resolved.limits, out, opts.time_budget_s,
                     opts.max_trials, opts.sampler == "random", emit)
     reason = driver.run()
@@ -235,7 +239,7 @@ def _run(opts, wl, resolved, hw, url, out: Path, emit: Emit) -> dict:
     from .final import finalize
 
     ctx = Context(wl, opts.model, opts.data, ev, resolved, study, space, hw, out, emit, sens, opts.sampler,
-                  opts.time_budget_s, driver.spent(), reason)
+                  opts.time_budget_s, driver.spent(), reason, setup_s)
     result = finalize(ctx)
     shutil.rmtree(out / "work", ignore_errors=True)
     return result
