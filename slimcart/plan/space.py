@@ -114,13 +114,23 @@ def _runtime_steps(rt: str) -> list[dict]:
             "torch_compile_bf16": [{"kind": "torch_compile", "bf16": True}]}[rt]
 
 
-def _runtimes(hw: dict, excluded: list[str]) -> list[str]:
+def _runtimes(hw: dict, excluded: list[str], workload: str) -> list[str]:
+    """fp32 runtimes whose steps declare this workload (a step's `workloads`), bf16 only where the CPU has it."""
+    from ..recipe import parse_step
+
     rts = ["torch", "onnxruntime", "openvino", "torch_compile"]
     if hw["features"].get("bf16"):
         rts.append("torch_compile_bf16")
     else:
         excluded.append("bf16 candidates (torch.compile with bf16 autocast): this CPU has neither AVX512-BF16 nor AMX-BF16")
-    return rts
+    ok = []
+    for rt in rts:
+        kinds = [parse_step(d) for d in _runtime_steps(rt)]
+        if all(k.workloads is None or workload in k.workloads for k in kinds):
+            ok.append(rt)
+        else:
+            excluded.append(f"runtime {rt}: its step is declared for {', '.join(next(k.workloads for k in kinds if k.workloads))} only")
+    return ok
 
 
 def _affordable(cost_min: float, budget_s: float | None) -> bool:
@@ -146,7 +156,7 @@ def search_space(hw: dict, budget_s: float | None, settings: Settings, sensitive
         excluded.append("low-rank word embeddings: the profile caps no size (they cost quality and a training run)")
     else:
         excluded.append("low-rank word embeddings: their recovery training is more than a third of the budget")
-    rts = _runtimes(hw, excluded)
+    rts = _runtimes(hw, excluded, "search")
     quants = ["none", "int8_dynamic", "int8_static"]
     params = [
         Param("structure", structures, what="smaller network: distilled fewer layers / pruned heads+FFN / low-rank Linears"),
@@ -264,7 +274,7 @@ def recsys_space(hw: dict, budget_s: float | None, settings: Settings, sensitive
             structures.append(name)
         else:
             excluded.append(f"structure={name}: ~{cost:.0f} min of training per trial is more than a third of the budget")
-    rts = [r for r in _runtimes(hw, excluded) if r != "openvino"]
+    rts = [r for r in _runtimes(hw, excluded, "recsys") if r != "openvino"]
     excluded.append("OpenVINO for SASRec: not validated on its graph here")
     params = [
         Param("structure", structures, what="narrower student distilled from SASRec / pruned hidden width"),
