@@ -3,7 +3,6 @@ pruned folders are plain safetensors + config.json that reload to the same funct
 matches torch, and whole recipes run end to end through api.compress."""
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np

