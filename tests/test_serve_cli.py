@@ -74,7 +74,7 @@ def test_serve_cli_bad_options(tmp_path):
     _one_error(runner.invoke(app, ["serve", "minilm", "--max-batch", "0"]), "--max-batch: Input should be greater")
     _one_error(runner.invoke(app, ["serve", "minilm", "--index", str(tmp_path)]), "not a slimcart index")
     _one_error(runner.invoke(app, ["serve", "nosuchmodel", "--port", "0"]), "unknown model 'nosuchmodel'")
-    _one_error(runner.invoke(app, ["serve", "minilm", "-w", "vision"]), "unknown workload 'vision'")
+    _one_error(runner.invoke(app, ["serve", "minilm", "-w", "nosuchworkload"]), "unknown workload 'nosuchworkload'")
 
 
 def _free_port() -> int:
