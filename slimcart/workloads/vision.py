@@ -213,7 +213,7 @@ class VisionWorkload:
         serving = [b for b in serving if len(b["pixels"]) == SERVING_BATCH] or serving[:1]
         n = len(serving[0]["pixels"])
         return BenchInputs(single=single, serving=serving, items_per_serving_batch=n, unit="images",
-                           label=f"batch {n} decoded photos (decode + resize timed apart)")
+                           label=f"batch {n} decoded photos")
 
     def calibration_batches(self, bundle: ModelBundle, data: VisionData, n: int) -> list[dict]:
         """`n` batches of 32 training photos (never validation/test) with their labels, un-augmented."""
