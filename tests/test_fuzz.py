@@ -36,7 +36,8 @@ def recipes(draw):
     rec = json.loads(json.dumps(draw(st.sampled_from(BUILTIN))))
     for _ in range(draw(st.integers(1, 3))):
         steps = rec["steps"] if isinstance(rec["steps"], list) else []
-        step = draw(st.sampled_from(steps)) if steps and isinstance(steps[0], dict) else {}
+        step = draw(st.sampled_from(steps)) if steps else {}
+        step = step if isinstance(step, dict) else {}  # an earlier "steps" action may have left non-dict steps
         action = draw(st.sampled_from(["set", "add", "drop", "kind", "steps"]))
         keys = [k for k in step if k != "kind"]
         if action == "set" and keys:

@@ -35,7 +35,7 @@ def read_table(path: Path) -> pd.DataFrame:
 def require_columns(df: pd.DataFrame, path: Path, alternatives: dict[str, tuple[str, ...]]) -> dict[str, str]:
     """Map each logical column to the first present alternative name; error naming what is missing."""
     found, missing = {}, []
-    lower = {c.lower(): c for c in df.columns}
+    lower = {str(c).lower(): c for c in df.columns}  # a headerless file has integer column labels
     for logical, names in alternatives.items():
         hit = next((lower[n] for n in names if n in lower), None)
         if hit is None:
