@@ -14,7 +14,7 @@ from slimcart.errors import SlimcartError
 from slimcart.models.gru4rec import GRU4Rec, GRU4RecConfig, load_gru4rec, next_item_loss, right_align, save_gru4rec
 from slimcart.workloads import get_workload
 from slimcart.workloads.session import (
-    TRAIN_DEFAULTS, SessionData, all_prefixes, check_prefixes, hit_rate, load_sessions, pad_right, reciprocal_ranks,
+    TRAIN_DEFAULTS, SessionData, all_prefixes, check_prefixes, hit_rate, pad_right, reciprocal_ranks,
     target_ranks,
 )
 

@@ -49,7 +49,7 @@ class GRU4RecConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GRU4RecConfig":
+    def from_dict(cls, d: dict) -> GRU4RecConfig:
         """Build from a config.json dict, ignoring keys this version does not know."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})

@@ -12,13 +12,14 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from .gru4rec import GRU4Rec, GRU4RecConfig, next_item_loss, save_gru4rec
+
 # The checkpoint helpers are model-agnostic (state dicts + optimizer state as safetensors + JSON).
 from .sasrec import _load_partial, _save_partial, _swap_in
 
@@ -114,7 +115,7 @@ def _fit(config, train_sessions, validate, out, hp, epochs, seed, progress, resu
         state["cpu_seconds"] += cpu
         state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **{f"val_{k}": v for k, v in scores.items()},
                                  "seconds": took, "cpu_seconds": cpu, "loadavg": os.getloadavg()[0]})
-        _swap_in(partial, lambda f: _save_partial(f, model, best_state, opt, state))
+        _swap_in(partial, lambda f, best=best_state: _save_partial(f, model, best, opt, state))
         shown = ", ".join(f"val {k.upper()} {v:.4f}" for k, v in scores.items())
         progress(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}, {shown} ({took:.0f}s, {cpu:.0f}s CPU)")
         if state["epoch"] - state["best_epoch"] >= hp["patience"]:

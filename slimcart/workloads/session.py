@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,14 +29,14 @@ from ..contracts import BenchInputs, DataInfo, EvalResult, ModelBundle
 from ..errors import SlimcartError
 from ..models.gru4rec import GRU4Rec, GRU4RecConfig, actual_config, load_gru4rec, right_align, save_gru4rec
 from ..paths import resolve_dataset
+from .session_data import (  # noqa: F401 - re-exported: the workload's data API
+    DATASET, SessionData, all_prefixes, check_prefixes, dataset_name, load_sessions, pad_right, read_prefixes,
+    read_sessions, synthetic_sessions,
+)
 
-DATASET = "sessions-diginetica"
 ALIAS = "gru4rec"
-TRAIN_FILE, TEST_FILE = "train_sessions.txt", "test_prefixes.tsv"
 K = 20
 SERVING_BATCH = 256
-VAL_FRACTION = 0.1  # newest share of training sessions held out for early stopping
-TEST_FRACTION = 0.1  # newest share of a sessions file that has no test file
 VAL_ROWS_PER_EPOCH = 10_000  # fixed sample of validation rows scored after every epoch
 # Chosen on Diginetica validation HR@20 (see docs/session.md for the measured comparison).
 TRAIN_DEFAULTS = {
@@ -54,174 +54,7 @@ def checkpoint_dir(name: str) -> Path:
     return _home() / "session" / f"gru4rec-{name}"
 
 
-def dataset_name(path: Path | None) -> str:
-    return "synthetic" if path is None else (path.name if path.is_dir() else path.stem)
-
-
-# ---------------------------------------------------------------- reading
-def _ids(tokens: list[str], where: str) -> np.ndarray:
-    if not tokens or not all(t.isdigit() for t in tokens):
-        raise SlimcartError(f"{where}: expected item ids (integers >= 1) separated by spaces")
-    ids = np.array(tokens, np.int64)
-    if ids.min() < 1:
-        raise SlimcartError(f"{where}: item id 0 is reserved for padding (ids start at 1)")
-    return ids
-
-
-def _lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise SlimcartError(f"{path} is not UTF-8 text") from None
-    except OSError as e:
-        raise SlimcartError(f"cannot read {path}: {e.strerror}") from None
-
-
-def read_sessions(path: Path) -> list[np.ndarray]:
-    """One session a line (item ids in click order); blank lines are skipped."""
-    sessions = [_ids(line.split(), f"{path} line {i + 1}") for i, line in enumerate(_lines(path)) if line.strip()]
-    if not sessions:
-        raise SlimcartError(f"{path} has no sessions")
-    return sessions
-
-
-def read_prefixes(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
-    """`prefix<TAB>target` rows after a header line -> (prefixes, targets)."""
-    lines = _lines(path)
-    if not lines or lines[0].strip().split("\t") != ["prefix", "target"]:
-        raise SlimcartError(f"{path}: the first line must be the header 'prefix<TAB>target'")
-    prefixes, targets = [], []
-    for i, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        if len(parts) != 2:
-            raise SlimcartError(f"{path} line {i}: expected 'prefix<TAB>target'")
-        prefixes.append(_ids(parts[0].split(), f"{path} line {i}"))
-        targets.append(_ids(parts[1].split(), f"{path} line {i} (target)"))
-        if len(targets[-1]) != 1:
-            raise SlimcartError(f"{path} line {i}: the target must be one item id")
-    if not prefixes:
-        raise SlimcartError(f"{path} has no rows")
-    return prefixes, np.concatenate(targets)
-
-
-def all_prefixes(sessions: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
-    """Every (first k clicks, click k+1) of every session, k = 1..len-1."""
-    prefixes = [s[:k] for s in sessions for k in range(1, len(s))]
-    targets = np.array([s[k] for s in sessions for k in range(1, len(s))], np.int64)
-    return prefixes, targets
-
-
-def synthetic_sessions(seed: int = 0, n_sessions: int = 3000, n_items: int = 240, series_len: int = 8) -> list[np.ndarray]:
-    """Sessions with learnable order: items form series of `series_len` consecutive ids; a session
-    starts somewhere in a series (popular series more often) and mostly clicks the next item of it,
-    sometimes another item of the same series, rarely a random item."""
-    rng = np.random.default_rng(seed)
-    n_series = n_items // series_len
-    pop = 1.0 / np.arange(1, n_series + 1)
-    out = []
-    for _ in range(n_sessions):
-        series, step = int(rng.choice(n_series, p=pop / pop.sum())), int(rng.integers(series_len))
-        clicks = []
-        for _ in range(int(rng.integers(2, 10))):
-            r = rng.random()
-            if r < 0.1:
-                clicks.append(int(rng.integers(1, n_items + 1)))
-                continue
-            step = (step + 1) % series_len if r < 0.8 else int(rng.integers(series_len))
-            clicks.append(series * series_len + step + 1)
-        out.append(np.array(clicks, np.int64))
-    return out
-
-
-# ---------------------------------------------------------------- data
-@dataclass
-class SessionData:
-    train: list[np.ndarray]  # training sessions without the validation ones
-    valid: list[np.ndarray]  # newest training sessions (early stopping, distillation validation)
-    test_prefixes: list[np.ndarray]
-    test_targets: np.ndarray
-    n_items: int
-    name: str
-    info: DataInfo
-
-    def validation_rows(self, limit: int | None = None, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
-        """Every prefix -> next click of the validation sessions, or a fixed sample of `limit` of them."""
-        prefixes, targets = all_prefixes(self.valid)
-        if limit is not None and len(prefixes) > limit:
-            keep = np.sort(np.random.default_rng(seed).choice(len(prefixes), limit, replace=False))
-            prefixes, targets = [prefixes[i] for i in keep], targets[keep]
-        return prefixes, targets
-
-
-def split_sessions(sessions: list[np.ndarray], prefixes, targets, name: str, synthetic: bool, source: str) -> SessionData:
-    """Hold out the newest VAL_FRACTION of the training sessions; test = the given prefixes, or the
-    newest TEST_FRACTION of the sessions cut into prefixes when none are given."""
-    if prefixes is None:
-        n_test = max(1, int(round(len(sessions) * TEST_FRACTION)))
-        sessions, test_sessions = sessions[:-n_test], sessions[-n_test:]
-        prefixes, targets = all_prefixes(test_sessions)
-        source += f"; test = every prefix of the newest {n_test} sessions"
-    usable = [s for s in sessions if len(s) >= 2]
-    n_val = int(round(len(usable) * VAL_FRACTION))
-    if n_val < 1 or len(usable) - n_val < 1 or not len(prefixes):
-        raise SlimcartError(f"{name}: too few sessions of 2+ clicks to hold out validation and test data")
-    train, valid = usable[:-n_val], usable[-n_val:]
-    n_items = int(max(max(int(s.max()) for s in sessions), int(targets.max()), max(int(p.max()) for p in prefixes)))
-    info = DataInfo(name=name, synthetic=synthetic, n=len(prefixes),
-                    split=f"test: {len(prefixes)} prefix -> next-click rows ({source}), all rows scored; ranking over "
-                          f"all {n_items} items, session's own clicks kept; validation: every prefix of the newest "
-                          f"{n_val} training sessions; training: the other {len(train)} sessions")
-    return SessionData(train, valid, prefixes, np.asarray(targets, np.int64), n_items, name, info)
-
-
-def load_sessions(data: str | None) -> SessionData:
-    path = resolve_dataset(data, DATASET)
-    if path is None:
-        return split_sessions(synthetic_sessions(0), None, None, "synthetic", True, "SYNTHETIC sessions")
-    if path.is_dir():
-        if not (path / TRAIN_FILE).is_file():
-            raise SlimcartError(f"no {TRAIN_FILE} in {path} (one session a line, item ids separated by spaces)")
-        sessions = read_sessions(path / TRAIN_FILE)
-        test = read_prefixes(path / TEST_FILE) if (path / TEST_FILE).is_file() else (None, None)
-        return split_sessions(sessions, *test, dataset_name(path), False,
-                              TEST_FILE if test[0] is not None else TRAIN_FILE)
-    if path.suffix.lower() != ".txt":
-        raise SlimcartError(f"{path}: session data is a folder with {TRAIN_FILE} (+ {TEST_FILE}) or one sessions .txt file")
-    return split_sessions(read_sessions(path), None, None, dataset_name(path), False, path.name)
-
-
-# ---------------------------------------------------------------- inputs and metrics
-def pad_right(prefixes: list[np.ndarray], max_len: int) -> np.ndarray:
-    """(B, longest) int64: each prefix's newest `max_len` clicks at the start of its row, zeros after."""
-    rows = [p[-max_len:] for p in prefixes]
-    out = np.zeros((len(rows), max(1, max(len(r) for r in rows))), np.int64)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
-
-
-def check_prefixes(seq: Any, n_items: int | None) -> np.ndarray:
-    """The batch's `seq` as (B, L) int64, refused with one line unless every row is a contiguous run of
-    item ids padded with zeros on one side."""
-    seq = np.asarray(seq)
-    if seq.ndim != 2 or not np.issubdtype(seq.dtype, np.integer) or seq.size == 0:
-        raise SlimcartError(f"session input 'seq' must be a non-empty 2-D integer array, got {seq.dtype} {seq.shape}")
-    seq = seq.astype(np.int64, copy=False)
-    if seq.min() < 0 or (n_items is not None and seq.max() > n_items):
-        raise SlimcartError(f"session input has item ids outside 0..{n_items} (0 = padding)")
-    present = seq > 0
-    n = present.sum(1)
-    if (n == 0).any():
-        raise SlimcartError("session input has an empty prefix (a row of padding only)")
-    j = np.arange(seq.shape[1])
-    left, right = present == (j >= seq.shape[1] - n[:, None]), present == (j < n[:, None])
-    if not (left.all(1) | right.all(1)).all():
-        raise SlimcartError("session input rows must be clicks padded with zeros on one side only")
-    return seq
-
-
+# ---------------------------------------------------------------- metrics
 def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """0-based rank of each target among items 1..n (column 0, padding, is left out).
     Ties count against the target; NaN scores count as -inf."""
@@ -265,7 +98,8 @@ class SessionTorchRunner:
 
     def __init__(self, module: torch.nn.Module):
         self.module = module.eval()
-        self.n_items = getattr(getattr(module, "item_emb", None), "num_embeddings", 0) - 1 or None
+        emb = getattr(module, "item_emb", None)  # a replaced (e.g. compressed) table may not say its size
+        self.n_items = int(emb.num_embeddings) - 1 if hasattr(emb, "num_embeddings") else None
 
     def __call__(self, batch: dict) -> np.ndarray:
         if not isinstance(batch, dict) or "seq" not in batch:

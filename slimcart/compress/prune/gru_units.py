@@ -26,7 +26,8 @@ criterion applied to whole units: the expected size of what deleting unit j remo
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,8 +114,7 @@ def select_inputs(module: nn.Module, keep: torch.Tensor) -> nn.Module:
                 getattr(new, name).copy_(getattr(module, name))
             new.weight_ih_l0.copy_(module.weight_ih_l0[:, keep])
     else:
-        _columns(module)  # raises the clear error
-        raise AssertionError("unreachable")
+        raise SlimcartError(f"cannot prune the inputs of {type(module).__name__} (supported: nn.Linear, nn.GRU)")
     return new.to(_columns(module).dtype).train(module.training)
 
 
