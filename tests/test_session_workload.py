@@ -335,3 +335,11 @@ def test_distill_task_pulls_student_to_teacher(workload, monkeypatch):
 def test_all_prefixes():
     p, t = all_prefixes([np.array([4, 5, 6]), np.array([7])])
     assert [x.tolist() for x in p] == [[4], [4, 5]] and t.tolist() == [5, 6]
+
+
+@pytest.mark.slow
+def test_real_diginetica_counts_match_source_md(real_data, workload):
+    """SOURCE.md: 186,670 training sessions, 43,097 items, 60,858 test rows."""
+    data = workload.load_data(None)
+    assert len(data.train) + len(data.valid) == 186_670 and data.n_items == 43_097 and data.info.n == 60_858
+    assert not data.info.synthetic and len(data.valid) == round(186_670 * 0.1)
