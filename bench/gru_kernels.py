@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from slimcart.bench import environment, measure_interleaved, paired_ratio, set_threads
-from slimcart.contracts import BenchInputs
+from slimcart.contracts import BenchInputs, ModelBundle
 from slimcart.models.gru4rec import GRU4Rec, GRU4RecConfig
 
 
@@ -79,7 +79,8 @@ def ort_check(layer: nn.Module, example: np.ndarray, folder: Path) -> dict:
     ops = lambda p: sorted({n.op_type for n in onnx.load(str(p)).graph.node})
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
-    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in (("fp32", fp32), ("int8", int8))}
+    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+                for k, p in (("fp32", fp32), ("after quantize_dynamic", int8))}
     got = {k: s.run(None, {"x": example})[0] for k, s in sessions.items()}
     with torch.inference_mode():
         ref = layer(torch.from_numpy(example)).numpy()
@@ -89,25 +90,40 @@ def ort_check(layer: nn.Module, example: np.ndarray, folder: Path) -> dict:
             "sessions": sessions}
 
 
+def _rnn_precision(compiled) -> list[str]:
+    """Runtime precision of every recurrent node the CPU plugin actually runs."""
+    out = []
+    for op in compiled.get_runtime_model().get_ops():
+        rt = op.get_rt_info()
+        if "layerType" in rt and rt["layerType"].astype(str) == "RNNSeq":
+            out.append(rt["runtimePrecision"].astype(str))
+    return out
+
+
 def openvino_check(fp32_onnx: Path, calib: list[np.ndarray]) -> dict:
+    """f32 (precision hint forced), the plugin's default (bf16 on CPUs with AVX512-BF16), and whether NNCF
+    post-training quantization puts the GRU into int8 at all (FakeQuantize inserted, RNNSeq in i8/u8)."""
     import openvino as ov
 
     core = ov.Core()
     model = core.read_model(str(fp32_onnx))
-    out = {"fp32": core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})}
+    threads = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    f32 = core.compile_model(model, "CPU", {**threads, "INFERENCE_PRECISION_HINT": "f32"})
+    default = core.compile_model(model, "CPU", threads)
+    out = {"compiled": {"OpenVINO f32": f32, "OpenVINO default hint": default},
+           "rnn_runtime_precision": {"f32 hint": _rnn_precision(f32), "default hint": _rnn_precision(default)}}
     try:
         import nncf
     except ImportError:
-        return {**out, "int8": None, "note": "nncf not installed: OpenVINO int8 not checked"}
+        return {**out, "nncf": "not installed: OpenVINO int8 not checked"}
     q = nncf.quantize(model, nncf.Dataset([{"x": c} for c in calib]), subset_size=len(calib))
-    compiled = core.compile_model(q, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
-    precisions = {}
-    for op in compiled.get_runtime_model().get_ops():
-        rt = op.get_rt_info()
-        layer_type = str(rt["layerType"]) if "layerType" in rt else op.get_type_name()
-        if any(k in layer_type for k in ("RNN", "GRU", "FullyConnected", "MatMul")):
-            precisions[op.get_friendly_name()] = {"type": layer_type, "runtime_precision": str(rt["runtimePrecision"]) if "runtimePrecision" in rt else "?"}
-    return {**out, "int8": compiled, "runtime_ops": precisions}
+    ops = sorted({o.get_type_name() for o in q.get_ops()})
+    compiled = core.compile_model(q, "CPU", {**threads, "INFERENCE_PRECISION_HINT": "f32"})
+    out["nncf"] = {"version": nncf.__version__, "ops_after_quantize": ops, "fake_quantize_inserted": "FakeQuantize" in ops,
+                   "rnn_runtime_precision": _rnn_precision(compiled)}
+    if "FakeQuantize" in ops:
+        out["compiled"]["OpenVINO int8 (NNCF)"] = compiled
+    return out
 
 
 def ov_side(compiled):
@@ -116,6 +132,62 @@ def ov_side(compiled):
     def run(batch):
         return req.infer({0: next(iter(batch.values()))})
     return run
+
+
+class Int8TiedScoring(nn.Module):
+    """Scores of a tied GRU4Rec through an int8 GEMM: the item table packed as a dynamic-quantized Linear
+    (per-row int8 weights = per item). Only for timing here: the fp32 table is still kept for the lookup."""
+
+    def __init__(self, model: GRU4Rec):
+        super().__init__()
+        table, bias = model.output_table()
+        lin = nn.Linear(table.shape[1], table.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(table)
+            lin.bias.copy_(bias)
+        self.linear = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)[0]
+
+    def forward(self, h):
+        return self.linear(h)
+
+
+def whole_model(rounds: int) -> dict:
+    """fp32 vs torch dynamic int8 of the GRU, and of GRU + scoring, on the trained model if there is one."""
+    from slimcart.errors import SlimcartError
+    from slimcart.workloads import get_workload
+
+    wl = get_workload("session")
+    data = wl.load_data(None)
+    try:
+        bundle = wl.load_model("gru4rec")
+        model, which = bundle.module, f"trained checkpoint {bundle.source}"
+    except SlimcartError:
+        model, which = GRU4Rec(GRU4RecConfig(n_items=data.n_items, tied=True)).eval(), "random weights (no checkpoint)"
+    q_gru = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.GRU}, dtype=torch.qint8)
+    q_all = copy.deepcopy(q_gru)
+    if model.out is None:  # tied: scoring is F.linear over the input table, not an nn.Linear
+        # instance attribute, so forward's self.score(...) finds it before the class method
+        object.__setattr__(q_all, "score", Int8TiedScoring(model))
+    else:
+        q_all = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.GRU, nn.Linear}, dtype=torch.qint8)
+    sides = {"fp32": model, "int8 GRU": q_gru, "int8 GRU + int8 scoring": q_all}
+    runners = {k: wl.torch_runner(ModelBundle(name=k, module=m, source=None)) for k, m in sides.items()}
+    inputs = wl.bench_inputs(ModelBundle(name="fp32", module=model, source=None), data)
+    probe = inputs.serving[0]
+    if np.array_equal(runners["int8 GRU"](probe), runners["int8 GRU + int8 scoring"](probe)):
+        raise RuntimeError("int8 scoring is not in use")
+    t = measure_interleaved(runners, inputs, repeats=rounds, progress=log)
+    base = t["fp32"]
+    val_in, val_tgt = data.validation_rows(10_000)
+    quality = {k: wl.evaluate_rows(m, val_in, val_tgt, data.n_items) for k, m in sides.items()}
+    return {
+        "model": which, "data": data.info.name, "synthetic_data": data.info.synthetic,
+        "inputs": "the workload's bench inputs: 64 single test prefixes, 16 batches of 256 (padded to the longest)",
+        "sides": {k: v.summary() for k, v in t.items()},
+        "throughput_ratio_vs_fp32": {k: paired_ratio(v.throughput_per_s, base.throughput_per_s) for k, v in t.items()},
+        "latency_p50_ratio_vs_fp32": {k: float(np.median(base.latency_ms) / np.median(v.latency_ms)) for k, v in t.items()},
+        "validation_10k_rows": quality,
+    }
 
 
 def main() -> None:
@@ -147,12 +219,10 @@ def main() -> None:
         result["onnxruntime"] = ort_info
         log(f"ORT: ops after quantize_dynamic {ort_info['ops_after_quantize_dynamic']}")
         ov_info = openvino_check(Path(tmp) / "gru.onnx", [b["x"] for b in x256[:2]])
-        sides["OpenVINO fp32"] = ov_side(ov_info.pop("fp32"))
-        ov_int8 = ov_info.pop("int8")
-        if ov_int8 is not None:
-            sides["OpenVINO int8 (NNCF)"] = ov_side(ov_int8)
+        for name, compiled in ov_info.pop("compiled").items():
+            sides[name] = ov_side(compiled)
         result["openvino"] = ov_info
-        log(f"OpenVINO runtime ops: {ov_info.get('runtime_ops', ov_info.get('note'))}")
+        log(f"OpenVINO: {ov_info}")
         inputs = BenchInputs(single=x1, serving=x256, items_per_serving_batch=256, unit="sequences of 10")
         t = measure_interleaved(sides, inputs, repeats=args.rounds, progress=log)
     base = t["torch fp32"]
@@ -163,30 +233,8 @@ def main() -> None:
         "latency_p50_ratio_vs_torch_fp32": {k: float(np.median(base.latency_ms) / np.median(v.latency_ms)) for k, v in t.items()},
     }
 
-    # ---- the whole session model: where the time goes
-    n_items = 43097
-    model = GRU4Rec(GRU4RecConfig(n_items=n_items)).eval()
-    q_gru = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.GRU}, dtype=torch.qint8)
-    q_all = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.GRU, nn.Linear}, dtype=torch.qint8)
-    lengths = rng.choice([1, 1, 2, 2, 3, 4, 5, 7, 10, 15], size=256 * 4 + 64)  # roughly Diginetica's prefix lengths
-
-    def batch(ls):
-        seq = np.zeros((len(ls), max(ls)), np.int64)
-        for i, n in enumerate(ls):
-            seq[i, :n] = rng.integers(1, n_items + 1, n)
-        return {"seq": seq}
-    inputs = BenchInputs(single=[batch(lengths[i:i + 1]) for i in range(64)],
-                         serving=[batch(lengths[64 + 256 * i: 64 + 256 * (i + 1)]) for i in range(4)],
-                         items_per_serving_batch=256, unit="sessions")
-    t = measure_interleaved({"fp32": torch_side(model), "int8 GRU": torch_side(q_gru), "int8 GRU + scoring Linear": torch_side(q_all)},
-                            inputs, repeats=args.rounds, progress=log)
-    base = t["fp32"]
-    result["gru4rec_model"] = {
-        "shape": f"GRU4Rec untied, 100-dim, {n_items} items; random prefixes of 1-15 clicks padded per batch",
-        "sides": {k: v.summary() for k, v in t.items()},
-        "throughput_ratio_vs_fp32": {k: paired_ratio(v.throughput_per_s, base.throughput_per_s) for k, v in t.items()},
-        "latency_p50_ratio_vs_fp32": {k: float(np.median(base.latency_ms) / np.median(v.latency_ms)) for k, v in t.items()},
-    }
+    # ---- the whole session model: where the time goes, and what int8 costs in validation HR@20
+    result["gru4rec_model"] = whole_model(args.rounds)
     result["loadavg_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
