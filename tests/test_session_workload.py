@@ -343,3 +343,12 @@ def test_real_diginetica_counts_match_source_md(real_data, workload):
     data = workload.load_data(None)
     assert len(data.train) + len(data.valid) == 186_670 and data.n_items == 43_097 and data.info.n == 60_858
     assert not data.info.synthetic and len(data.valid) == round(186_670 * 0.1)
+
+
+def test_implements_the_workload_contract(workload):
+    from slimcart.contracts import Workload
+
+    members = [n for n in Workload.__dict__ if not n.startswith("_")] + list(Workload.__annotations__)
+    missing = [n for n in members if not hasattr(workload, n)]
+    assert not missing
+    assert workload.primary_metric in workload.quality_keys and set(workload.higher_is_better) == set(workload.quality_keys)
