@@ -10,8 +10,10 @@ Candidates, each checked for what actually executes (not what the file says):
   OpenVINO  NNCF post-training int8 on the OpenVINO model; the check reads the compiled model's
             runtime precision of the GRUSequence node (i8/u8 = int8 kernel ran).
 Timed in ONE interleaved run (slimcart.bench.measure_interleaved, per-round ratios): a GRU layer alone
-(100 -> 100 units, 10 clicks) and the whole GRU4Rec (item table -> GRU -> scores over all items), fp32
-vs torch dynamic int8 of {GRU} and of {GRU, Linear} (the Linear is the untied output table).
+(100 -> 100 units, 10 clicks) and the whole GRU4Rec (the trained checkpoint if present: item table -> GRU
+-> scores over all items) on the workload's bench inputs, fp32 vs torch dynamic int8 of the GRU, and of
+GRU + scoring (the tied item table packed as a dynamic-int8 Linear; an untied `out` Linear directly),
+with HR@20 on 10,000 validation rows for each.
 Load average is recorded before and after: on a shared machine only the ratios mean something.
 
     SLIMCART_DATA=../shared/data python bench/gru_kernels.py [--threads 1] [--rounds 5]
