@@ -188,6 +188,15 @@ OBSERVERS = {
 
 def make_observer(kind: str, **kwargs) -> Observer:
     """An observer by name (see module docstring), e.g. make_observer("percentile", percentile=99.9)."""
+    import inspect
+
     if kind not in OBSERVERS:
         raise SlimcartError(f"unknown observer '{kind}' (known: {', '.join(OBSERVERS)})")
-    return OBSERVERS[kind](**kwargs)
+    known = [n for n in inspect.signature(OBSERVERS[kind]).parameters if n != "self"]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise SlimcartError(f"observer '{kind}' has no setting {', '.join(unknown)} (it takes: {', '.join(known) or 'none'})")
+    try:
+        return OBSERVERS[kind](**kwargs)
+    except (TypeError, ValueError) as e:
+        raise SlimcartError(f"observer '{kind}': bad settings {kwargs} ({e})") from None
