@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from slimcart.bench import environment, measure_interleaved, paired_ratio, set_threads  # noqa: E402
 from slimcart.workloads import get_workload  # noqa: E402
-from slimcart.workloads.session import quality, rank_rows, reciprocal_ranks  # noqa: E402
+from slimcart.workloads.ranking import reciprocal_ranks  # noqa: E402
+from slimcart.workloads.session import quality, rank_rows  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -36,7 +37,7 @@ def log(msg: str) -> None:
 def interval(ranks: np.ndarray, seed: int = 0, resamples: int = 1000) -> dict:
     """Row-bootstrap 95% intervals of HR@20 and MRR@20."""
     idx = np.random.default_rng(seed).integers(0, len(ranks), (resamples, len(ranks)))
-    hit, rr = (ranks < 20).astype(float), reciprocal_ranks(ranks)
+    hit, rr = (ranks < 20).astype(float), reciprocal_ranks(ranks, 20)
     return {"hr@20": np.percentile(hit[idx].mean(1), [2.5, 97.5]).tolist(),
             "mrr@20": np.percentile(rr[idx].mean(1), [2.5, 97.5]).tolist()}
 

@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from slimcart.contracts import ModelBundle
+from slimcart.contracts import DistillOptions, ModelBundle
 from slimcart.errors import SlimcartError
-from slimcart.models.gru4rec import GRU4Rec, GRU4RecConfig, load_gru4rec, next_item_loss, right_align, save_gru4rec
+from slimcart.models.gru4rec import GRU4Rec, GRU4RecConfig, load_gru4rec, next_item_loss, right_align
 from slimcart.workloads import get_workload
-from slimcart.workloads.session import (
-    TRAIN_DEFAULTS, SessionData, all_prefixes, check_prefixes, hit_rate, pad_right, reciprocal_ranks,
-    target_ranks,
-)
+from slimcart.workloads.ranking import hit_rate, reciprocal_ranks, target_ranks
+from slimcart.workloads.session import TRAIN_DEFAULTS, SessionData, all_prefixes, check_prefixes, pad_right
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -276,23 +274,25 @@ def test_calibration_and_bench_inputs(tmp_path, workload):
 def test_training_learns_and_resumes_exactly(tmp_path, workload, monkeypatch):
     monkeypatch.delenv("SLIMCART_DATA", raising=False)
     data = workload.load_data(None)
-    full = workload.train(data, tmp_path / "full", epochs=2, seed=3, **TINY_TRAIN)
-    from slimcart.models import gru4rec_fit
+    full = workload.train(data, tmp_path / "full", epochs=3, seed=3, **TINY_TRAIN)
+    seen = []
 
-    def killed(*a, **k):  # the run dies after epoch 1's checkpoint, while writing the final folder
-        raise KeyboardInterrupt
+    def crash_after_epoch_2(msg):  # the trainer reports every validation (one per epoch)
+        seen.append(" val " in msg)
+        if sum(seen) == 2:
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(gru4rec_fit, "save_gru4rec", killed)
     with pytest.raises(KeyboardInterrupt):
-        workload.train(data, tmp_path / "resumed", epochs=1, seed=3, **TINY_TRAIN)
-    monkeypatch.setattr(gru4rec_fit, "save_gru4rec", save_gru4rec)
+        workload.train(data, tmp_path / "cut", epochs=3, seed=3, progress=crash_after_epoch_2, **TINY_TRAIN)
+    assert (tmp_path / "cut.partial" / "state.json").exists() and not (tmp_path / "cut").exists()
     msgs = []
-    resumed = workload.train(data, tmp_path / "resumed", epochs=2, seed=3, progress=msgs.append, **TINY_TRAIN)
-    assert any("resuming after epoch 1" in m for m in msgs)
-    a, b = load_gru4rec(full)[0].state_dict(), load_gru4rec(resumed)[0].state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    cfg = json.loads((full / "config.json").read_text())["training"]
-    assert len(cfg["history"]) == 2 and 0 <= cfg["val_hr@20"] <= 1
+    cut = workload.train(data, tmp_path / "cut", epochs=3, seed=3, progress=msgs.append, **TINY_TRAIN)
+    assert msgs[0].startswith("resuming GRU4Rec at step") and not (tmp_path / "cut.partial").exists()
+    a, b = load_gru4rec(full)[0].state_dict(), load_gru4rec(cut)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # identical to the uninterrupted run
+    training = json.loads((full / "config.json").read_text())["training"]
+    losses = [h["loss"] for h in training["history"] if h["loss"] is not None]
+    assert len(losses) == 3 and losses[-1] < losses[0] and 0 <= training["val_hr@20"] <= 1
     # a learnable next-click structure: far above the 20/n_items of random ranking on the test rows
     res = workload.evaluate(workload.torch_runner(workload.load_model(str(full))), workload.load_model(str(full)), data)
     assert res.quality["hr@20"] > 3 * 20 / data.n_items
@@ -311,12 +311,13 @@ def test_distill_task_pulls_student_to_teacher(workload, monkeypatch):
     data: SessionData = workload.load_data(None)
     teacher = tiny_model(data.n_items, hidden=(16,), seed=1)
     student = tiny_model(data.n_items, hidden=(4,), seed=2)
-    task = workload.distill_task(teacher, student, bundle_of(teacher), data, {"losses": {"logits_kl": 1.0}})
+    task = workload.distill_task(teacher, student, bundle_of(teacher), data, DistillOptions(losses={"logits_kl": 1.0}))
     assert task.n_examples() == sum(len(s) >= 2 for s in data.train)
     idx = np.arange(32)
     first, parts = task.loss(idx)
     assert set(parts) == {"logits_kl"} and first.item() > 0
-    same = workload.distill_task(teacher, tiny_model(data.n_items, hidden=(16,), seed=1), bundle_of(teacher), data)
+    same = workload.distill_task(teacher, tiny_model(data.n_items, hidden=(16,), seed=1), bundle_of(teacher), data,
+                                 DistillOptions())
     assert same.loss(idx)[1]["logits_kl"] == pytest.approx(0.0, abs=1e-6)  # identical student: KL 0
     opt = torch.optim.Adam(task.trainable().parameters(), 0.02)
     task.trainable().train()
@@ -327,9 +328,9 @@ def test_distill_task_pulls_student_to_teacher(workload, monkeypatch):
     assert task.loss(idx)[0].item() < 0.7 * first.item()
     assert 0.0 <= task.validate() <= 1.0 and task.fingerprint()["weights"] == {"logits_kl": 1.0}
     with pytest.raises(SlimcartError, match="no loss"):
-        workload.distill_task(teacher, student, bundle_of(teacher), data, {"losses": {"hidden_mse": 1.0}})
+        workload.distill_task(teacher, student, bundle_of(teacher), data, DistillOptions(losses={"hidden_mse": 1.0}))
     with pytest.raises(SlimcartError, match="share the catalogue"):
-        workload.distill_task(teacher, tiny_model(5), bundle_of(teacher), data)
+        workload.distill_task(teacher, tiny_model(5), bundle_of(teacher), data, DistillOptions())
 
 
 def test_all_prefixes():

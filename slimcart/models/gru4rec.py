@@ -9,7 +9,9 @@ Output table, two shapes:
   untied  W = `out.weight` (n_items + 1, H_k), P = identity: `out` is an nn.Linear, so int8 steps
           that quantize Linear layers (per output row = per item) reach the scoring matmul, which
           dominates serving time over 43k items.
-Column 0 of the scores is the padding id and never a recommendation.
+Column 0 of the scores is the padding id and never a recommendation. A tied table replaced by a
+compressed one (slimcart.compress.embeddings: int8/int4 rows...) is looked up by calling it and
+scores through its `scores(h)`, so the same model trains (recovers) and serves with it.
 
 The GRUs are separate single-layer nn.GRU modules (not one multi-layer nn.GRU) because nn.GRU
 forces one width on all layers, and hidden-unit pruning needs each layer's width free.
@@ -101,16 +103,23 @@ class GRU4Rec(nn.Module):
             h = self.drop_hidden(gru(h)[0])
         return (self.proj(h) if self.proj is not None else h), n
 
-    def output_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(item vectors (n_items + 1, D_out), item biases (n_items + 1,)) the scores are dot products with."""
+    def output_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item vectors (..., D_out), item biases (...)) of items `ids`, the rows scores are dot products with.
+        Tied rows are looked up by calling the table, so a compressed table (slimcart.compress.embeddings,
+        which has no float .weight) trains and scores through its own lookup."""
         if self.out is not None:
-            return self.out.weight, self.out.bias
-        return self.item_emb.weight, self.out_bias
+            return self.out.weight[ids], self.out.bias[ids]
+        return self.item_emb(ids), self.out_bias[ids]
 
     def score(self, h: torch.Tensor) -> torch.Tensor:
-        """Scores of all items for states h (..., D_out)."""
+        """Scores of all items for states h (N, D_out)."""
         if self.out is not None:
             return self.out(h)
+        # A compressed item table scores every row on its own kernel; found by duck typing, as models/
+        # sits below compress/ and never imports it (SASRec does the same).
+        scores = getattr(self.item_emb, "scores", None)
+        if scores is not None:
+            return scores(h).add_(self.out_bias)  # in place: at 256 x 43k items another copy costs as much as the matmul
         return F.linear(h, self.item_emb.weight, self.out_bias)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
@@ -126,6 +135,13 @@ class GRU4Rec(nn.Module):
         if layer + 1 < len(self.grus):
             return f"grus.{layer}", [f"grus.{layer + 1}"]
         return f"grus.{layer}", ["proj" if self.proj is not None else "out"]
+
+    @staticmethod
+    def real_positions(seq: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: the GRU time steps that hold a click (every row's clicks sit at its start once
+        `forward` right-aligns it, whichever side the input was padded on)."""
+        n = (seq > 0).sum(1, keepdim=True)
+        return torch.arange(seq.shape[1], device=seq.device).unsqueeze(0) < n
 
 
 def actual_config(model: GRU4Rec) -> GRU4RecConfig:
@@ -181,18 +197,20 @@ def next_item_loss(model: GRU4Rec, seq: torch.Tensor, targets: torch.Tensor, neg
     batch from q (default uniform over 1..n_items, else `sampling_probs`, e.g. popularity^alpha);
     every logit o_i becomes o_i - log(K q_i), which makes the sampled loss estimate the full softmax
     whatever q is; a sampled item equal to the true one is masked out. negatives >= n_items: full softmax.
+    `gen` None draws from torch's global generator (the trainer seeds it per step).
     """
     h, _ = model.encode(seq)
     mask = targets > 0
     h, pos = h[mask], targets[mask]
-    W, b = model.output_table()
-    n_items = W.shape[0] - 1
+    n_items = model.config.n_items
     if negatives >= n_items:
-        return F.cross_entropy(F.linear(h, W[1:], b[1:]), pos - 1)
+        return F.cross_entropy(model.score(h)[:, 1:], pos - 1)
     q = sampling_probs if sampling_probs is not None else torch.full((n_items + 1,), 1.0 / n_items).index_fill(0, torch.tensor([0]), 0.0)
     neg = torch.multinomial(q, negatives, replacement=True, generator=gen)
     log_kq = torch.log(q * negatives)
-    pos_logit = (h * W[pos]).sum(-1) + b[pos] - log_kq[pos]
-    neg_logit = F.linear(h, W[neg], b[neg] - log_kq[neg]).masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), MASK_VALUE)
+    w_pos, b_pos = model.output_rows(pos)
+    w_neg, b_neg = model.output_rows(neg)
+    pos_logit = (h * w_pos).sum(-1) + b_pos - log_kq[pos]
+    neg_logit = F.linear(h, w_neg, b_neg - log_kq[neg]).masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), MASK_VALUE)
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], 1)
     return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long))

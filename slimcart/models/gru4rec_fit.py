@@ -1,47 +1,26 @@
-"""Training GRU4Rec with resumable checkpoints (same pattern as `sasrec.fit`).
+"""Training GRU4Rec through slimcart's one trainer (`slimcart.training.fit`), as SASRec is trained.
 
-One epoch = every training session once, in right-padded batches; the loss is the next click's
+Examples are the training sessions of 2+ clicks; one step's batch is those sessions right-padded to
+the batch's longest (sessions of similar length batched together), and the loss is the next click's
 sampled-softmax cross-entropy at every position (`next_item_loss`), i.e. every prefix -> next-click
 example of the session, which is what the test rows are. Sessions are not carried across batches
 (GRU4Rec's session-parallel mini-batches do that for speed on GPUs; padding a batch of similar-length
 sessions gives the same per-position losses and is simpler to checkpoint and resume exactly).
+Negatives are drawn from torch's global generator, which the trainer seeds per step: a resumed run
+draws the same negatives an uninterrupted one would.
 """
 from __future__ import annotations
 
-import json
-import os
+import math
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..outputs import atomic_dir
 from .gru4rec import GRU4Rec, GRU4RecConfig, next_item_loss, save_gru4rec
-
-# The checkpoint helpers are model-agnostic (state dicts + optimizer state as safetensors + JSON).
-from .sasrec import _load_partial, _save_partial, _swap_in
-
-
-def session_batches(sessions: list[np.ndarray], max_len: int, batch: int, rng: np.random.Generator):
-    """Yield (input, target) int64 (B, L) batches, right-padded to each batch's longest session.
-
-    Sessions are shuffled, then sorted by length inside windows of 32 batches, so a batch carries
-    little padding without a fixed grouping; a session is cut to its first max_len + 1 clicks.
-    """
-    order = [s for s in rng.permutation(len(sessions)) if len(sessions[s]) >= 2]
-    window, batches = batch * 32, []
-    for a in range(0, len(order), window):
-        chunk = sorted(order[a:a + window], key=lambda s: len(sessions[s]))
-        batches += [chunk[i:i + batch] for i in range(0, len(chunk), batch)]
-    for j in rng.permutation(len(batches)):
-        rows = [sessions[s][:max_len + 1] for s in batches[j]]
-        L = max(len(r) for r in rows) - 1
-        inp, tgt = np.zeros((len(rows), L), np.int64), np.zeros((len(rows), L), np.int64)
-        for i, r in enumerate(rows):
-            inp[i, :len(r) - 1], tgt[i, :len(r) - 1] = r[:-1], r[1:]
-        yield torch.from_numpy(inp), torch.from_numpy(tgt)
 
 
 def sampling_distribution(sessions: list[np.ndarray], n_items: int, alpha: float) -> torch.Tensor | None:
@@ -55,78 +34,88 @@ def sampling_distribution(sessions: list[np.ndarray], n_items: int, alpha: float
     return torch.from_numpy(q / q.sum()).float()
 
 
-def fit(config: GRU4RecConfig, train_sessions: list[np.ndarray], validate: Callable[[GRU4Rec], dict[str, float]],
-        out: Path, hp: dict, epochs: int, seed: int, progress: Callable[[str], None], resume: bool, meta: dict,
-        metric: str = "hr@20") -> Path:
-    """Adam on `next_item_loss`; validation each epoch; early stop after `patience` epochs without a
-    better `metric`, or when the next epoch would pass `max_minutes`; the best epoch is saved to `out`.
-
-    Every epoch's model, best model and optimizer go to `<out>.partial`; each epoch draws its
-    randomness from (seed, epoch), so a resumed run continues exactly as an uninterrupted one.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(hp.get("threads", 1))  # small batches: one thread avoids spin-waiting on a shared machine
-    try:
-        return _fit(config, train_sessions, validate, out, hp, epochs, seed, progress, resume, meta, metric)
-    finally:
-        torch.set_num_threads(threads)
+def right_padded_pairs(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clicks, next clicks) int64 (B, longest - 1), right-padded with 0, of sessions of 2+ clicks."""
+    width = max(len(r) for r in rows) - 1
+    inp, tgt = np.zeros((len(rows), width), np.int64), np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        inp[i, :len(r) - 1], tgt[i, :len(r) - 1] = r[:-1], r[1:]
+    return torch.from_numpy(inp), torch.from_numpy(tgt)
 
 
-def _fit(config, train_sessions, validate, out, hp, epochs, seed, progress, resume, meta, metric) -> Path:
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    fingerprint = {"config": config.to_dict(), "seed": seed, **meta,
-                   **{k: hp[k] for k in ("lr", "batch", "negatives", "alpha")}}
+class GRU4RecTask:
+    """Next-click training as a task for the shared trainer (trainable, n_examples, loss, validate,
+    fingerprint, arrange)."""
+
+    def __init__(self, model: GRU4Rec, sessions: list[np.ndarray], hp: dict, validate: Callable[[GRU4Rec], float],
+                 fingerprint: dict):
+        self.model, self.hp, self._validate, self._fp = model, hp, validate, fingerprint
+        cut = model.config.max_len + 1  # a session's first max_len + 1 clicks: max_len inputs
+        self.sessions = [s[:cut] for s in sessions if len(s) >= 2]
+        self.lengths = np.array([len(s) for s in self.sessions])
+        self.q = sampling_distribution(self.sessions, model.config.n_items, hp["alpha"]) if self.sessions else None
+
+    def trainable(self) -> GRU4Rec:
+        return self.model
+
+    def student(self) -> GRU4Rec:
+        return self.model
+
+    def n_examples(self) -> int:
+        return len(self.sessions)
+
+    def fingerprint(self) -> dict:
+        return self._fp
+
+    def arrange(self, order, batch_size: int, rng):
+        from ..training import length_bucketed
+
+        return length_bucketed(order, self.lengths, batch_size, rng)
+
+    def loss(self, idx):
+        inp, tgt = right_padded_pairs([self.sessions[i] for i in idx])
+        return next_item_loss(self.model, inp, tgt, self.hp["negatives"], self.q, None), {}
+
+    def validate(self) -> float:
+        return self._validate(self.model)
+
+    def score_undistilled(self, model) -> float:
+        return self._validate(model)
+
+
+def fit(config: GRU4RecConfig, train_sessions: list[np.ndarray], validate: Callable[[GRU4Rec], float], out: Path,
+        hp: dict, epochs: int, seed: int, progress: Callable[[str], None], resume: bool, meta: dict) -> Path:
+    """Adam (AdamW without decay) on `next_item_loss` at a constant rate, validation (`validate`: higher
+    is better, e.g. HR@20) after every epoch, early stop after `patience` epochs without a better score or
+    at `max_minutes`; the best epoch is saved to `out`. Checkpoints go to `<out>.partial` and a rerun
+    with the same data and settings continues from the last one (`resume`)."""
+    from ..training import TrainConfig
+    from ..training import fit as train
+
     torch.manual_seed(seed)
     model = GRU4Rec(config)
-    q = sampling_distribution(train_sessions, config.n_items, hp["alpha"])
-    opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], fused=True)  # one kernel per step: the item tables are most of the weights
-    state = {"fingerprint": fingerprint, "epoch": 0, "best": -1.0, "best_epoch": 0, "best_metrics": {},
-             "seconds": 0.0, "cpu_seconds": 0.0, "history": []}
-    best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    found = partial  # killed mid-swap: the last checkpoint is still under its "old" name
-    if not found.exists():
-        found = max(partial.parent.glob(f".{partial.name}.old-*"), key=os.path.getmtime, default=partial)
-    if resume and (found / "state.json").exists():
-        if json.loads((found / "state.json").read_text()).get("fingerprint") == fingerprint:
-            state, best_state = _load_partial(found, model, opt)
-            progress(f"resuming after epoch {state['epoch']} from {found}")
-        else:
-            progress(f"ignoring {found}: it was made with other data or settings")
-    while state["epoch"] < epochs:
-        epoch, t0, c0 = state["epoch"], time.perf_counter(), time.process_time()
-        rng, gen = np.random.default_rng([seed, epoch]), torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        torch.manual_seed(seed * 1_000_003 + epoch)  # dropout masks
-        model.train()
-        losses = []
-        for inp, tgt in session_batches(train_sessions, config.max_len, hp["batch"], rng):
-            loss = next_item_loss(model, inp, tgt, hp["negatives"], q, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        model.eval()
-        scores = validate(model)
-        if scores[metric] > state["best"]:
-            state["best"], state["best_epoch"], state["best_metrics"] = scores[metric], epoch + 1, scores
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        took, cpu = time.perf_counter() - t0, time.process_time() - c0
-        state["epoch"], state["seconds"] = epoch + 1, state["seconds"] + took
-        state["cpu_seconds"] += cpu
-        state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **{f"val_{k}": v for k, v in scores.items()},
-                                 "seconds": took, "cpu_seconds": cpu, "loadavg": os.getloadavg()[0]})
-        _swap_in(partial, lambda f, best=best_state: _save_partial(f, model, best, opt, state))
-        shown = ", ".join(f"val {k.upper()} {v:.4f}" for k, v in scores.items())
-        progress(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}, {shown} ({took:.0f}s, {cpu:.0f}s CPU)")
-        if state["epoch"] - state["best_epoch"] >= hp["patience"]:
-            break
-        if state["seconds"] + took > hp["max_minutes"] * 60:
-            progress(f"stopping: the next epoch would pass the {hp['max_minutes']:g} min budget")
-            break
-    model.load_state_dict(best_state)
-    training = {k: state[k] for k in ("epoch", "best_epoch", "seconds", "cpu_seconds", "history")}
-    training.update({f"val_{k}": v for k, v in state["best_metrics"].items()}, seed=seed, **hp)
+    fingerprint = {"config": config.to_dict(), "seed": seed, **meta,
+                   **{k: hp[k] for k in ("lr", "batch", "negatives", "alpha")}}
+    task = GRU4RecTask(model, train_sessions, hp, validate, fingerprint)
+    per_epoch = max(1, math.ceil(task.n_examples() / hp["batch"]))
+    cfg = TrainConfig(max_steps=per_epoch * epochs, epochs=epochs, max_minutes=hp["max_minutes"], batch_size=hp["batch"],
+                      lr=hp["lr"], weight_decay=0.0, warmup=0.0, schedule="constant", grad_clip=None,
+                      eval_every=per_epoch, patience=hp["patience"], seed=seed, dropout=True)
+    partial = out.with_name(out.name + ".partial")
+    if not resume:
+        shutil.rmtree(partial, ignore_errors=True)
+    # One intra-op thread by default: small batches, and on a shared 2-core machine two OpenMP threads
+    # waiting on each other ran each step several times slower than one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(hp.get("threads", 1))
+    try:
+        res = train(task, cfg, partial, progress, label="GRU4Rec")
+    finally:
+        torch.set_num_threads(threads)
+    training = {"epochs": round(res.steps / per_epoch, 2), "best_epoch": round(res.best_step / per_epoch, 2),
+                "seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "stopped": res.stopped, "history": res.history,
+                "val_hr@20": res.best_score, "seed": seed, **hp}
     extra = {"n_items": config.n_items, "dataset": meta.get("dataset"), "training": training}
-    _swap_in(out, lambda f: save_gru4rec(model.eval(), f, extra))
+    atomic_dir(out, lambda f: save_gru4rec(model.eval(), f, extra))
     shutil.rmtree(partial, ignore_errors=True)
     return out

@@ -16,7 +16,6 @@ Metrics: HR@20 (share of rows whose next click is in the top 20) and MRR@20 (mea
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,17 +24,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..contracts import BenchInputs, DataInfo, EvalResult, ModelBundle
+from ..contracts import BenchInputs, DataInfo, DistillOptions, EvalResult, ModelBundle
 from ..errors import SlimcartError
 from ..models.gru4rec import GRU4Rec, GRU4RecConfig, actual_config, load_gru4rec, right_align, save_gru4rec
-from ..paths import resolve_dataset
+from ..paths import home, resolve_dataset
 from .session_data import (  # noqa: F401 - re-exported: the workload's data API
-    DATASET, SessionData, all_prefixes, check_prefixes, dataset_name, load_sessions, pad_right, read_prefixes,
-    read_sessions, synthetic_sessions,
+    DATASET, K, SessionData, all_prefixes, check_prefixes, dataset_name, load_sessions, pad_right, quality, rank_rows,
+    read_prefixes, read_sessions, synthetic_sessions,
 )
 
 ALIAS = "gru4rec"
-K = 20
 SERVING_BATCH = 256
 VAL_ROWS_PER_EPOCH = 10_000  # fixed sample of validation rows scored after every epoch
 # Chosen on Diginetica validation HR@20 (10,000 fixed validation rows, 4-epoch runs, docs/session.md):
@@ -48,50 +46,9 @@ TRAIN_DEFAULTS = {
 }
 
 
-def _home() -> Path:
-    return Path(os.environ.get("SLIMCART_HOME") or "~/.cache/slimcart").expanduser()
-
-
 def checkpoint_dir(name: str) -> Path:
     """$SLIMCART_HOME (or ~/.cache/slimcart) / session / gru4rec-<dataset name>."""
-    return _home() / "session" / f"gru4rec-{name}"
-
-
-# ---------------------------------------------------------------- metrics
-def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """0-based rank of each target among items 1..n (column 0, padding, is left out).
-    Ties count against the target; NaN scores count as -inf."""
-    s = np.nan_to_num(np.asarray(scores, np.float32)[:, 1:], nan=-np.inf)
-    t = s[np.arange(len(s)), np.asarray(targets) - 1][:, None]
-    return ((s > t).sum(1) + (s == t).sum(1) - 1).astype(np.int64)
-
-
-def hit_rate(ranks: np.ndarray, k: int = K) -> float:
-    return float(np.mean(ranks < k))
-
-
-def reciprocal_ranks(ranks: np.ndarray, k: int = K) -> np.ndarray:
-    """Per row 1/(rank + 1) if the target is in the top k, else 0 (MRR@k is their mean)."""
-    return np.where(ranks < k, 1.0 / (ranks + 1.0), 0.0)
-
-
-def rank_rows(score_fn: Callable[[np.ndarray], np.ndarray], prefixes: list[np.ndarray], targets: np.ndarray,
-              max_len: int, n_items: int, batch: int = SERVING_BATCH) -> np.ndarray:
-    """Ranks of each row's target, rows scored in batches of similar length (less padding), returned in row order."""
-    order = np.argsort([min(len(p), max_len) for p in prefixes], kind="stable")
-    ranks = np.empty(len(prefixes), np.int64)
-    for a in range(0, len(order), batch):
-        rows = order[a:a + batch]
-        scores = np.asarray(score_fn(pad_right([prefixes[i] for i in rows], max_len)))
-        if scores.ndim != 2 or scores.shape != (len(rows), n_items + 1):
-            raise SlimcartError(f"model returned scores of shape {scores.shape}, expected ({len(rows)}, {n_items + 1}): "
-                                "was it trained on this item catalogue?")
-        ranks[rows] = target_ranks(scores, targets[rows])
-    return ranks
-
-
-def quality(ranks: np.ndarray) -> dict[str, float]:
-    return {"hr@20": hit_rate(ranks), "mrr@20": float(reciprocal_ranks(ranks).mean())}
+    return home() / "session" / f"gru4rec-{name}"
 
 
 class SessionTorchRunner:
@@ -199,8 +156,7 @@ class SessionWorkload:
         single = [{"seq": pad_right([p], L)} for p in pick[:64]]
         serving = [{"seq": pad_right(pick[i:i + SERVING_BATCH], L)} for i in range(0, len(pick), SERVING_BATCH)]
         serving = [b for b in serving if len(b["seq"]) == SERVING_BATCH] or serving[:1]
-        return BenchInputs(single=single, serving=serving, items_per_serving_batch=len(serving[0]["seq"]), unit="sessions",
-                           single_label="one session prefix")
+        return BenchInputs(single=single, serving=serving, items_per_serving_batch=len(serving[0]["seq"]), unit="sessions")
 
     def calibration_batches(self, bundle: ModelBundle, data: SessionData, n: int) -> list[dict]:
         """`n` batches of 64 whole training sessions (right-padded; never validation or test sessions)."""
@@ -211,16 +167,26 @@ class SessionWorkload:
     # ---------------------------------------------------------------- quality
     def evaluate(self, runner, bundle: ModelBundle, data: SessionData, reference: Any = None) -> EvalResult:
         """HR@20 / MRR@20 over all items on every test row; outputs["ranks"] = each row's 0-based target
-        rank (row order = the test file's), for paired comparisons (e.g. `bench.paired_bootstrap`)."""
+        rank (row order = the test file's), for paired comparisons (e.g. `bench.paired_bootstrap` on
+        `ranks < 20`)."""
         ranks = rank_rows(lambda seq: runner({"seq": seq}), data.test_prefixes, data.test_targets, self.config(bundle).max_len, data.n_items)
         return EvalResult(quality=quality(ranks), outputs={"ranks": ranks})
 
-    def evaluate_rows(self, model: torch.nn.Module, prefixes, targets, n_items: int) -> dict[str, float]:
-        """HR@20 / MRR@20 of a torch model on given rows (validation)."""
+    @staticmethod
+    def evaluate_rows(model: torch.nn.Module, prefixes, targets, n_items: int) -> dict[str, float]:
+        """HR@20 / MRR@20 of a torch GRU4Rec on given rows (validation)."""
         with torch.inference_mode():
-            ranks = rank_rows(lambda b: model(torch.from_numpy(b)).numpy(), prefixes, targets,
-                              getattr(model, "config", GRU4RecConfig(0)).max_len, n_items)
+            ranks = rank_rows(lambda b: model(torch.from_numpy(b)).float().numpy(), prefixes, targets,
+                              model.config.max_len, n_items)
         return quality(ranks)
+
+    def table_frequencies(self, bundle: ModelBundle, data: SessionData) -> dict[str, np.ndarray]:
+        """How often each item is clicked in the training sessions (validation sessions and test rows
+        excluded), per row of the item table: what frequency-aware embedding compression ranks rows by."""
+        n_rows = self.config(bundle).n_items + 1
+        if data.n_items + 1 > n_rows:
+            raise SlimcartError(f"the data has {data.n_items} items but the model's item table {n_rows - 1}")
+        return {"item_emb": np.bincount(np.concatenate(data.train), minlength=n_rows).astype(np.float64)}
 
     def task_loss(self, bundle: ModelBundle):
         """Next-click cross-entropy (full softmax over all items) at every position of a batch of whole
@@ -229,12 +195,13 @@ class SessionWorkload:
             seq, _ = right_align(torch.as_tensor(batch["seq"]))
             inp, tgt = seq[:, :-1], seq[:, 1:]
             h, _ = module.encode(inp)
-            W, b = module.output_table()
             mask = tgt > 0
-            return F.cross_entropy(F.linear(h[mask], W[1:], b[1:]), tgt[mask] - 1)
+            return F.cross_entropy(module.score(h[mask])[:, 1:], tgt[mask] - 1)
         return loss
 
-    def distill_task(self, teacher, student, bundle: ModelBundle, data: SessionData, options: Any = None):
+    def distill_task(self, teacher, student, bundle: ModelBundle, data: SessionData, options: DistillOptions):
+        """The teacher's next-click distribution (KL over all items) + next-click loss on the training
+        sessions (see session_distill.py)."""
         from .session_distill import SessionDistillTask
 
         return SessionDistillTask(teacher, student, data, options)
@@ -242,9 +209,9 @@ class SessionWorkload:
     # ---------------------------------------------------------------- training
     def train(self, data: str | SessionData | None = None, out: Path | None = None, epochs: int = 200, seed: int = 0,
               progress: Callable[[str], None] | None = None, resume: bool = True, **overrides) -> Path:
-        """Train GRU4Rec on the training sessions; early-stops on validation HR@20 (patience, `max_minutes`
-        wall-clock budget); returns the model folder. Each finished epoch is checkpointed to
-        `<out>.partial` and a rerun with the same data and settings resumes after it."""
+        """Train GRU4Rec on the training sessions with slimcart's trainer; early-stops on validation HR@20
+        (patience, `max_minutes` wall-clock budget); returns the model folder. Each finished epoch is
+        checkpointed to `<out>.partial` and a rerun with the same data and settings resumes after it."""
         from ..models.gru4rec_fit import fit
 
         hp = {**TRAIN_DEFAULTS, **overrides}
@@ -259,8 +226,8 @@ class SessionWorkload:
         config = GRU4RecConfig(n_items=d.n_items, emb_dim=hp["emb_dim"], hidden=hidden, tied=hp["tied"],
                                dropout_emb=hp["dropout_emb"], dropout_hidden=hp["dropout_hidden"], max_len=hp["max_len"])
         meta = {"dataset": d.name, "n_sessions": len(d.train), "n_items": d.n_items, "val_rows": len(val_in)}
-        return fit(config, d.train, lambda m: self.evaluate_rows(m, val_in, val_tgt, d.n_items), out, hp, epochs=epochs,
-                   seed=seed, progress=progress or (lambda m: None), resume=resume, meta=meta)
+        return fit(config, d.train, lambda m: self.evaluate_rows(m, val_in, val_tgt, d.n_items)["hr@20"], out, hp,
+                   epochs=epochs, seed=seed, progress=progress or (lambda m: None), resume=resume, meta=meta)
 
 
 WORKLOAD_CLASS = SessionWorkload

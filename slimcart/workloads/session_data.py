@@ -1,5 +1,5 @@
 """Session data for the session workload: reading Diginetica-format files, the time-ordered
-train / validation / test split, synthetic sessions, and padding/checking model inputs.
+train / validation / test split, synthetic sessions, padding/checking model inputs, and ranking rows.
 
 Files: `train_sessions.txt` (one session a line, item ids >= 1 in click order, sessions in time
 order) and `test_prefixes.tsv` (header `prefix<TAB>target`, each row a prefix and its next click).
@@ -10,18 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ..contracts import DataInfo
 from ..errors import SlimcartError
 from ..paths import resolve_dataset
+from .ranking import SERVING_BATCH, hit_rate, mrr_at, target_ranks
 
 DATASET = "sessions-diginetica"
 TRAIN_FILE, TEST_FILE = "train_sessions.txt", "test_prefixes.tsv"
 VAL_FRACTION = 0.1  # newest share of training sessions held out for early stopping
 TEST_FRACTION = 0.1  # newest share of a sessions file that has no test file
+K = 20  # HR@20 / MRR@20
 
 
 def dataset_name(path: Path | None) -> str:
@@ -125,7 +127,8 @@ class SessionData:
         return prefixes, targets
 
 
-def split_sessions(sessions: list[np.ndarray], prefixes, targets, name: str, synthetic: bool, source: str) -> SessionData:
+def split_sessions(sessions: list[np.ndarray], prefixes, targets, name: str, synthetic: bool, source: str,
+                   path: Path | None = None) -> SessionData:
     """Hold out the newest VAL_FRACTION of the training sessions; test = the given prefixes, or the
     newest TEST_FRACTION of the sessions cut into prefixes when none are given."""
     if prefixes is None:
@@ -139,7 +142,7 @@ def split_sessions(sessions: list[np.ndarray], prefixes, targets, name: str, syn
         raise SlimcartError(f"{name}: too few sessions of 2+ clicks to hold out validation and test data")
     train, valid = usable[:-n_val], usable[-n_val:]
     n_items = int(max(max(int(s.max()) for s in sessions), int(targets.max()), max(int(p.max()) for p in prefixes)))
-    info = DataInfo(name=name, synthetic=synthetic, n=len(prefixes),
+    info = DataInfo(name=name, synthetic=synthetic, n=len(prefixes), source=path,
                     split=f"test: {len(prefixes)} prefix -> next-click rows ({source}), all rows scored; ranking over "
                           f"all {n_items} items, session's own clicks kept; validation: every prefix of the newest "
                           f"{n_val} training sessions; training: the other {len(train)} sessions")
@@ -156,10 +159,10 @@ def load_sessions(data: str | None) -> SessionData:
         sessions = read_sessions(path / TRAIN_FILE)
         test = read_prefixes(path / TEST_FILE) if (path / TEST_FILE).is_file() else (None, None)
         return split_sessions(sessions, *test, dataset_name(path), False,
-                              TEST_FILE if test[0] is not None else TRAIN_FILE)
+                              TEST_FILE if test[0] is not None else TRAIN_FILE, path)
     if path.suffix.lower() != ".txt":
         raise SlimcartError(f"{path}: session data is a folder with {TRAIN_FILE} (+ {TEST_FILE}) or one sessions .txt file")
-    return split_sessions(read_sessions(path), None, None, dataset_name(path), False, path.name)
+    return split_sessions(read_sessions(path), None, None, dataset_name(path), False, path.name, path)
 
 
 # ---------------------------------------------------------------- inputs and metrics
@@ -190,3 +193,25 @@ def check_prefixes(seq: Any, n_items: int | None) -> np.ndarray:
     if not (left.all(1) | right.all(1)).all():
         raise SlimcartError("session input rows must be clicks padded with zeros on one side only")
     return seq
+
+
+def rank_rows(score_fn: Callable[[np.ndarray], np.ndarray], prefixes: list[np.ndarray], targets: np.ndarray,
+              max_len: int, n_items: int, batch: int = SERVING_BATCH) -> np.ndarray:
+    """0-based rank of each row's target among all items (the session's own clicks stay ranked: repeat
+    clicks are common and the standard protocol keeps them), in row order. Rows are scored in batches
+    of similar length (less padding), right-padded."""
+    order = np.argsort([min(len(p), max_len) for p in prefixes], kind="stable")
+    ranks = np.empty(len(prefixes), np.int64)
+    for a in range(0, len(order), batch):
+        rows = order[a:a + batch]
+        scores = np.asarray(score_fn(pad_right([prefixes[i] for i in rows], max_len)))
+        if scores.ndim != 2 or scores.shape != (len(rows), n_items + 1):
+            raise SlimcartError(f"model returned scores of shape {scores.shape}, expected ({len(rows)}, {n_items + 1}): "
+                                "was it trained on this item catalogue?")
+        ranks[rows] = target_ranks(scores, targets[rows])
+    return ranks
+
+
+def quality(ranks: np.ndarray) -> dict[str, float]:
+    """HR@20 and MRR@20 of target ranks."""
+    return {"hr@20": hit_rate(ranks, K), "mrr@20": mrr_at(ranks, K)}
