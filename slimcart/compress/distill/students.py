@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...arch import detect
+from ...arch import detect, recurrent, run_batch
 from ...errors import SlimcartError
 
 
@@ -101,6 +101,75 @@ def narrow_sasrec(teacher: nn.Module, width: float, seed: int = 0) -> nn.Module:
         student.item_emb.weight.copy_((teacher.item_emb.weight.double() @ basis * scale).float())
         student.item_emb.weight[0].zero_()
         student.pos_emb.weight.copy_((teacher.pos_emb.weight.double() @ basis).float())
+    return student.eval()
+
+
+def narrow(teacher: nn.Module, width: float, init: str, batches: Callable[[], list], seed: int = 0) -> nn.Module:
+    """A narrower student of `teacher` at `width`: GRU4Rec (narrow_gru4rec), SASRec with PCA-projected
+    embeddings (init "pca"), else structured pruning (heads / FFN, SASRec hidden). `batches()` gives
+    calibration batches, asked for only when the builder needs them."""
+    from ...models.gru4rec import GRU4Rec
+
+    if isinstance(teacher, GRU4Rec):
+        return narrow_gru4rec(teacher, width, init, batches() if init == "prune" else None, seed)
+    if init == "pca":
+        return narrow_sasrec(teacher, width, seed)
+    return narrow_structured(teacher, width, batches())
+
+
+def narrow_gru4rec(teacher: nn.Module, width: float, init: str = "prune", batches: list | None = None,
+                   seed: int = 0) -> nn.Module:
+    """A GRU4Rec with `width` x the item-embedding size and `width` x every GRU's hidden units.
+
+    Embedding: the item table E (N, D) is projected on its top-k right singular vectors V (D, k),
+    E' = E V, the best rank-k approximation E ~= E' V^T; the layers that read E take V in: the first
+    GRU's input weights become W_ih V, and a tied output (scores = E (P h + b)) gets P' = V^T P,
+    b' = V^T b, so scores ~= E' (P' h + b'). Padding row 0 stays zero.
+    GRUs: init "prune" keeps each layer's most important units (activation on `batches`, or weight
+    magnitude without them; compress.prune.gru_units), a function-preserving start; init "pca" starts
+    every GRU afresh (seeded) at the new widths, keeping only the projected item table."""
+    from ...models.gru4rec import GRU4Rec, actual_config
+    from ..prune.gru_units import prune_recurrent
+
+    if not isinstance(teacher, GRU4Rec):
+        raise SlimcartError(f"narrow_gru4rec needs a GRU4Rec, got {type(teacher).__name__}")
+    if not hasattr(teacher.item_emb, "weight") or not all(isinstance(g, nn.GRU) for g in teacher.grus):
+        raise SlimcartError("a narrow GRU4Rec student is built from a float teacher (compress or quantize it afterwards)")
+    cfg = actual_config(teacher)
+    dim = int(round(cfg.emb_dim * width))
+    if not 0 < dim < cfg.emb_dim:
+        raise SlimcartError(f"width {width} gives embedding size {dim}: it must be below the teacher's {cfg.emb_dim}")
+    student = copy.deepcopy(teacher).eval()
+    with torch.no_grad():
+        E = teacher.item_emb.weight.double()
+        basis = torch.linalg.svd(E, full_matrices=False)[2][:dim].T  # (D, k): top right singular vectors
+        student.item_emb = nn.Embedding(cfg.n_items + 1, dim, padding_idx=0, _weight=(E @ basis).float())
+        student.item_emb.weight[0].zero_()
+        g0 = student.grus[0]
+        first = nn.GRU(dim, g0.hidden_size, batch_first=True)
+        first.load_state_dict({**g0.state_dict(), "weight_ih_l0": (g0.weight_ih_l0.double() @ basis).float()})
+        student.grus[0] = first
+        if student.proj is not None:
+            proj = nn.Linear(student.proj.in_features, dim)
+            proj.weight.copy_((basis.T @ student.proj.weight.double()).float())
+            proj.bias.copy_((basis.T @ student.proj.bias.double()).float())
+            student.proj = proj
+    student.config = actual_config(student)
+    names = [f"grus.{i}" for i in range(len(student.grus))]
+    if init == "pca":
+        torch.manual_seed(seed)
+        dims = [dim] + [max(1, int(round(g.hidden_size * width))) for g in student.grus]
+        for i, name in enumerate(names):
+            student.set_submodule(name, nn.GRU(dims[i], dims[i + 1], batch_first=True))
+        if student.proj is not None:
+            student.proj = nn.Linear(dims[-1], dim)
+        else:
+            student.out = nn.Linear(dims[-1], cfg.n_items + 1)
+    else:
+        rnn = recurrent(student)
+        prune_recurrent(student, rnn.layers, {n: 1 - width for n, _ in rnn.layers}, "activation" if batches else "magnitude",
+                        batches, run_batch, rnn.positions)
+    student.config = actual_config(student)
     return student.eval()
 
 

@@ -23,11 +23,14 @@ Importance of unit j (higher = keep), from the weights that read it:
 Each block is normalised by its mean column norm, because an output item table (tens of thousands
 of rows) would otherwise drown the recurrent weights. The activation form is Wanda's |W|·||x||
 criterion applied to whole units: the expected size of what deleting unit j removes downstream.
+
+The recipe step `prune_gru_units` (steps.py) finds a model's GRU layers and their consumers through
+`slimcart.arch.recurrent` and calls `prune_recurrent`.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -145,3 +148,34 @@ def collect_hidden(model: nn.Module, gru_name: str, batches: list[Any], run: Cal
     finally:
         handle.remove()
     return torch.cat(out)
+
+
+def prune_recurrent(model: nn.Module, layers: list[tuple[str, list[str]]], removed: dict[str, float],
+                    criterion: Literal["magnitude", "activation"], batches: list[Any] | None,
+                    run: Callable[[nn.Module, Any], Any], positions: Callable[[Any], torch.Tensor] | None,
+                    round_to: int = 1) -> dict:
+    """Prune GRU layers in place, first to last: `layers` = [(GRU name, consumer names)], `removed`
+    = {GRU name: fraction of its units removed} (layers not in it are left alone). Kept width =
+    max(round_to, H - round(fraction * H) rounded down to a multiple of round_to). Activation
+    importance is measured on the model as pruned so far (real positions only).
+    Returns {"layers": {name: {"before", "after", "kept"}}, "params_before", "params_after"}."""
+    if criterion == "activation" and not batches:
+        raise SlimcartError("activation importance needs calibration batches")
+    before = sum(p.numel() for p in model.parameters())
+    report = {}
+    for name, consumers in layers:
+        if name not in removed:
+            continue
+        gru = model.get_submodule(name)
+        _check_gru(gru)
+        h = gru.hidden_size
+        width = h - int(round(removed[name] * h))
+        width = max(round_to, width // round_to * round_to)
+        if width >= h:
+            report[name] = {"before": h, "after": h, "kept": list(range(h))}
+            continue
+        states = collect_hidden(model, name, batches, run, positions) if criterion == "activation" else None
+        keep = keep_top(unit_importance(gru, [model.get_submodule(c) for c in consumers], states), width)
+        prune_gru_units(model, name, consumers, keep)
+        report[name] = {"before": h, "after": width, "kept": keep.tolist()}
+    return {"layers": report, "params_before": before, "params_after": sum(p.numel() for p in model.parameters())}
