@@ -117,33 +117,25 @@ def narrow(teacher: nn.Module, width: float, init: str, batches: Callable[[], li
     return narrow_structured(teacher, width, batches())
 
 
-def narrow_gru4rec(teacher: nn.Module, width: float, init: str = "prune", batches: list | None = None,
-                   seed: int = 0) -> nn.Module:
-    """A GRU4Rec with `width` x the item-embedding size and `width` x every GRU's hidden units.
-
-    Embedding: the item table E (N, D) is projected on its top-k right singular vectors V (D, k),
-    E' = E V, the best rank-k approximation E ~= E' V^T; the layers that read E take V in: the first
-    GRU's input weights become W_ih V, and a tied output (scores = E (P h + b)) gets P' = V^T P,
-    b' = V^T b, so scores ~= E' (P' h + b'). Padding row 0 stays zero.
-    GRUs: init "prune" keeps each layer's most important units (activation on `batches`, or weight
-    magnitude without them; compress.prune.gru_units), a function-preserving start; init "pca" starts
-    every GRU afresh (seeded) at the new widths, keeping only the projected item table."""
+def project_item_table(model: nn.Module, dim: int) -> nn.Module:
+    """A copy of a float GRU4Rec whose item table is E' = E V (V: E's top-`dim` right singular vectors,
+    so E V V^T is E's best rank-`dim` approximation), with the layers that read E taking V in: the
+    first GRU's input weights W_ih V and, when tied (scores = E (P h) + b), P' = V^T P. For a table of
+    rank <= dim the copy computes exactly the model's function. Padding row 0 stays zero."""
     from ...models.gru4rec import GRU4Rec, actual_config
-    from ..prune.gru_units import prune_recurrent
 
-    if not isinstance(teacher, GRU4Rec):
-        raise SlimcartError(f"narrow_gru4rec needs a GRU4Rec, got {type(teacher).__name__}")
-    if not hasattr(teacher.item_emb, "weight") or not all(isinstance(g, nn.GRU) for g in teacher.grus):
+    if not isinstance(model, GRU4Rec):
+        raise SlimcartError(f"a narrow GRU4Rec student needs a GRU4Rec, got {type(model).__name__}")
+    if not isinstance(model.item_emb, nn.Embedding) or not all(isinstance(g, nn.GRU) for g in model.grus):
         raise SlimcartError("a narrow GRU4Rec student is built from a float teacher (compress or quantize it afterwards)")
-    cfg = actual_config(teacher)
-    dim = int(round(cfg.emb_dim * width))
-    if not 0 < dim < cfg.emb_dim:
-        raise SlimcartError(f"width {width} gives embedding size {dim}: it must be below the teacher's {cfg.emb_dim}")
-    student = copy.deepcopy(teacher).eval()
+    n, d = model.item_emb.weight.shape
+    if not 0 < dim < d:
+        raise SlimcartError(f"a narrow GRU4Rec student needs an embedding size in 1..{d - 1}, got {dim}")
+    student = copy.deepcopy(model).eval()
     with torch.no_grad():
-        E = teacher.item_emb.weight.double()
-        basis = torch.linalg.svd(E, full_matrices=False)[2][:dim].T  # (D, k): top right singular vectors
-        student.item_emb = nn.Embedding(cfg.n_items + 1, dim, padding_idx=0, _weight=(E @ basis).float())
+        E = model.item_emb.weight.double()
+        basis = torch.linalg.svd(E, full_matrices=False)[2][:dim].T  # (D, dim)
+        student.item_emb = nn.Embedding(n, dim, padding_idx=0, _weight=(E @ basis).float())
         student.item_emb.weight[0].zero_()
         g0 = student.grus[0]
         first = nn.GRU(dim, g0.hidden_size, batch_first=True)
@@ -155,16 +147,29 @@ def narrow_gru4rec(teacher: nn.Module, width: float, init: str = "prune", batche
             proj.bias.copy_((basis.T @ student.proj.bias.double()).float())
             student.proj = proj
     student.config = actual_config(student)
-    names = [f"grus.{i}" for i in range(len(student.grus))]
+    return student
+
+
+def narrow_gru4rec(teacher: nn.Module, width: float, init: str = "prune", batches: list | None = None,
+                   seed: int = 0) -> nn.Module:
+    """A GRU4Rec with `width` x the item-embedding size (`project_item_table`) and `width` x every GRU's
+    hidden units. init "prune": each GRU keeps its most important units (activation on `batches`, or
+    weight magnitude without them; compress.prune.gru_units), a start close to the teacher; init "pca":
+    the GRUs (and the layer after them) start afresh (seeded) at the new widths."""
+    from ...models.gru4rec import actual_config
+    from ..prune.gru_units import prune_recurrent
+
+    dim = int(round(teacher.item_emb.embedding_dim * width)) if hasattr(teacher, "item_emb") else 0
+    student = project_item_table(teacher, dim)
     if init == "pca":
         torch.manual_seed(seed)
         dims = [dim] + [max(1, int(round(g.hidden_size * width))) for g in student.grus]
-        for i, name in enumerate(names):
-            student.set_submodule(name, nn.GRU(dims[i], dims[i + 1], batch_first=True))
+        for i in range(len(student.grus)):
+            student.grus[i] = nn.GRU(dims[i], dims[i + 1], batch_first=True)
         if student.proj is not None:
             student.proj = nn.Linear(dims[-1], dim)
         else:
-            student.out = nn.Linear(dims[-1], cfg.n_items + 1)
+            student.out = nn.Linear(dims[-1], student.out.out_features)
     else:
         rnn = recurrent(student)
         prune_recurrent(student, rnn.layers, {n: 1 - width for n, _ in rnn.layers}, "activation" if batches else "magnitude",

@@ -121,38 +121,44 @@ def module_state(m: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def module_from_state(tensors: dict[str, torch.Tensor], meta: dict) -> nn.Module:
-    """Rebuild a quantized dynamic module from what `module_state` returned (every shape checked)."""
+    """Rebuild a quantized dynamic module from what `module_state` returned. Every declared size is
+    checked against the saved tensors before anything is allocated."""
     kind = meta.get("type") if isinstance(meta, dict) else None
     if kind not in QUANT_TYPES:
         raise SlimcartError(f"unknown dynamic int8 module type {kind!r}")
     try:
         per_channel = bool(meta["per_channel"])
-        with quiet_deprecation():
-            if kind == "linear":
-                n_in, n_out = int(meta["in_features"]), int(meta["out_features"])
-                m = nnqd.Linear(n_in, n_out, bias_=bool(meta["bias"]), dtype=torch.qint8)
-                bias = tensors.get("bias")
-                if meta["bias"] and (bias is None or tuple(bias.shape) != (n_out,)):
-                    raise SlimcartError(f"saved int8 Linear lacks a bias of shape ({n_out},)")
-                m.set_weight_bias(_q_from(tensors, "weight", n_out, n_in, per_channel), bias.float() if bias is not None else None)
-                return m.eval()
+        if kind == "linear":
+            n_in, n_out, has_bias = int(meta["in_features"]), int(meta["out_features"]), bool(meta["bias"])
+        else:
             i, h, layers = int(meta["input_size"]), int(meta["hidden_size"]), int(meta["num_layers"])
-            m = QUANT_TYPES[kind](i, h, layers, bias=True, batch_first=bool(meta["batch_first"]),
-                                  bidirectional=bool(meta["bidirectional"]), dtype=torch.qint8)
+            batch_first, bidirectional = bool(meta["batch_first"]), bool(meta["bidirectional"])
     except (KeyError, TypeError, ValueError):
-        raise SlimcartError(f"saved dynamic int8 {kind} description is incomplete: {meta}") from None
-    gates = {"gru": 3, "lstm": 4}[kind] * h
-    wb = {}
-    for name in _rnn_names(m):
-        layer = int(name.split("_l")[1].split("_")[0])
-        cols = h if "_hh_" in name else (i if layer == 0 else h * (2 if m.bidirectional else 1))
-        with quiet_deprecation():
-            wb[name] = _q_from(tensors, name, gates, cols, per_channel)
-        bias = tensors.get(name.replace("weight", "bias"))
-        if bias is None or tuple(bias.shape) != (gates,):
-            raise SlimcartError(f"saved int8 {kind} lacks bias {name.replace('weight', 'bias')} of shape ({gates},)")
-        wb[name.replace("weight", "bias")] = bias.float()
+        raise SlimcartError(f"saved dynamic int8 {kind} description is incomplete") from None
     with quiet_deprecation():
+        if kind == "linear":
+            weight = _q_from(tensors, "weight", n_out, n_in, per_channel)
+            bias = tensors.get("bias")
+            if has_bias and (bias is None or tuple(bias.shape) != (n_out,)):
+                raise SlimcartError(f"saved int8 Linear lacks a bias of shape ({n_out},)")
+            m = nnqd.Linear(n_in, n_out, bias_=has_bias, dtype=torch.qint8)
+            m.set_weight_bias(weight, bias.float() if has_bias else None)
+            return m.eval()
+        if not (0 < layers <= 64 and h > 0 and i > 0):
+            raise SlimcartError(f"saved dynamic int8 {kind} has an impossible shape ({i}, {h}, {layers} layers)")
+        directions = 2 if bidirectional else 1
+        gates = {"gru": 3, "lstm": 4}[kind] * h
+        wb = {}
+        for k in range(layers):
+            for sfx in ["", "_reverse"][:directions]:
+                for g, cols in (("ih", i if k == 0 else h * directions), ("hh", h)):
+                    name = f"weight_{g}_l{k}{sfx}"
+                    wb[name] = _q_from(tensors, name, gates, cols, per_channel)
+                    bias = tensors.get(name.replace("weight", "bias"))
+                    if bias is None or tuple(bias.shape) != (gates,):
+                        raise SlimcartError(f"saved int8 {kind} lacks bias {name.replace('weight', 'bias')} of shape ({gates},)")
+                    wb[name.replace("weight", "bias")] = bias.float()
+        m = QUANT_TYPES[kind](i, h, layers, bias=True, batch_first=batch_first, bidirectional=bidirectional, dtype=torch.qint8)
         m.set_weight_bias(wb)
     return m.eval()
 
