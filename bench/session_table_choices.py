@@ -28,6 +28,13 @@ FORMS = {
     "int4-opt+10%int8": {"method": "mixed_precision", "tail_bits": 4, "optimized_range": True, "tiers": [{"bits": 8, "fraction": 0.1}]},
     "int4-opt+20%int8": {"method": "mixed_precision", "tail_bits": 4, "optimized_range": True, "tiers": [{"bits": 8, "fraction": 0.2}]},
 }
+# The same tables scored on the FBGEMM int8 GEMM copy (int8_gemm.py), always with the int8 GRU
+FORMS_INT8_GEMM = {
+    "int8 int8_gemm": {"method": "rowwise", "bits": 8, "score_kernel": "int8_gemm"},
+    "int4 int8_gemm": {"method": "rowwise", "bits": 4, "score_kernel": "int8_gemm"},
+    "int4-opt+10%int8 int8_gemm": {"method": "mixed_precision", "tail_bits": 4, "optimized_range": True,
+                                   "tiers": [{"bits": 8, "fraction": 0.1}], "score_kernel": "int8_gemm"},
+}
 
 
 def main() -> None:
@@ -44,16 +51,16 @@ def main() -> None:
 
     base = ranks(b.module)
     print("fp32", quality(base), flush=True)
-    for name, cfg in FORMS.items():
-        for gru in (False, True):
-            m = copy.deepcopy(b.module)
-            rep = compress_embeddings_(m, {"tables": ["item_emb"], **cfg}, freqs if cfg["method"] != "rowwise" else None)
-            if gru:
-                for i in range(len(m.grus)):
-                    m.grus[i] = quantize_module(m.grus[i], True)
-            r = ranks(m)
-            pb = paired_bootstrap((r < 20).astype(float), (base < 20).astype(float))
-            print(name, "int8 GRU" if gru else "", quality(r), "table MB", rep["bytes_after"] / 1e6, "rel HR", pb, flush=True)
+    runs = [(n, c, g) for n, c in FORMS.items() for g in (False, True)] + [(n, c, True) for n, c in FORMS_INT8_GEMM.items()]
+    for name, cfg, gru in runs:
+        m = copy.deepcopy(b.module)
+        rep = compress_embeddings_(m, {"tables": ["item_emb"], **cfg}, freqs if cfg["method"] != "rowwise" else None)
+        if gru:
+            for i in range(len(m.grus)):
+                m.grus[i] = quantize_module(m.grus[i], True)
+        r = ranks(m)
+        pb = paired_bootstrap((r < 20).astype(float), (base < 20).astype(float))
+        print(name, "int8 GRU" if gru else "", quality(r), "table MB", rep["bytes_after"] / 1e6, "rel HR", pb, flush=True)
 
 
 if __name__ == "__main__":
