@@ -138,11 +138,12 @@ def ov_side(compiled):
 
 class Int8TiedScoring(nn.Module):
     """Scores of a tied GRU4Rec through an int8 GEMM: the item table packed as a dynamic-quantized Linear
-    (per-row int8 weights = per item). Only for timing here: the fp32 table is still kept for the lookup."""
+    (per-row int8 weights = per item). Only for timing here: the fp32 table is still kept for the lookup.
+    The shipped form of this is compress_embeddings' score_kernel int8_gemm (slimcart/compress/embeddings/int8_gemm.py)."""
 
     def __init__(self, model: GRU4Rec):
         super().__init__()
-        table, bias = model.output_table()
+        table, bias = model.item_emb.weight, model.out_bias
         lin = nn.Linear(table.shape[1], table.shape[0])
         with torch.no_grad():
             lin.weight.copy_(table)
