@@ -15,7 +15,11 @@ from torch import nn
 from slimcart import api
 from slimcart.compress.distill.students import narrow_gru4rec, project_item_table
 from slimcart.compress.embeddings import compress_embeddings_
-from slimcart.compress.quantize.dynamic_int8 import module_from_state, module_state, quantize_module
+from slimcart.compress.quantize.dynamic_int8 import (
+    module_from_state,
+    module_state,
+    quantize_module,
+)
 from slimcart.contracts import FORMAT_FILE, ModelBundle
 from slimcart.errors import SlimcartError
 from slimcart.models.gru4rec import GRU4Rec, GRU4RecConfig, next_item_loss

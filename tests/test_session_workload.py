@@ -11,10 +11,22 @@ import torch
 
 from slimcart.contracts import DistillOptions, ModelBundle
 from slimcart.errors import SlimcartError
-from slimcart.models.gru4rec import GRU4Rec, GRU4RecConfig, load_gru4rec, next_item_loss, right_align
+from slimcart.models.gru4rec import (
+    GRU4Rec,
+    GRU4RecConfig,
+    load_gru4rec,
+    next_item_loss,
+    right_align,
+)
 from slimcart.workloads import get_workload
 from slimcart.workloads.ranking import hit_rate, reciprocal_ranks, target_ranks
-from slimcart.workloads.session import TRAIN_DEFAULTS, SessionData, all_prefixes, check_prefixes, pad_right
+from slimcart.workloads.session import (
+    TRAIN_DEFAULTS,
+    SessionData,
+    all_prefixes,
+    check_prefixes,
+    pad_right,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

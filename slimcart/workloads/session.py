@@ -26,11 +26,29 @@ import torch.nn.functional as F
 
 from ..contracts import BenchInputs, DataInfo, DistillOptions, EvalResult, ModelBundle
 from ..errors import SlimcartError
-from ..models.gru4rec import GRU4Rec, GRU4RecConfig, actual_config, load_gru4rec, right_align, save_gru4rec
+from ..models.gru4rec import (
+    GRU4Rec,
+    GRU4RecConfig,
+    actual_config,
+    load_gru4rec,
+    right_align,
+    save_gru4rec,
+)
 from ..paths import home, resolve_dataset
 from .session_data import (  # noqa: F401 - re-exported: the workload's data API
-    DATASET, K, SessionData, all_prefixes, check_prefixes, dataset_name, load_sessions, pad_right, quality, rank_rows,
-    read_prefixes, read_sessions, synthetic_sessions,
+    DATASET,
+    K,
+    SessionData,
+    all_prefixes,
+    check_prefixes,
+    dataset_name,
+    load_sessions,
+    pad_right,
+    quality,
+    rank_rows,
+    read_prefixes,
+    read_sessions,
+    synthetic_sessions,
 )
 
 ALIAS = "gru4rec"

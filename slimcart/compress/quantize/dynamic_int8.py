@@ -24,7 +24,10 @@ import torch
 import torch.ao.nn.quantized.dynamic as nnqd
 from pydantic import Field
 from torch import nn
-from torch.ao.quantization.qconfig import default_dynamic_qconfig, per_channel_dynamic_qconfig
+from torch.ao.quantization.qconfig import (
+    default_dynamic_qconfig,
+    per_channel_dynamic_qconfig,
+)
 
 from ...arch import LayerSelect
 from ...errors import SlimcartError
