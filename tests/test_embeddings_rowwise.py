@@ -218,3 +218,5 @@ def test_int8_gemm_scores_within_the_int8_bound_and_round_trip(tmp_path, bits):
     save_file(tensors, str(tmp_path / "t.safetensors"))
     back = load_table(load_file(str(tmp_path / "t.safetensors")), meta)
     assert torch.equal(back.scores(h), q.scores(h)) and torch.equal(copy.deepcopy(q).scores(h), q.scores(h))
+    with pytest.raises(SlimcartError, match="no gradient"):
+        q.scores(h.requires_grad_())

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ...errors import SlimcartError
+
 CHUNK_ROWS = 1 << 16  # rows dequantized at a time while building (bounds the transient float copy)
 
 
@@ -43,7 +45,10 @@ class Int8GemmScores(nn.Module):
             self.packed = torch.ops.quantized.linear_prepack(q, None)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h [B, dim] -> scores [B, n] float32."""
+        """h [B, dim] -> scores [B, n] float32 (inference only: the int8 kernel has no gradient)."""
+        if h.requires_grad and torch.is_grad_enabled():
+            raise SlimcartError("score_kernel int8_gemm has no gradient: train (recover, distill) before the table is "
+                                "compressed with it, or score with the 'tiled' kernel while training")
         return torch.ops.quantized.linear_dynamic(h.float().contiguous(), self.packed, True)
 
     def packed_nbytes(self) -> int:
