@@ -341,6 +341,28 @@ def test_distill_task_pulls_student_to_teacher(workload, monkeypatch):
     assert 0.0 <= task.validate() <= 1.0 and task.fingerprint()["weights"] == {"logits_kl": 1.0}
     with pytest.raises(SlimcartError, match="no loss"):
         workload.distill_task(teacher, student, bundle_of(teacher), data, DistillOptions(losses={"hidden_mse": 1.0}))
+    # sampled candidates: K >= n is the full softmax; identical models have KL 0; training on the sampled
+    # KL pulls the student towards the teacher's FULL distribution
+    full = workload.distill_task(teacher, tiny_model(data.n_items, hidden=(4,), seed=2), bundle_of(teacher), data,
+                                 DistillOptions(losses={"logits_kl": 1.0}))
+    every = workload.distill_task(teacher, tiny_model(data.n_items, hidden=(4,), seed=2), bundle_of(teacher), data,
+                                  DistillOptions(losses={"logits_kl": 1.0}, transfer={"kd_negatives": data.n_items}))
+    assert every.loss(idx)[1] == full.loss(idx)[1]
+    opts = DistillOptions(losses={"logits_kl": 1.0, "task": 1.0}, temperature=2.0, transfer={"kd_negatives": 32})
+    same = workload.distill_task(teacher, tiny_model(data.n_items, hidden=(16,), seed=1), bundle_of(teacher), data, opts)
+    torch.manual_seed(0)
+    assert same.loss(idx)[1]["logits_kl"] == pytest.approx(0.0, abs=1e-6)
+    sampled = workload.distill_task(teacher, tiny_model(data.n_items, hidden=(4,), seed=2), bundle_of(teacher), data,
+                                    DistillOptions(losses={"logits_kl": 1.0}, transfer={"kd_negatives": 32}))
+    before = full.loss(idx)[1]["logits_kl"]
+    opt = torch.optim.Adam(sampled.trainable().parameters(), 0.02)
+    for step in range(40):
+        torch.manual_seed(step)
+        opt.zero_grad()
+        sampled.loss(idx)[0].backward()
+        opt.step()
+    full.set_student(sampled.student())
+    assert full.loss(idx)[1]["logits_kl"] < 0.8 * before
     with pytest.raises(SlimcartError, match="share the catalogue"):
         workload.distill_task(teacher, tiny_model(5), bundle_of(teacher), data, DistillOptions())
 

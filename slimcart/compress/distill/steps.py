@@ -51,6 +51,7 @@ class TransferSpec(BaseModel):
     windows: int = Field(256, ge=2)  # llm: train-split token windows
     window_tokens: int = Field(256, ge=8)
     kd_positions: int = Field(4, ge=1)  # recsys: newest positions per user that get the teacher's distribution
+    kd_negatives: int | None = Field(None, ge=1)  # session: KL over the true item + this many sampled items (None: all items)
 
 
 def _tensor_digest(module: torch.nn.Module) -> str:
