@@ -58,6 +58,12 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------- session
+def table_ram_bytes(table) -> int:
+    """Bytes the loaded item table holds in memory: a compressed table's own count (stored rows plus any
+    scoring copy it derives at load), else the float weight."""
+    return int(table.nbytes()) if hasattr(table, "nbytes") else table.weight.numel() * table.weight.element_size()
+
+
 def bench_session(args, work: Path) -> dict:
     wl = get_workload("session")
     data = wl.load_data(args.data)
@@ -70,7 +76,8 @@ def bench_session(args, work: Path) -> dict:
     base_bytes = outputs.model_bytes(bundle.source)
     res = {"data": wl.data_info(data).as_dict(), "model": str(bundle.source),
            "training": {k: v for k, v in bundle.extra["config"].get("training", {}).items() if k != "history"},
-           "fp32": {"quality": base.quality, "bytes": base_bytes, "eval_seconds": round(time.time() - t0)},
+           "fp32": {"quality": base.quality, "bytes": base_bytes, "eval_seconds": round(time.time() - t0),
+                    "item_table_ram_bytes": table_ram_bytes(base_bundle.module.item_emb)},
            "recipes": {}}
     sides, cache = {"fp32": base_runner}, api.PrefixCache()
     for name in args.recipes:
@@ -91,6 +98,7 @@ def bench_session(args, work: Path) -> dict:
              "mrr@20_rel": paired_bootstrap(reciprocal_ranks(ranks, 20), base_rr),
              "build_seconds": round(build_s), "eval_seconds": round(time.time() - t0),
              "format": built.state.artifact.describe() if built.state.artifact else "workload folder",
+             "item_table_ram_bytes": table_ram_bytes(rb.module.item_emb),
              "kernels": built.state.kernels, "size_only": built.state.size_only, "notes": built.state.notes,
              "steps": [s.model_dump(mode="json") for s in rec.steps]}
         res["recipes"][name] = r
@@ -122,23 +130,24 @@ def session_markdown(res: dict, env: dict) -> str:
     t = res["timing"]
     loaded = max(t["load_before"][0], t["load_after"][0]) > LOADED * env["logical_cpus"]
     lines = [
-        f"Model: `{res['model']}` ({res['training'].get('epochs', '?')} epochs). Data: {res['data']['name']}, "
-        f"{res['data']['split']}.",
+        f"Model: `{res['model']}` ({res['training'].get('epochs', res['training'].get('epoch', '?'))} epochs, best "
+        f"{res['training'].get('best_epoch', '?')}). Data: {res['data']['name']}, {res['data']['split']}.",
         "",
         f"fp32 on test: HR@20 **{res['fp32']['quality']['hr@20']:.4f}**, MRR@20 **{res['fp32']['quality']['mrr@20']:.4f}**, "
-        f"{res['fp32']['bytes'] / 1e6:.2f} MB.",
+        f"{res['fp32']['bytes'] / 1e6:.2f} MB on disk (item table {res['fp32']['item_table_ram_bytes'] / 1e6:.2f} MB in RAM).",
         "",
-        "| recipe | HR@20 | HR@20 vs fp32 (95% paired CI) | MRR@20 vs fp32 (95% CI) | MB | smaller | throughput vs fp32 | "
-        "p50 latency vs fp32 | format / kernels |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | HR@20 | HR@20 vs fp32 (95% paired CI) | MRR@20 vs fp32 (95% CI) | MB on disk | smaller | "
+        "item table in RAM, MB | throughput vs fp32 | p50 latency vs fp32 | format / kernels |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     sides = t["sides"]
     for name, r in res["recipes"].items():
         h, m, thr = r["hr@20_rel"], r["mrr@20_rel"], sides[name]["throughput_vs_fp32"]
+        ram = r["item_table_ram_bytes"]
         lines.append(
             f"| `{name}` | {r['quality']['hr@20']:.4f} | {h['rel_change']:+.2%} [{h['ci95'][0]:+.2%}, {h['ci95'][1]:+.2%}] | "
             f"{m['rel_change']:+.2%} [{m['ci95'][0]:+.2%}, {m['ci95'][1]:+.2%}] | {r['bytes'] / 1e6:.2f} | "
-            f"{r['size_ratio']:.2f}x | {thr['median']:.2f}x [{thr['ci95'][0]:.2f}, {thr['ci95'][1]:.2f}] | "
+            f"{r['size_ratio']:.2f}x | {ram / 1e6:.2f} | {thr['median']:.2f}x [{thr['ci95'][0]:.2f}, {thr['ci95'][1]:.2f}] | "
             f"{sides[name]['latency_p50_vs_fp32']:.2f}x | {r['format']}; {'; '.join(r['kernels']) or 'fp32 kernels'} |")
     fp = sides["fp32"]
     lines += [
