@@ -47,7 +47,8 @@ from slimcart.recipe import load_recipe  # noqa: E402
 from slimcart.workloads import get_workload  # noqa: E402
 from slimcart.workloads.ranking import reciprocal_ranks  # noqa: E402
 
-SESSION_RECIPES = ["gru-int8", "gru-emb-int4-int8", "gru-emb-mixed-int8", "gru-prune-units", "gru-distill-half"]
+SESSION_RECIPES = ["gru-int8", "gru-emb-int4-int8", "gru-emb-mixed-int8", "gru-prune-units", "gru-distill-half",
+                   "gru-distill-half-int8"]  # the last reuses gru-distill-half's student (api.PrefixCache)
 TARGET = {"size_ratio": 4.0, "hr_rel_loss": 0.01}  # issue 15: >= 4x smaller at <= 1% relative HR@20 loss
 LOADED = 0.5  # load average per CPU above which speed figures are not final
 DOC = ROOT / "docs" / "bench-cnn-rnn.md"
