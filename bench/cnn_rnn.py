@@ -24,6 +24,7 @@ pass --model) for a run that must retrain rather than reuse an earlier run's stu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -173,7 +174,7 @@ def session_markdown(res: dict, env: dict) -> str:
 
 
 # ---------------------------------------------------------------- document
-def write_section(section: str, body: str, env: dict) -> None:
+def write_section(section: str, body: str, env: dict, run_at: str) -> None:
     """Replace (or add) the section between its markers in docs/bench-cnn-rnn.md, leaving the others."""
     start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     text = DOC.read_text() if DOC.exists() else (
@@ -181,7 +182,7 @@ def write_section(section: str, body: str, env: dict) -> None:
         "its own run. Raw figures: `bench/results/cnn_rnn_<section>.json`.\n\n"
         "## Session recommendation (GRU4Rec)\n\n<!-- session:start -->\n(not run yet)\n<!-- session:end -->\n\n"
         "## Vision (CNN)\n\n<!-- vision:start -->\n(section written on branch `vision`)\n<!-- vision:end -->\n")
-    stamp = f"_Run {time.strftime('%Y-%m-%d %H:%M')} on {env['cpu']}, torch {env['versions']['torch']}._\n\n"
+    stamp = f"_Run {run_at} on {env['cpu']}, torch {env['versions']['torch']}._\n\n"
     block = f"{start}\n{stamp}{body}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
@@ -199,20 +200,26 @@ def main() -> None:
     ap.add_argument("--model", default="gru4rec", help="session model alias or folder")
     ap.add_argument("--recipes", default=",".join(SESSION_RECIPES))
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the doc section from the saved JSON, run nothing")
     args = ap.parse_args()
     args.recipes = [r for r in args.recipes.split(",") if r]
     set_threads(args.threads)
     for section in args.sections.split(","):
         if section != "session":
             raise SystemExit(f"section '{section}' is not in this file yet (vision comes from branch `vision`)")
+        if args.render_only:
+            res = json.loads((args.results / f"cnn_rnn_{section}.json").read_text())
+            write_section(section, session_markdown(res, res["environment"]), res["environment"], res.get("run_at", "?"))
+            continue
         env = environment(args.threads)
         load_before = os.getloadavg()
         with tempfile.TemporaryDirectory(prefix="slimcart-bench-cnn-rnn-") as tmp:
             res = bench_session(args, Path(tmp))
-        res.update(environment=env, loadavg_before=load_before, loadavg_after=os.getloadavg())
+        res.update(environment=env, loadavg_before=load_before, loadavg_after=os.getloadavg(),
+                   run_at=time.strftime("%Y-%m-%d %H:%M"))
         args.results.mkdir(parents=True, exist_ok=True)
         outputs.write_json(args.results / f"cnn_rnn_{section}.json", res)
-        write_section(section, session_markdown(res, env), env)
+        write_section(section, session_markdown(res, env), env, res["run_at"])
         log(f"wrote {args.results / f'cnn_rnn_{section}.json'} and {DOC}")
 
 
