@@ -65,16 +65,16 @@ def timing(sides: dict, inputs, repeats: int, base: str) -> dict:
 
 
 def onnx_of(wl, bundle, workdir: Path, int8: bool = False):
-    """Export (and optionally quantize) exactly as the export_onnx / ort_dynamic_int8 steps do."""
-    from slimcart.runtime.onnx_runtime import OnnxRunner
-
+    """Export (and optionally quantize) exactly as the export_onnx / ort_dynamic_int8 steps do; saved and
+    reloaded so the runner pools the graph's token states as a user's loader would."""
     workdir.mkdir(parents=True, exist_ok=True)
     steps = [parse_step({"kind": "export_onnx", "optimize": True})] + ([parse_step({"kind": "ort_dynamic_int8"})] if int8 else [])
     state = ModelState(bundle=bundle)
     ctx = StepContext(workload=wl, data=None, workdir=workdir, threads=THREADS, progress=log)
     for s in steps:
         state = s.apply(state, ctx)
-    return OnnxRunner(state.artifact.path, THREADS), state
+    state.save(workdir / "saved", wl)
+    return api.load(wl, workdir / "saved", THREADS)[0], state
 
 
 def bench_search(args, work: Path) -> dict:

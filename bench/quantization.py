@@ -45,8 +45,9 @@ def nncf_peer(wl, bundle, data, work: Path, n_calib: int):
     from slimcart.runtime.onnx_runtime import export_onnx
     from slimcart.runtime.openvino_runtime import save_openvino
 
-    spec = wl.export_spec(bundle)
-    src = export_onnx(bundle.module, spec["example"], work / "nncf-src.onnx", spec["dynamic_axes"], spec["output_name"])
+    spec = wl.export_spec(bundle)  # the graph slimcart's steps export (token states; the runner pools)
+    src = export_onnx(spec.get("module", bundle.module), spec["example"], work / "nncf-src.onnx", spec["dynamic_axes"],
+                      spec["output_name"])
     calib = wl.calibration_batches(bundle, data, n_calib)
     q = nncf.quantize(ov.convert_model(str(src)), nncf.Dataset(calib), model_type=nncf.ModelType.TRANSFORMER,
                       subset_size=sum(b["input_ids"].shape[0] for b in calib))
@@ -81,7 +82,8 @@ def ort_static_peer(wl, bundle, data, work: Path, n_calib: int) -> Path:
     from slimcart.runtime.onnx_runtime import export_onnx
 
     spec = wl.export_spec(bundle)
-    src = export_onnx(bundle.module, spec["example"], work / "ortstatic-src.onnx", spec["dynamic_axes"], spec["output_name"])
+    src = export_onnx(spec.get("module", bundle.module), spec["example"], work / "ortstatic-src.onnx", spec["dynamic_axes"],
+                      spec["output_name"])
     calib = wl.calibration_batches(bundle, data, n_calib)
 
     class Reader(CalibrationDataReader):
@@ -132,6 +134,7 @@ def bench_search(args, work: Path) -> dict:
         side = {"kind": kind, "runtime": runner.runtime, "quality": q, "size_bytes": outputs.model_bytes(folder),
                 "ndcg_rel": None if q["ndcg@10"] is None else q["ndcg@10"] / base.quality["ndcg@10"] - 1,
                 "recall_rel": None if q["recall@10"] is None else q["recall@10"] / base.quality["recall@10"] - 1,
+                "guard_rel": None if q.get("guard_mrr") is None else q["guard_mrr"] / base.quality["guard_mrr"] - 1,
                 "build_seconds": None if build_s is None else round(build_s), "eval_seconds": round(time.time() - t),
                 "notes": list(notes), "kernels": list(kernels)}
         side["size_ratio"] = side["size_bytes"] / base_bytes
@@ -213,16 +216,16 @@ def markdown_search(s: dict) -> list[str]:
              f"{base['size_bytes'] / 1e6:.1f} MB. Targets: >= {tg['throughput_ratio']}x batch-32 throughput, nDCG@10 "
              f"loss <= {-tg['ndcg_rel']:.1%}, Recall@10 loss <= {-tg['recall_rel']:.0%}, size <= {tg['size_ratio']:.0%}.", "",
              "| model | runtime | batch-32 throughput vs torch fp32 | p50 latency (batch 1) | nDCG@10 (rel.) | Recall@10 (rel.) "
-             "| cosine to fp32 | size | meets all targets |",
-             "|---|---|---|---|---|---|---|---|---|",
+             "| guard MRR (rel.) | cosine to fp32 | size | meets all targets |",
+             "|---|---|---|---|---|---|---|---|---|---|",
              f"| torch fp32 eager (baseline) | torch | 1.00x ({tm['torch fp32 (baseline)']['throughput_per_s']:.0f} texts/s) | "
              f"{tm['torch fp32 (baseline)']['latency_p50_ms']:.1f} ms | {base['quality']['ndcg@10']:.4f} | "
-             f"{base['quality']['recall@10']:.4f} | 1 | 100% | |"]
+             f"{base['quality']['recall@10']:.4f} | {base['quality'].get('guard_mrr', float('nan')):.4f} | 1 | 100% | |"]
     for name, side in s["sides"].items():
         t, q = tm[name], side["quality"]
         if side["kind"] == "reference":
             lines.append(f"| {name} | {side['runtime']} | {t['throughput_ratio']:.2f}x | {t['latency_p50_ms']:.1f} ms | "
-                         f"fp32: same function (max abs diff vs torch {q['max_abs_diff_vs_torch']:.1e}) | | | "
+                         f"fp32: same function (max abs diff vs torch {q['max_abs_diff_vs_torch']:.1e}) | | | | "
                          f"{side['size_ratio']:.0%} | |")
             continue
         ok = (t["throughput_ratio"] >= tg["throughput_ratio"] and side["ndcg_rel"] >= tg["ndcg_rel"]
@@ -230,7 +233,8 @@ def markdown_search(s: dict) -> list[str]:
         label = f"**{name}**" if side["kind"] == "recipe" else name
         lines.append(f"| {label} | {side['runtime']} | {t['throughput_ratio']:.2f}x | {t['latency_p50_ms']:.1f} ms | "
                      f"{q['ndcg@10']:.4f} ({_pct(side['ndcg_rel'])}) | {q['recall@10']:.4f} ({_pct(side['recall_rel'])}) | "
-                     f"{q['cosine']:.4f} | {side['size_ratio']:.0%} | {'yes' if ok else 'no'} |")
+                     + (f"{q['guard_mrr']:.4f} ({_pct(side['guard_rel'])})" if side.get("guard_rel") is not None else "n/a")
+                     + f" | {q['cosine']:.4f} | {side['size_ratio']:.0%} | {'yes' if ok else 'no'} |")
     by = s.get("timing_by_threads", {})
     lines.insert(4, f"Speed columns: {s.get('timing_threads', '?').split(',')[0]} intra-op thread(s) per side (every runtime "
                     "pinned to the same count).")

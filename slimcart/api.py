@@ -266,7 +266,8 @@ def _identity(wl: Workload, model: str, bundle: ModelBundle, dataset: Any, rec: 
 
     info = wl.data_info(dataset)
     return {"workload": wl.name, "model": model, "model_digest": outputs.tree_digest(bundle.source),
-            "data": info.as_dict(), "data_digest": outputs.tree_digest(info.source), "recipe": rec.to_dict(),
+            "data": info.as_dict(), "data_digest": outputs.tree_digest(info.source),
+            "extra_data_digests": [outputs.tree_digest(p) for p in info.extra_sources], "recipe": rec.to_dict(),
             "slimcart": __version__}
 
 
@@ -407,7 +408,7 @@ def _compress_locked(wl, model, rec, out, data, threads, repeats, measure_rss, o
         progress("WARNING: speed figures unreliable: " + "; ".join(trust["reasons"]))
     outputs.write_json(tmp / "metrics.json", metrics)
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(build_info.get("recipe") or rec.to_dict(), sort_keys=False))
-    (tmp / "report.md").write_text(render_report(metrics, wl.higher_is_better))
+    (tmp / "report.md").write_text(render_report(metrics, wl.higher_is_better, model_dir))
     shutil.rmtree(work, ignore_errors=True)
     (tmp / "build.json").unlink()
     outputs.publish(tmp, out)

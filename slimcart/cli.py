@@ -288,7 +288,14 @@ def _job_options(engine: str, workers: Optional[int], threads: Optional[int], sh
 
 def _run_job(fn, *args, **kwargs):
     """A batch job with a progress bar (rows, rate, ETA); SlimcartError -> one line, exit 2."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     _quiet_libraries()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -413,6 +420,149 @@ def serve(model: str = typer.Argument(..., help="slimcart output folder, model f
         run_serve(workload, model, index, opts, threads, say=lambda m: console.print(m, highlight=False))
     except SlimcartError as e:
         _fail(str(e))
+
+def _duration(text: str) -> float:
+    """'90m', '1.5h', '600s' or a plain number of minutes -> seconds."""
+    t = text.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 60)
+    except ValueError:
+        raise SlimcartError(f"--time-budget '{text}' is not a duration like 90m, 1.5h or 600s") from None
+    if value <= 0:
+        raise SlimcartError(f"--time-budget must be positive, got '{text}'")
+    return value
+
+
+def _trial_line(t: dict) -> str:
+    params = " ".join(f"{k}={v}" for k, v in t["params"].items())
+    if "error" in t:
+        return f"#{t['number']:<3} FAILED  {params}  ({t['error']})"
+    f, obj = t["figures"], t["objective"]
+    from .plan.study import FIG
+
+    missed = ", ".join(k for k, v in t["constraints"].items() if v > 0)
+    return (f"#{t['number']:<3} {f['fidelity']:<6} {params} | loss {f['quality_loss']:+.2%} | {obj} {f[FIG[obj]]:.4g} | "
+            f"{f['size_bytes'] / 1e6:.1f} MB | {f['energy_j_per_item']:.3g} J/item | "
+            + ("[green]feasible[/]" if t["feasible"] else f"[yellow]misses {missed}[/]") + f" | {t['seconds']:.0f} s")
+
+
+@app.command()
+def plan(
+    workload: str = WorkloadOpt,
+    model: str = typer.Option(..., "--model", "-m", help="alias or model folder"),
+    profile: str = typer.Option(..., "--profile", "-p", help="built-in profile (see `slimcart profiles`) or a YAML file"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="plan folder (rerun the same command to resume)"),
+    data: Optional[str] = DataOpt,
+    time_budget: str = typer.Option("60m", "--time-budget", help="worker time for the search, e.g. 90m, 2h"),
+    trials: Optional[int] = typer.Option(None, "--trials", help="stop after this many complete trials"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="study storage URL (default: SQLite in OUT); "
+                                          "postgresql://user@host/db lets several --worker processes share one study"),
+    study: Optional[str] = typer.Option(None, "--study", help="study name (default: derived from the plan's inputs)"),
+    worker: bool = typer.Option(False, "--worker", help="only run trials of the shared study (no final phase)"),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe (seeded, screened) or random (plain random search)"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="override the profile's threads"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="override the profile's batch"),
+    objective: Optional[str] = typer.Option(None, "--objective", help="override the profile's objective"),
+    max_quality_loss: Optional[float] = typer.Option(None, "--max-quality-loss", help="e.g. 0.005 = 0.5%"),
+    max_latency_p50_ms: Optional[float] = typer.Option(None, "--max-latency-p50-ms"),
+    max_latency_p99_ms: Optional[float] = typer.Option(None, "--max-latency-p99-ms"),
+    max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb"),
+    max_size_ratio: Optional[float] = typer.Option(None, "--max-size-ratio"),
+    max_peak_rss_mb: Optional[float] = typer.Option(None, "--max-peak-rss-mb"),
+    min_throughput: Optional[float] = typer.Option(None, "--min-throughput"),
+    max_energy_j_per_item: Optional[float] = typer.Option(None, "--max-energy-j-per-item"),
+    watts_per_core: Optional[float] = typer.Option(None, "--watts-per-core", help="energy estimate's power per busy core"),
+    train_minutes: Optional[float] = typer.Option(None, "--train-minutes", help="training budget of a full trial"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="discard an existing plan folder"),
+    accept_hardware: bool = typer.Option(False, "--accept-hardware", help="continue a study measured on another CPU"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="show the search space and stop"),
+) -> None:
+    """Search compositions of techniques, by measurement, for the model that fits PROFILE; write OUT."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .plan.run import PlanOptions
+    from .plan.run import plan as run_plan
+    from .plan.space import Settings
+
+    try:
+        if out is None and not dry_run:
+            raise SlimcartError("--out is required (the plan folder)")
+        overrides = {"threads": threads, "batch": batch, "objective": objective, "max_quality_loss": max_quality_loss,
+                     "max_latency_p50_ms": max_latency_p50_ms, "max_latency_p99_ms": max_latency_p99_ms,
+                     "max_size_mb": max_size_mb, "max_size_ratio": max_size_ratio, "max_peak_rss_mb": max_peak_rss_mb,
+                     "min_throughput": min_throughput, "max_energy_j_per_item": max_energy_j_per_item}
+        if sampler not in ("tpe", "random"):
+            raise SlimcartError(f"--sampler must be tpe or random, got '{sampler}'")
+        settings = Settings(**({"train_minutes": train_minutes} if train_minutes else {}))
+        opts = PlanOptions(workload=workload, model=model, profile=profile, out=out or Path("."), data=data,
+                           time_budget_s=_duration(time_budget), max_trials=trials, storage=storage, study_name=study,
+                           worker=worker, sampler=sampler, seed=seed,
+                           overrides={k: v for k, v in overrides.items() if v is not None}, settings=settings,
+                           watts_per_core=watts_per_core, overwrite=overwrite, accept_hardware=accept_hardware)
+    except SlimcartError as e:
+        _fail(str(e))
+    except Exception as e:  # pydantic: a bad value of a typed option
+        _fail(str(e).splitlines()[0])
+    _quiet_libraries()
+    if dry_run:
+        r = _run(lambda progress: run_plan(opts, lambda k, x: progress(str(x)), dry_run=True))
+        out_console.print(r["label"])
+        out_console.print("\n".join(r["space"]), highlight=False)
+        out_console.print(f"objectives: {', '.join(r['objectives'])}; limits: {r['profile']['limits']}")
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[spent]}"), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        task = bar.add_task("starting", total=opts.time_budget_s, spent="")
+
+        def emit(kind: str, x) -> None:
+            if kind == "trial":
+                console.print(_trial_line(x), highlight=False)
+            elif kind == "budget":
+                spent, total = x
+                bar.update(task, completed=min(spent, total or spent), spent=f"{spent / 60:.1f}/{(total or 0) / 60:.0f} min")
+            elif kind == "warning":
+                console.print(f"[bold yellow]WARNING: {x}[/]")
+            elif kind == "best":
+                console.print(f"best feasible so far: trial {x} (saved in {opts.out / 'best'})")
+            else:
+                bar.update(task, description=str(x)[:70])
+        try:
+            r = run_plan(opts, emit)
+        except SlimcartError as e:
+            bar.stop()
+            _fail(str(e))
+        except KeyboardInterrupt:
+            bar.stop()
+            _fail("interrupted — rerun the same command to continue the study")
+    if worker:
+        out_console.print(f"worker finished ({r['reason']}); study {r['study']}: {r['trials']} trials")
+        return
+    if "chosen" not in r:
+        _fail(f"no trial completed: {r.get('errors')}")
+    c = r["chosen"]
+    out_console.print(("[green]" if c["feasible_on_validation"] else "[yellow]") + f"chosen: trial {c['number']}[/]")
+    for w in c["why"]:
+        out_console.print(f"  {w}", highlight=False)
+    out_console.print(f"test split: {'meets every limit' if c['meets_every_limit_on_test'] else 'misses ' + ', '.join(k for k, v in c['test_constraints'].items() if v > 0)}; "
+                      f"quality loss {c['test_figures']['quality_loss']:+.2%}")
+    out_console.print(f"model: {opts.out / 'model'}   report: {opts.out / 'report.html'}   all trials: {opts.out / 'plan.json'}")
+
+
+@app.command()
+def profiles() -> None:
+    """List the built-in scenario profiles of `slimcart plan`."""
+    from .plan.profile import builtin_profiles, load_profile
+
+    t = Table(title="built-in profiles (slimcart plan --profile NAME)")
+    for col in ("name", "threads", "batch", "objective", "constraints"):
+        t.add_column(col)
+    for name in builtin_profiles():
+        p = load_profile(name)
+        cons = ", ".join(f"{k}={v}" for k, v in p.constraints.model_dump().items() if v is not None)
+        t.add_row(name, str(p.threads), str(p.batch), p.objective, cons)
+    out_console.print(t)
 
 
 def main() -> None:  # pragma: no cover

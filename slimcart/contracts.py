@@ -47,6 +47,7 @@ class DataInfo:
     split: str
     n: int
     source: Path | None = None  # the file or folder read (None for generated data): part of a run's identity
+    extra_sources: tuple[Path, ...] = ()  # further files read (e.g. a guard task's data)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "synthetic": self.synthetic, "split": self.split, "n": self.n}

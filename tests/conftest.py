@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# ../shared/data beside the checkout, or wherever SLIMCART_DATA points (e.g. from a git worktree)
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if not REAL_DATA.is_dir() and os.environ.get("SLIMCART_DATA"):
+    REAL_DATA = Path(os.environ["SLIMCART_DATA"])
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """Bad input: one clear error line, exit code 2, nothing written, the input untouched."""
 import re
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner

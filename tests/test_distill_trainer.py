@@ -1,5 +1,4 @@
 """The distillation trainer: data parallel == single process, exact resume, early stopping, budgets."""
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -146,7 +146,7 @@ def test_blitzer_folder_loads_title_and_text(tmp_path):
     (folder / "positive.review").write_text("<reviews>\n" + "\n".join(blocks) + "\n</reviews>")
     data = LlmWorkload().load_data(str(tmp_path))
     assert data.info.name == "reviews-blitzer" and not data.info.synthetic
-    assert len(data.test_texts) + len(data.train_texts) == 60
+    assert len(data.test_texts) + len(data.train_texts) + len(data.validation_texts) == 60  # three disjoint splits
     expected_test = {f"T{i}\nBody {i} & more" for i in range(60) if split_of(f"id{i}") == "test"}
     assert set(data.test_texts) == expected_test
 
@@ -164,7 +164,7 @@ def test_table_data_with_text_column(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("id,text\n" + "".join(f"{i},review number {i} is fine\n" for i in range(40)))
     data = LlmWorkload().load_data(str(path))
-    assert len(data.test_texts) + len(data.train_texts) == 40
+    assert len(data.test_texts) + len(data.train_texts) + len(data.validation_texts) == 40
 
 
 @pytest.mark.parametrize("content,suffix", [("", ".txt"), ("\n  \n", ".txt"), ("", ".csv"), ("id,title\n1,x\n", ".csv")])

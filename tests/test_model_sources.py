@@ -48,3 +48,19 @@ def test_unsupported_architectures_are_refused_by_name(tmp_path, tiny_encoder_di
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": model_type}))
     with pytest.raises(SlimcartError, match=f"model type '{model_type}' is {fragment}"):
         get_workload(workload).load_model(str(folder))
+
+
+def test_sentence_transformers_prompts_are_applied_by_role(tmp_path, tiny_encoder_dir):
+    import numpy as np
+
+    folder = tmp_path / "e5-like"
+    shutil.copytree(tiny_encoder_dir, folder)
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": None}))
+    wl = get_workload("search")
+    bundle = wl.load_model(str(folder))
+    assert bundle.extra["prompts"] == {"query": "query: ", "document": "passage: "}
+    runner = wl.torch_runner(bundle)
+    got = wl.embed(runner, bundle.tokenizer, ["red shoes"], prompt=bundle.extra["prompts"]["query"])
+    want = runner(wl.tokenize(bundle.tokenizer, ["query: red shoes"]))
+    np.testing.assert_allclose(got, want, atol=1e-6)

@@ -3,7 +3,6 @@ pruned folders are plain safetensors + config.json that reload to the same funct
 matches torch, and whole recipes run end to end through api.compress."""
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -166,7 +165,7 @@ def test_structured_then_int8_onnx_recipe(tmp_path, tiny_encoder_dir, synthetic_
         {"kind": "ort_dynamic_int8"},
     ])
     m = api.compress("search", str(tiny_encoder_dir), rec, tmp_path / "out", repeats=1, measure_rss=False)
-    assert m["compressed"]["runtime"] == "onnxruntime" and (tmp_path / "out" / "model" / "model.onnx").exists()
+    assert m["compressed"]["runtime"] == "onnxruntime" and (tmp_path / "out" / "model" / "onnx" / "model.onnx").exists()
     assert m["compressed"]["quality"]["cosine"] > 0.5
 
 

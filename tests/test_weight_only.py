@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slimcart.compress.quantize.awq import search_clip, search_scale
-from slimcart.compress.quantize.calib_stats import InputStats, collect_stats
+from slimcart.compress.quantize.calib_stats import InputStats
 from slimcart.compress.quantize.gptq import fit_group, gptq
 from slimcart.runtime.llm_kernels import GraphBuilder, OrtLLMRunner, TorchInt4Linear, torch_int4_model
 from slimcart.compress.quantize.kmeans import kmeans_rows

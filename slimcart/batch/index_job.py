@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import pyarrow.parquet as pq
 
-from .. import artifacts
+from .. import outputs
 from ..errors import SlimcartError
 from ..serve.index import PROBE_TEXT, recall_at_k, write_index
 from . import inputs
@@ -65,6 +65,6 @@ def build_index(workload: str, model: str, src: str | Path, out: str | Path, col
         f.unlink()
     shutil.move(folder / MANIFEST, folder / "embed_manifest.json")
     (folder / JOB_FILE).unlink()
-    artifacts.publish(folder, out)
+    outputs.publish(folder, out)
     say(f"wrote {out}")
     return {k: v for k, v in meta.items() if k != "probe"} | {"kind": kind, "count": len(vectors)}

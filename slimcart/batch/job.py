@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import artifacts
+from .. import outputs
 from ..errors import SlimcartError
 from . import engines, inputs
 from .shards import is_finished, plan, remove_temporaries, verify, write_atomic
@@ -58,11 +58,11 @@ def check_paths(src: Path, out: Path, overwrite: bool) -> None:
     if not src.is_file():
         raise SlimcartError(f"input {src} must be a file (.csv, .tsv, .parquet or .jsonl)")
     s, o = src.resolve(), out.resolve()
-    partial = artifacts.partial_dir(out)
+    partial = outputs.partial_dir(out)
     for p in (o, partial):
         if p == s or s in p.parents or p in s.parents:
             raise SlimcartError(f"output {out} would overlap the input {src}: choose another output folder")
-    artifacts.check_output_path(out, overwrite)
+    outputs.check_output_path(out, overwrite)
 
 
 def _prepare_partial(partial: Path, identity: dict, say: Callable[[str], None]) -> None:
@@ -81,7 +81,7 @@ def _prepare_partial(partial: Path, identity: dict, say: Callable[[str], None]) 
         say(f"an unfinished job with other settings was in {partial}: starting over")
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    artifacts.write_json(job, identity)
+    outputs.write_json(job, identity)
 
 
 def run_job(task: Any, rows: pa.Table, identity: dict, out: Path, opts: JobOptions, progress: Progress | None = None,
@@ -97,7 +97,7 @@ def run_job(task: Any, rows: pa.Table, identity: dict, out: Path, opts: JobOptio
         say(f"warning: {workers} workers x {threads} threads oversubscribe the {os.cpu_count()} cores (slower, not faster)")
     task = dataclasses.replace(task, threads=threads)
     identity = {**identity, **task.identity(), "shard_rows": opts.shard_rows, "rows": rows.num_rows}
-    partial = artifacts.partial_dir(out)
+    partial = outputs.partial_dir(out)
     _prepare_partial(partial, identity, say)
     shards = plan(rows.num_rows, opts.shard_rows)
     finished = [s for s in shards if is_finished(partial, s)]
@@ -128,11 +128,11 @@ def run_job(task: Any, rows: pa.Table, identity: dict, out: Path, opts: JobOptio
         "rows_per_s": computed / seconds if computed and seconds > 0 else None,
         "schema": pq.read_schema(partial / shards[0].name).to_string(show_schema_metadata=False).splitlines(),
     }
-    artifacts.write_json(partial / MANIFEST, manifest)
+    outputs.write_json(partial / MANIFEST, manifest)
     if not publish:
         return {**manifest, "folder": str(partial)}
     (partial / JOB_FILE).unlink()
-    artifacts.publish(partial, out)
+    outputs.publish(partial, out)
     say(f"wrote {out}")
     return manifest
 

@@ -41,8 +41,10 @@ class EmbedTask:
     def compute(self, state: Any, shard: pa.Table) -> pa.Table:
         wl, runner, bundle = state
         texts = shard.column("text").to_pylist()
-        # The workload's own embedding path (length-sorted batches), so vectors equal what serving computes.
-        vecs = wl.embed(runner, bundle.tokenizer, texts, batch_size=self.batch_size)
+        # The workload's own embedding path (length-sorted batches, the model's document instruction if it
+        # has one), so vectors equal what evaluation and serving compute for catalogue texts.
+        vecs = wl.embed(runner, bundle.tokenizer, texts, batch_size=self.batch_size,
+                        prompt=bundle.extra.get("prompts", {}).get("document", ""))
         cols = {"row": shard.column("row")}
         if "id" in shard.column_names:
             cols["id"] = shard.column("id")

@@ -30,6 +30,11 @@ from ..contracts import FORMAT_FILE, Artifact, inside, register_artifact, write_
 from ..errors import SlimcartError
 from ..outputs import copy_files
 from ..recipe import Step, register_step
+from .prune.storage import (
+    hide_model_type,
+    restore_model_type,
+    write_slimcart_only_readme,
+)
 
 
 class LowRankLinear(nn.Module):
@@ -256,7 +261,12 @@ class LowRankFolder(Artifact):
             raise SlimcartError(f"low-rank saving expects {weights} from the workload's save_model")
         with safe_open(str(weights), "pt") as f:
             keys = set(f.keys())
-        write_format(folder, self.format, ranks=ranks, prefix=_weight_prefix(bundle.module, keys), weights=weights.name)
+        # Stock loaders would build the dense model, miss every factorized weight and initialise it at
+        # random (a warning only): an unknown model_type makes them refuse the folder instead.
+        stock_type = hide_model_type(folder, "slimcart-lowrank")
+        write_format(folder, self.format, ranks=ranks, prefix=_weight_prefix(bundle.module, keys), weights=weights.name,
+                     stock_model_type=stock_type)
+        write_slimcart_only_readme(folder, self.format, "the factorized layers (two Linears each) have no stock class")
 
     @classmethod
     def load(cls, folder: Path, meta: dict, workload, threads: int):
@@ -284,6 +294,7 @@ class LowRankFolder(Artifact):
         with tempfile.TemporaryDirectory(prefix="slimcart-lowrank-") as tmp:
             tmp = Path(tmp)
             copy_files(folder, tmp, lambda rel: rel.name not in ("model.safetensors", FORMAT_FILE))
+            restore_model_type(tmp, meta.get("stock_model_type"))
             save_file({k: v.contiguous() for k, v in dense.items()}, str(tmp / "model.safetensors"))
             bundle = workload.load_model(str(tmp))
         module = bundle.module

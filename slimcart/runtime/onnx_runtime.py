@@ -2,6 +2,12 @@
 
 Export uses the TorchScript-based exporter (`dynamo=False`) with eager attention because ORT's
 transformer fusions (Attention, SkipLayerNorm, BiasGelu) only recognise that graph shape.
+
+A workload's `export_spec` may name the module to export (`module`, e.g. the bare transformer whose
+`last_hidden_state` the ecosystem's loaders expect) and where the saved file goes (`layout`, e.g.
+{"onnx": "onnx/model.onnx"}, the sentence-transformers / Optimum place); its `load_companions` may
+put a `postprocess(batch, outputs)` into `bundle.extra` (e.g. pooling token states into embeddings),
+which the runner applies so that timing includes it.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import onnx
 import torch
 from pydantic import field_validator
 
-from ..contracts import Artifact, ModelBundle, register_artifact
+from ..contracts import Artifact, ModelBundle, inside, register_artifact, write_format
 from ..errors import SlimcartError
 from ..recipe import Step, register_step
 
@@ -24,23 +30,27 @@ class OnnxRunner:
 
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, postprocess=None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # No spin-waiting between calls: spinning threads would steal the cores of whatever runs next
+        # (the baseline, in an interleaved measurement), flattering ONNX Runtime's ratio.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for corrupt files
             raise SlimcartError(f"cannot load ONNX model {path}: {str(e).splitlines()[0]}") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.path = Path(path)
+        self.path, self.postprocess = Path(path), postprocess
 
     def __call__(self, batch: dict[str, Any]) -> np.ndarray:
         feeds = {k: np.asarray(v) for k, v in batch.items() if k in self.input_names}
-        return self.session.run(None, feeds)[0]
+        out = self.session.run(None, feeds)[0]
+        return out if self.postprocess is None else self.postprocess(batch, out)
 
 
 def export_onnx(module: torch.nn.Module, example: dict[str, Any], path: Path, dynamic_axes: dict, output_name: str) -> Path:
@@ -78,8 +88,10 @@ class ExportOnnx(Step):
         path, fused = export_model(ctx.workload, state.bundle, state.torch_module(self.kind), ctx.workdir, self.optimize,
                                    ctx.progress)
         if fused:
-            state.notes.append("ONNX graph fused by onnxruntime.transformers (Attention/SkipLayerNorm/Gelu)")
-        state.artifact = OnnxFile(path)
+            state.notes.append("ONNX graph fused by onnxruntime.transformers (Attention/SkipLayerNorm/Gelu): "
+                               "com.microsoft ops, runs on ONNX Runtime only")
+        layout = ctx.workload.export_spec(state.bundle).get("layout", {})
+        state.artifact = OnnxFile(path, layout.get("onnx", "model.onnx"))
         return state
 
 
@@ -90,7 +102,9 @@ def export_model(workload, bundle: ModelBundle, module: torch.nn.Module, workdir
     spec = workload.export_spec(bundle)
     path = Path(workdir) / "model.onnx"
     progress("exporting to ONNX")
-    export_onnx(module, spec["example"], path, spec["dynamic_axes"], spec["output_name"])
+    # a workload may export another view of the model (search: the token states, pooled by the runner)
+    export_onnx(spec.get("module", module), spec["example"], path,
+                spec["dynamic_axes"], spec["output_name"])
     if not (optimize and spec.get("model_type")):
         return path, False
     from onnxruntime.transformers import optimizer
@@ -156,39 +170,61 @@ def onnx_path_of(state, kind: str) -> Path:
 
 @register_artifact
 class OnnxFile(Artifact):
-    """`model.onnx` (plus external-data files) with the workload's companions (tokenizer, config)."""
+    """An ONNX graph (plus external-data files) at `saved_as` inside the folder (the workload's layout,
+    by default `model.onnx`), with the workload's companions (tokenizer, config). The format file says
+    where the graph is and which runtimes read it: a graph with ONNX Runtime's own com.microsoft ops
+    (the fused Attention, QAttention, ...) is marked ONNX-Runtime-only (OpenVINO rejects some of them)."""
 
     format = "onnx"
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, saved_as: str = "model.onnx"):
+        self.path, self.saved_as = Path(path), saved_as
 
     def save(self, folder: Path, workload, bundle: ModelBundle) -> None:
-        copy_onnx(self.path, folder)
+        dest = inside(folder, self.saved_as, "model")
+        copy_onnx(self.path, dest.parent, dest.name)
         workload.save_companions(bundle, folder)
+        ms_ops = ort_only_ops(self.path)
+        write_format(folder, self.format, model=self.saved_as, ort_only_ops=ms_ops,
+                     runs_on=["onnxruntime"] if ms_ops else ["onnxruntime", "openvino"])
 
     @classmethod
     def load(cls, folder: Path, meta: dict, workload, threads: int):
-        return OnnxRunner(folder / "model.onnx", threads), workload.load_companions(folder)
+        path = inside(folder, meta.get("model", "model.onnx"), "model")
+        if not path.is_file():
+            raise SlimcartError(f"{folder} says it holds an ONNX model but {path.name} is missing")
+        bundle = workload.load_companions(folder)
+        return OnnxRunner(path, threads, bundle.extra.get("postprocess")), bundle
 
     @classmethod
     def reference(cls, workload, bundle: ModelBundle, workdir: Path, threads: int):
         """The uncompressed model exported the same way (fused graph), on ONNX Runtime fp32."""
         Path(workdir).mkdir(parents=True, exist_ok=True)
-        runner = OnnxRunner(export_model(workload, bundle, bundle.module, workdir)[0], threads)
+        runner = OnnxRunner(export_model(workload, bundle, bundle.module, workdir)[0], threads, postprocess_of(workload, bundle))
         runner.runtime = "onnxruntime-fp32"
         return runner
 
 
-def copy_onnx(src: Path, dest_dir: Path) -> Path:
-    """Copy an ONNX model (and any external-data files next to it) into dest_dir as model.onnx."""
+def postprocess_of(workload, bundle: ModelBundle):
+    """What a runner applies to the graph's output for this model (e.g. pooling), read from its folder."""
+    return workload.load_companions(bundle.source).extra.get("postprocess") if bundle.source is not None else None
+
+
+def ort_only_ops(path: Path) -> list[str]:
+    """Op types of ONNX Runtime's own com.microsoft domain in a graph (empty: standard ONNX only)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
+
+
+def copy_onnx(src: Path, dest_dir: Path, name: str = "model.onnx") -> Path:
+    """Copy an ONNX model (and any external-data files next to it) into dest_dir as `name`."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src), load_external_data=False)
     externals = {
         e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"
     }
-    for name in externals:
-        shutil.copy2(src.parent / name, dest_dir / name)
-    shutil.copy2(src, dest_dir / "model.onnx")
-    return dest_dir / "model.onnx"
+    for ext in externals:
+        shutil.copy2(src.parent / ext, dest_dir / ext)
+    shutil.copy2(src, dest_dir / name)
+    return dest_dir / name

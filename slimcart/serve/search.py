@@ -62,7 +62,8 @@ class SearchServable(Servable):
     def _prepare_search(self, req) -> Prepared:
         if not req.query.strip():
             raise RequestError("query is empty or only whitespace")
-        return Prepared(("search", [req.query], req.k), size=1)
+        # the model's query instruction, if it has one (the catalogue was embedded with the document one)
+        return Prepared(("search", [self.bundle.extra.get("prompts", {}).get("query", "") + req.query], req.k), size=1)
 
     @staticmethod
     def _respond_embed(out: np.ndarray) -> dict:

@@ -6,7 +6,8 @@ Hugging Face causal-LM folder (config.json + safetensors), which includes slimca
 Data: Amazon product reviews (Blitzer et al. multi-domain sentiment, pseudo-XML `.review` files;
 title + review text per document), or a user's .txt (one document per non-empty line) or
 .csv / .jsonl / .parquet with a `text` column. ~10% of documents (by hash of the review's
-unique_id, or of the text) are the held-out test split; the rest are calibration text.
+unique_id, or of the text) are the held-out test split; of the rest, the ~5% with the highest hashes
+are the validation split (tuning only, `validation_data`) and the others are calibration text.
 Metrics: perplexity and next-token accuracy over the concatenated test documents (EOS between
 documents, in a fixed hash order so all product domains are represented), cut into non-overlapping
 windows of 256 tokens, each scored on its own (255 predictions per window). The evaluation budget
@@ -23,7 +24,7 @@ import hashlib
 import html
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,18 @@ def parse_blitzer(text: str) -> list[dict[str, str]]:
     return rows
 
 
+VALIDATION_FROM = int(0.95 * 16**12)  # hashes at or above this (the last ~5% in hash order) are validation
+
+
 def split_of(key: str) -> str:
-    """Deterministic document-level split: ~10% 'test' (evaluated), the rest 'train' (calibration)."""
-    return "test" if _hash(key) % 10 == 0 else "train"
+    """Deterministic document-level split: ~10% 'test' (evaluated), ~4.5% 'validation' (tuning), the
+    rest 'train' (calibration). Documents are kept in hash order, so validation documents are the tail
+    of the non-test stream: calibration and distillation windows, read from its start, are the same
+    windows they were before the validation split existed."""
+    h = _hash(key)
+    if h % 10 == 0:
+        return "test"
+    return "validation" if h >= VALIDATION_FROM else "train"
 
 
 def _row(tokens) -> np.ndarray:
@@ -84,6 +94,8 @@ class LlmData:
     test_texts: list[str]  # evaluated, in fixed hash order
     train_texts: list[str]  # calibration only, in fixed hash order
     info: DataInfo
+    validation_texts: list[str] = field(default_factory=list)  # tuning only (validation_data), hash order
+    eval_windows: int | None = None  # None: the workload's fixed budget; fewer for a cheap screening
 
 
 class LlmWorkload:
@@ -200,10 +212,22 @@ class LlmWorkload:
         docs = sorted(docs, key=lambda d: _hash(d[0]))  # mixes domains/files, same order every run
         test = [t for key, t in docs if split_of(key) == "test"]
         train = [t for key, t in docs if split_of(key) == "train"]
+        validation = [t for key, t in docs if split_of(key) == "validation"]
         if not test or not train:  # tiny user files: evaluate and calibrate on everything
             test = train = [t for _, t in docs]
         info = DataInfo(name=name, synthetic=synthetic_flag, split="test (~10% of documents by hash)", n=len(test), source=path)
-        return LlmData(test_texts=test, train_texts=train, info=info)
+        return LlmData(test_texts=test, train_texts=train, info=info, validation_texts=validation)
+
+    def validation_data(self, data: LlmData, fraction: float = 1.0) -> LlmData:
+        """The same data evaluated on the validation documents instead of the test documents (for
+        tuning); `fraction` < 1 scores that share of the evaluation windows (a cheaper screening)."""
+        if not data.validation_texts:
+            raise SlimcartError(f"data {data.info.name} has no validation documents (too few documents to split)")
+        windows = max(1, round(self.eval_windows * min(max(fraction, 0.0), 1.0)))
+        info = DataInfo(name=data.info.name, synthetic=data.info.synthetic, n=len(data.validation_texts),
+                        source=data.info.source, split=f"validation (~4.5% of documents by hash, {windows} windows)")
+        return LlmData(test_texts=data.validation_texts, train_texts=data.train_texts, info=info,
+                       validation_texts=data.validation_texts, eval_windows=windows)
 
     def _read_real(self, path: Path) -> list[tuple[str, str]]:
         """(split key, text) pairs from a folder of .review files or one .review/.txt/table file."""
@@ -260,7 +284,7 @@ class LlmWorkload:
 
     def eval_windows_of(self, bundle: ModelBundle, data: LlmData) -> list[np.ndarray]:
         """The fixed evaluation windows (exposed so tests and reports can see exactly what is scored)."""
-        return self.windows(bundle.tokenizer, data.test_texts, self.eval_window, self.eval_windows)
+        return self.windows(bundle.tokenizer, data.test_texts, self.eval_window, data.eval_windows or self.eval_windows)
 
     def bench_inputs(self, bundle: ModelBundle, data: LlmData) -> BenchInputs:
         """Decode requests from real review openings, plus 256-token prefill batches."""

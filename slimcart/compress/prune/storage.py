@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ... import hf
 from ...contracts import (
     FORMAT_FILE,
     Artifact,
@@ -67,6 +68,41 @@ def decode_sparse(tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]]
     return out
 
 
+def write_slimcart_only_readme(folder: Path, fmt: str, why: str) -> None:
+    """README.md saying how to load a folder that stock loaders refuse (the one line report.md repeats)."""
+    (Path(folder) / "README.md").write_text(
+        f"# slimcart `{fmt}` model\n\nStock loaders (transformers, sentence-transformers) refuse this folder: {why}.\n\n"
+        "Load with slimcart.load(...):\n\n```python\nfrom slimcart.api import load\n"
+        "runner, bundle = load(\"<workload>\", \"path/to/this/folder\")  # runner(batch) -> outputs\n```\n")
+
+
+def hide_model_type(folder: Path, name: str) -> str | None:
+    """Rename config.json's model_type so stock loaders refuse the folder loudly; returns the original."""
+    cfg_file = Path(folder) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    cfg = json.loads(cfg_file.read_text())
+    stock = cfg.get("model_type")
+    if stock is None:
+        return None
+    cfg["model_type"], cfg["slimcart_stock_model_type"] = name, stock
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+    return stock
+
+
+def restore_model_type(folder: Path, stock: str | None) -> None:
+    """Undo hide_model_type in a temporary copy before slimcart loads it the workload's normal way."""
+    cfg_file = Path(folder) / "config.json"
+    if stock is None or not cfg_file.is_file():
+        return
+    if not isinstance(stock, str):
+        raise SlimcartError(f"{cfg_file.parent / FORMAT_FILE}: 'stock_model_type' must be a string")
+    cfg = json.loads(cfg_file.read_text())
+    cfg["model_type"] = stock
+    cfg.pop("slimcart_stock_model_type", None)
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+
+
 def _copy_others(src: Path, dest: Path) -> None:
     """Every regular file except weights and the format marker (tokenizer, config, sentence-transformers files)."""
     copy_files(src, dest, lambda rel: not rel.name.endswith(".safetensors") and rel.name != FORMAT_FILE)
@@ -105,6 +141,8 @@ class SparseBitmask(Artifact):
                 save_file(enc, str(folder / name), metadata={"format": "pt"})
                 files[name] = {"original": f.name, "sparse": shapes}
         write_format(folder, self.format, files=files, inner=inner_meta)
+        write_slimcart_only_readme(folder, self.format, "the weights are stored as bitmask + non-zero values "
+                                   "(*.sparse.safetensors), not as dense tensors")
 
     @classmethod
     def load(cls, folder: Path, meta: dict, workload, threads: int):
@@ -146,7 +184,10 @@ class StructuredHF(Artifact):
         workload.save_model(bundle, folder)
         cfg = json.loads((folder / "config.json").read_text())
         if "slimcart_structure" in cfg:  # else the shapes became stock again: a plain folder is right
-            write_format(folder, self.format, structure=cfg["slimcart_structure"])
+            stock_type = hide_model_type(folder, "slimcart-structured")  # stock loaders refuse, never mis-load
+            write_format(folder, self.format, structure=cfg["slimcart_structure"], stock_model_type=stock_type)
+            write_slimcart_only_readme(folder, self.format, "its per-layer head / FFN counts differ from what config.json "
+                                       "can express, so stock classes find tensors of the wrong shapes")
 
     @classmethod
     def load(cls, folder: Path, meta: dict, workload, threads: int):
@@ -160,6 +201,7 @@ class StructuredHF(Artifact):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             _copy_others(folder, tmp)
+            restore_model_type(tmp, meta.get("stock_model_type"))
             cfg = json.loads((tmp / "config.json").read_text())
             if "dense_heads" in structure:  # BERT: build with the dense head count, cut back below
                 cfg["num_attention_heads"] = structure["dense_heads"]
@@ -185,10 +227,7 @@ def dense_shapes(config_dir: Path) -> dict[str, tuple[int, ...]]:
     """Parameter shapes the stock model class builds from config.json (on the meta device: no memory)."""
     import transformers
 
-    try:
-        cfg = transformers.AutoConfig.from_pretrained(str(config_dir), trust_remote_code=False)
-    except Exception as e:
-        raise SlimcartError(f"cannot read {config_dir}/config.json: {str(e).splitlines()[0]}") from None
+    cfg = hf.load("AutoConfig", config_dir)
     arch = (cfg.architectures or [None])[0]
     if arch not in ARCHITECTURES:
         raise SlimcartError(f"{config_dir}/config.json names architecture {arch!r}; structured-hf folders hold one of "

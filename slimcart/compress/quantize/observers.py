@@ -192,7 +192,9 @@ def make_observer(kind: str, **kwargs) -> Observer:
 
     if kind not in OBSERVERS:
         raise SlimcartError(f"unknown observer '{kind}' (known: {', '.join(OBSERVERS)})")
-    known = [n for n in inspect.signature(OBSERVERS[kind]).parameters if n != "self"]
+    known = sorted({n for c in OBSERVERS[kind].__mro__ if "__init__" in vars(c)  # settings passed on to a parent too
+                    for n, prm in inspect.signature(vars(c)["__init__"]).parameters.items()
+                    if n != "self" and prm.kind not in (prm.VAR_KEYWORD, prm.VAR_POSITIONAL)})
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
         raise SlimcartError(f"observer '{kind}' has no setting {', '.join(unknown)} (it takes: {', '.join(known) or 'none'})")

@@ -6,7 +6,9 @@ range calibrated on the workload's calibration batches by one of slimcart's obse
 positions are left out of the statistics: they never reach the output). Large embedding tables are
 stored int8 per row and dequantized after the Gather (only the looked-up rows). The QDQ graph runs on
 ONNX Runtime (fused into QLinearMatMul / MatMulIntegerToFloat) or OpenVINO (FakeQuantize -> int8
-MatMul); `runtime: auto` times both on calibration batches and keeps the faster.
+MatMul); `runtime: auto` times both on calibration batches and keeps the faster. OpenVINO gets the
+same numbers in the layout its CPU plugin runs fastest (ov_layout.py: [out, in] weights, embedding
+dequantization before the Gather), which is what NNCF's graphs do.
 
 Layers chosen by `targets` / `exclude` (fnmatch on the PyTorch module name, e.g. "*.layer.5.output.dense")
 and those a `mixed_precision` step hands over (`ModelState.keep_fp32`) stay fp32.
@@ -29,6 +31,7 @@ from ...recipe import Step, register_step
 from ...runtime.onnx_runtime import OnnxFile, OnnxRunner, export_onnx
 from ...runtime.openvino_runtime import OpenVinoIR, OpenVinoRunner
 from .observers import ObserverKind, make_observer
+from .ov_layout import dequantize_then_gather, weights_out_in
 
 MIN_EMBEDDING_NUMEL = 16384  # smaller tables (token types) are not worth the extra ops
 
@@ -195,6 +198,8 @@ class StaticInt8(LayerSelect, Step):
     observer_args: dict = {}
     symmetric_activations: bool = False
     quantize_embeddings: bool = True
+    # slimcart: the QDQ pass below; nncf: OpenVINO + NNCF PTQ on the same graph and batches (nncf_backend.py)
+    engine: Literal["slimcart", "nncf"] = "slimcart"
 
     @model_validator(mode="after")
     def _observer(self):
@@ -207,12 +212,14 @@ class StaticInt8(LayerSelect, Step):
         spec = ctx.workload.export_spec(state.bundle)
         fp32 = ctx.workdir / "model.fp32.onnx"
         ctx.progress("exporting to ONNX for static int8")
-        export_onnx(module, spec["example"], fp32, spec["dynamic_axes"], spec["output_name"])
+        export_onnx(spec.get("module", module), spec["example"], fp32, spec["dynamic_axes"], spec["output_name"])
         model = onnx.load(str(fp32))
         linears = linear_matmuls(model)
         chosen = [(n, name) for n, name in linears if self.selects(name) and name not in state.keep_fp32]
         if not chosen:
             raise SlimcartError("static_int8: no Linear layer left to quantize (check targets / exclude)")
+        if self.engine == "nncf":
+            return self._with_nncf(state, ctx, fp32, batches, linears, chosen, spec.get("layout", {}))
         node_ranges = {n.name: state.act_ranges[name] for n, name in chosen if name in state.act_ranges}  # QAT's
         todo = sorted({n.input[0] for n, _ in chosen if n.name not in node_ranges})
         ranges = {}
@@ -224,24 +231,51 @@ class StaticInt8(LayerSelect, Step):
         qdq = ctx.workdir / "model.onnx"
         onnx.save(model, str(qdq))
         fp32.unlink()
+        qdq_ov = None
+        if self.runtime != "onnxruntime":
+            weights_out_in(model)
+            dequantize_then_gather(model)
+            qdq_ov = ctx.workdir / "model.openvino-layout.onnx"
+            onnx.save(model, str(qdq_ov))
         kept = [name for _, name in linears if name not in {c for _, c in chosen}]
         state.reports[self.kind] = {"quantized": [c for _, c in chosen], "kept_fp32": kept, "embeddings_int8": tables}
         how = f"{len(node_ranges)} QAT-learned, {len(chosen) - len(node_ranges)} {self.observer}-calibrated"
         state.notes.append(f"static int8: {len(chosen)} Linear layers W8A8 (per-channel weights; activation ranges "
                            f"{how}); kept fp32: {', '.join(kept) or 'none'}; int8 embedding tables: {len(tables)}")
-        return finish_runtime(state, ctx, qdq, self.runtime, batches)
+        return finish_runtime(state, ctx, qdq, self.runtime, batches, spec.get("layout", {}), qdq_ov)
+
+
+    def _with_nncf(self, state, ctx, fp32: Path, batches, linears, chosen, layout: dict):
+        from .nncf_backend import nncf_quantize
+
+        if self.runtime == "onnxruntime":
+            raise SlimcartError("static_int8 engine 'nncf' produces an OpenVINO model: use runtime openvino or auto")
+        picked = {n.name for n, _ in chosen}
+        keep = [n.name for n, _ in linears if n.name not in picked]
+        ctx.progress(f"quantizing with NNCF ({len(chosen)} Linear layers)")
+        model, version = nncf_quantize(fp32, batches, keep)
+        fp32.unlink()
+        state.artifact = OpenVinoIR(model, layout.get("openvino", "model.xml"))
+        state.kernels.append(f"OpenVINO int8 quantized by NNCF {version} (FakeQuantize -> int8 MatMul, VNNI)")
+        state.reports[self.kind] = {"engine": "nncf", "quantized": [c for _, c in chosen],
+                                    "kept_fp32": [name for n, name in linears if n.name not in picked]}
+        state.notes.append(f"static int8 by NNCF {version} (transformer preset: its SmoothQuant + bias correction) on "
+                           f"{len(batches)} calibration batches; {len(chosen)} Linear layers int8, {len(keep)} kept float")
+        return state
 
 
 TIE = 0.03  # relative timing difference below which `auto` keeps ONNX Runtime (the more widely deployed)
 
 
-def finish_runtime(state, ctx, qdq: Path, runtime: str, batches: list[dict]):
-    """Make the QDQ model the artifact on the chosen runtime (timing both when `runtime` is auto)."""
-    choice, note = runtime, ""
+def finish_runtime(state, ctx, qdq: Path, runtime: str, batches: list[dict], layout: dict | None = None,
+                   qdq_ov: Path | None = None):
+    """Make the QDQ model the artifact on the chosen runtime (timing both when `runtime` is auto);
+    `qdq_ov`: the same model in OpenVINO's preferred layout, used when OpenVINO runs it."""
+    choice, note, qdq_ov = runtime, "", qdq_ov or qdq
     if runtime == "auto":
         ctx.progress("timing ONNX Runtime vs OpenVINO on the int8 model")
         # the first calibration batches are the short texts (queries), closest to serving traffic
-        t = time_runners({"onnxruntime": OnnxRunner(qdq, ctx.threads), "openvino": OpenVinoRunner(qdq, ctx.threads)},
+        t = time_runners({"onnxruntime": OnnxRunner(qdq, ctx.threads), "openvino": OpenVinoRunner(qdq_ov, ctx.threads)},
                          batches[:8])
         choice = "openvino" if t["openvino"] < t["onnxruntime"] * (1 - TIE) else "onnxruntime"
         note = (f" (chosen by timing on calibration batches: onnxruntime {t['onnxruntime']*1e3:.0f} ms, openvino "
@@ -249,9 +283,9 @@ def finish_runtime(state, ctx, qdq: Path, runtime: str, batches: list[dict]):
         state.reports["runtime_timing_s"] = t
     state.reports.setdefault("static_int8", {})["runtime"] = choice
     if choice == "openvino":
-        state.artifact = OpenVinoIR(qdq)
+        state.artifact = OpenVinoIR(qdq_ov, (layout or {}).get("openvino", "model.xml"))
         state.kernels.append("OpenVINO int8 (FakeQuantize -> int8 MatMul, VNNI)" + note)
     else:
-        state.artifact = OnnxFile(qdq)
+        state.artifact = OnnxFile(qdq, (layout or {}).get("onnx", "model.onnx"))
         state.kernels.append("onnxruntime static int8 QDQ (QLinearMatMul / MatMulIntegerToFloat, VNNI)" + note)
     return state
