@@ -110,6 +110,17 @@ def test_reads_files_and_splits(tmp_path, workload):
     assert len(only.train) + len(only.valid) == 27
 
 
+def test_validation_data_replaces_only_the_evaluated_rows(tmp_path, workload):
+    sessions = [" ".join(str((i + k) % 9 + 1) for k in range(2 + i % 3)) for i in range(30)]
+    data = workload.load_data(str(write_dataset(tmp_path / "d", sessions, ["1 2\t3", "4\t5"])))
+    val = workload.validation_data(data)
+    prefixes, targets = data.validation_rows()
+    assert [p.tolist() for p in val.test_prefixes] == [p.tolist() for p in prefixes] and val.info.n == 6
+    assert val.test_targets.tolist() == targets.tolist() and val.info.split.startswith("validation")
+    assert [p.tolist() for p in data.test_prefixes] == [[1, 2], [4]]  # the test rows are untouched
+    assert val.train is data.train and workload.validation_data(data, 0.5).info.n == 3
+
+
 @pytest.mark.parametrize("sessions, tests, message", [
     (["1 2", "3 x"], None, "line 2"),
     (["1 2", "0 3"], None, "reserved for padding"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,20 @@ class SessionWorkload:
 
     def data_info(self, data: SessionData) -> DataInfo:
         return data.info
+
+    def validation_data(self, data: SessionData, fraction: float = 1.0) -> SessionData:
+        """The same data with the evaluation rows replaced by every prefix -> next click of the validation
+        sessions (the newest 10% of the training sessions, never the test prefixes), for tuning;
+        `fraction` < 1 keeps a fixed random share of those rows."""
+        prefixes, targets = data.validation_rows()
+        keep = max(1, round(len(prefixes) * min(max(fraction, 0.0), 1.0)))
+        if keep < len(prefixes):
+            prefixes, targets = data.validation_rows(keep)
+        info = DataInfo(name=data.info.name, synthetic=data.info.synthetic, n=len(prefixes), source=data.info.source,
+                        split=f"validation: {len(prefixes)} prefix -> next-click rows of the newest {len(data.valid)} "
+                              f"training sessions (the GRU4Rec early-stopped on a sample of them); ranking over all "
+                              f"{data.n_items} items")
+        return replace(data, test_prefixes=prefixes, test_targets=targets, info=info)
 
     def bench_inputs(self, bundle: ModelBundle, data: SessionData) -> BenchInputs:
         """Test prefixes in arrival order: 64 single requests, 16 batches of 256 (padded to each batch's longest)."""
