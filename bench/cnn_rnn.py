@@ -9,10 +9,10 @@ vision   the product-photo ResNet slimcart trains (`slimcart train --workload vi
          last, checked against NCHW in the same run), and channel pruning also against its dense model
          on the same runtime (PyTorch vs PyTorch, ONNX Runtime fp32 vs ONNX Runtime fp32, int8 vs int8);
          parameters and bytes on disk; the photo decode + resize cost measured on its own.
-session  (the RNN section is added by the session engineer: a `bench_session(args, work) -> dict`
-         registered in SECTIONS and a `session_markdown(r) -> list[str]` for the doc)
+session  GRU4Rec on Diginetica (bench/cnn_rnn_session.py): HR@20 / MRR@20 over all items on every test
+         prefix, paired-bootstrap intervals, single-prefix latency and batch-256 scoring throughput.
 
-    SLIMCART_DATA=/work/shared/data python bench/cnn_rnn.py [--sections vision] [--threads 2] [--build-threads 1]
+    SLIMCART_DATA=/work/shared/data python bench/cnn_rnn.py [--sections vision,session] [--threads 2] [--build-threads 1]
     python bench/cnn_rnn.py --render-only      # rewrite the doc from bench/results/cnn_rnn.json
 
 Writes bench/results/cnn_rnn.json and docs/bench-cnn-rnn.md. Distillation runs are resumable and a
@@ -40,6 +40,8 @@ from slimcart.recipe import Recipe, load_recipe, parse_step  # noqa: E402
 from slimcart.runtime.onnx_runtime import OnnxRunner  # noqa: E402
 from slimcart.workloads import get_workload  # noqa: E402
 from slimcart.workloads.vision import VisionRunner  # noqa: E402
+
+from cnn_rnn_session import SESSION_RECIPES, bench_session, session_markdown  # noqa: E402
 
 VISION_RECIPES = ["cnn-int8", "cnn-prune-30", "cnn-prune-30-int8", "cnn-distill-half", "cnn-distill-half-int8"]
 TARGETS = {"max_accuracy_loss_points": 1.0, "min_speedup_vs_torch_fp32": 3.0, "min_pruning_speedup_same_runtime": 1.5}
@@ -216,7 +218,7 @@ def batch_norm_ablation(wl, bundle, data, rows: dict, args, work: Path, base: di
     return out
 
 
-SECTIONS = {"vision": bench_vision}  # "session": bench_session (added with the RNN workload)
+SECTIONS = {"vision": bench_vision, "session": bench_session}
 
 
 # ---------------------------------------------------------------- report
@@ -333,9 +335,11 @@ def markdown(results: dict) -> str:
              f"openvino {env.get('versions', {}).get('openvino')}.", ""]
     if "vision" in results:
         lines += vision_markdown(results["vision"])
-    lines += ["## Session (RNN)", "",
-              "Not measured yet: the session workload's section (`bench_session`) is added by its engineer." if "session" not in results
-              else "See `session` in the JSON.", ""]
+    lines += ["## Session recommendation: GRU4Rec (sessions-diginetica)", ""]
+    if "session" in results:
+        lines += [session_markdown(results["session"], results["session"]["environment"]), ""]
+    else:
+        lines += ["Not measured yet: `python bench/cnn_rnn.py --sections session`.", ""]
     return "\n".join(lines)
 
 
@@ -350,6 +354,8 @@ def main() -> None:
     p.add_argument("--vision-recipes", default=",".join(VISION_RECIPES))
     p.add_argument("--bn-ablation", action=argparse.BooleanOptionalAction, default=True,
                    help="also distill the pruned models with batch norm frozen (two more distillations)")
+    p.add_argument("--session-model", default="gru4rec", help="session model alias or folder")
+    p.add_argument("--session-recipes", default=",".join(SESSION_RECIPES))
     p.add_argument("--render-only", action="store_true", help="rewrite the doc from the JSON without measuring")
     args = p.parse_args()
     out_json = ROOT / "bench" / "results" / "cnn_rnn.json"

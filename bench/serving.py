@@ -269,7 +269,7 @@ async def one_stream(url: str, prompt: str, n: int) -> dict:
         async with c.stream("POST", "/generate", json=body) as r:
             assert r.status_code == 200, await r.aread()
             async for line in r.aiter_lines():
-                if line.startswith("data: ") and "token" in (ev := json.loads(line[6:])):
+                if line.startswith("data: ") and "token" in json.loads(line[6:]):
                     now = time.perf_counter()
                     first = first or now
                     last, count = now, count + 1

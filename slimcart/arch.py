@@ -5,6 +5,8 @@ and the one layer selector every step uses to choose layers by name.
 Adapters: Hugging Face BERT encoders (also inside a sentence encoder wrapper), Llama-style decoders
 (also inside a causal-LM wrapper; GQA aware) and slimcart's SASRec. A new architecture is one
 `@register_arch` finder here. Techniques use these handles and never ask which workload they run on.
+Recurrent models (slimcart's GRU4Rec) have no transformer blocks: `recurrent(module)` names their GRU
+layers, the modules reading each one's hidden state, and which time steps hold real inputs.
 """
 from __future__ import annotations
 
@@ -167,6 +169,27 @@ def detect(module: nn.Module) -> Arch:
                 return arch
     raise SlimcartError(f"slimcart knows the structure of BERT encoders, Llama-style decoders and SASRec; "
                         f"found {type(module).__name__} (add an adapter in slimcart/arch.py)")
+
+
+@dataclass
+class Recurrent:
+    """A recurrent model's GRU stack: `layers[i]` = (name of GRU i, names of the modules reading its
+    hidden state); `positions(batch)` -> (B, L) bool, the GRU time steps that hold real inputs."""
+
+    root: nn.Module
+    layers: list[tuple[str, list[str]]]
+    positions: Callable[[dict], torch.Tensor]
+
+
+def recurrent(module: nn.Module) -> Recurrent:
+    """The GRU stack of a supported recurrent model (slimcart's GRU4Rec)."""
+    from .models.gru4rec import GRU4Rec
+
+    if not isinstance(module, GRU4Rec):
+        raise SlimcartError(f"slimcart knows the GRU structure of its GRU4Rec models; found {type(module).__name__} "
+                            "(add it to slimcart/arch.py `recurrent`)")
+    return Recurrent(module, [module.unit_consumers(i) for i in range(len(module.grus))],
+                     lambda batch: module.real_positions(torch.as_tensor(batch["seq"])))
 
 
 def causal_lm(module: nn.Module) -> nn.Module:

@@ -126,3 +126,22 @@ def test_pruned_fp32_rows_and_fallback_train():
     p = PrunedRowsEmbedding.from_embedding(emb, PruneRowsConfig(min_count=1), np.r_[np.ones(10), np.zeros(10)])
     p(torch.tensor([1, 15])).sum().backward()
     assert p.rows.data.grad[1].abs().sum() > 0 and p.fallback.grad.abs().sum() > 0
+
+
+def test_mixed_precision_int8_gemm_scores_every_row_from_one_int8_copy(source, tmp_path):
+    """int8_gemm: the tiers and the base are scored together from one symmetric int8 copy of the
+    looked-up rows; error within the int8 bound of test_embeddings_rowwise against those rows."""
+    emb, counts = source
+    cfg = MixedPrecisionConfig(tail_bits=4, tiers=[{"bits": 8, "fraction": 0.1}], score_kernel="int8_gemm")
+    m = MixedPrecisionEmbedding.from_embedding(emb, cfg, counts)
+    w = m.dequantize().double().numpy()
+    h = torch.randn(3, D)
+    hd = h.double().numpy()
+    t = np.abs(w).max(1) / 127
+    s_h = (max(hd.max(), 0) - min(hd.min(), 0)) / 127
+    bound = 0.5 * np.abs(hd).sum(1)[:, None] * t + 0.5 * s_h * np.abs(w).sum(1) + D * t * s_h / 4 + 1e-5
+    assert (np.abs(m.scores(h).double().numpy() - hd @ w.T) <= bound).all()
+    tensors, meta = m.state_for_save()
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    back = load_table(load_file(str(tmp_path / "m.safetensors")), meta)
+    assert torch.equal(back.scores(h), m.scores(h)) and back.nbytes() == m.nbytes() == m.saved_nbytes() + N * (D + 8)

@@ -193,3 +193,30 @@ def test_fast_path_follows_changing_batch_sizes_and_moves():
         np.testing.assert_allclose(q(ids).numpy(), ref[ids.numpy()], rtol=1e-6, atol=1e-6)
     q.to(torch.device("cpu"))  # _apply refreshes the kernel's view of the rows
     assert q._fast[1] is q.rows.data
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8_gemm_scores_within_the_int8_bound_and_round_trip(tmp_path, bits):
+    """FBGEMM int8 scoring: rows requantized to symmetric int8 per row (step t_i = max|W_i| / 127), the
+    batch to 7-bit affine over its range (step s_h = range / 127); each score errs by at most
+    t_i/2 * sum|h| + s_h/2 * sum|W_i| + d * t_i * s_h / 4 against the stored rows."""
+    import copy
+
+    dim = 24
+    emb = table(n=77, d=dim)
+    q = RowwiseQuantEmbedding.from_embedding(emb, RowwiseConfig(bits=bits, score_kernel="int8_gemm"))
+    w = numpy_dequant(q.rows.data.numpy(), bits, dim).astype(np.float64)
+    h = torch.randn(5, dim)
+    hd = h.double().numpy()
+    t = np.abs(w).max(1) / 127
+    s_h = (max(hd.max(), 0) - min(hd.min(), 0)) / 127
+    bound = 0.5 * np.abs(hd).sum(1)[:, None] * t + 0.5 * s_h * np.abs(w).sum(1) + dim * t * s_h / 4 + 1e-5
+    err = np.abs(q.scores(h).double().numpy() - hd @ w.T)
+    assert (err <= bound).all() and err.max() > 0  # a real int8 kernel: not the float scores
+    assert q.nbytes() == q.saved_nbytes() + 77 * (dim + 8)  # the derived copy counts in memory, is never saved
+    tensors, meta = q.state_for_save()
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    back = load_table(load_file(str(tmp_path / "t.safetensors")), meta)
+    assert torch.equal(back.scores(h), q.scores(h)) and torch.equal(copy.deepcopy(q).scores(h), q.scores(h))
+    with pytest.raises(SlimcartError, match="no gradient"):
+        q.scores(h.requires_grad_())

@@ -1,5 +1,6 @@
-"""Ranking metrics and helpers shared by the recommender workloads: leave-last-out splits, left-padded
-histories, the rank of each user's target item among all items, HR@k / NDCG@k / sampled AUC."""
+"""Ranking metrics and helpers shared by the recommender workloads (recsys, session): leave-last-out
+splits, left-padded histories, the rank of each row's target item among all items, HR@k / NDCG@k /
+MRR@k / sampled AUC."""
 from __future__ import annotations
 
 from typing import Callable
@@ -32,13 +33,15 @@ def left_pad(seqs: list[np.ndarray], max_len: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- metrics
-def target_ranks(scores: np.ndarray, targets: np.ndarray, exclude: list[np.ndarray]) -> np.ndarray:
+def target_ranks(scores: np.ndarray, targets: np.ndarray, exclude: list[np.ndarray] | None = None) -> np.ndarray:
     """0-based rank of each target among all items; column 0 (padding) and each row's `exclude`
-    items other than the target are left out. Ties count against the target; NaN scores as -inf."""
+    items other than the target are left out (None: nothing excluded). Ties count against the target;
+    NaN scores as -inf."""
     s = np.nan_to_num(np.asarray(scores, np.float32), nan=-np.inf, copy=True)
     rows = np.arange(len(s))
+    targets = np.asarray(targets, np.int64)
     t = s[rows, targets].copy()
-    lens = [len(e) for e in exclude]
+    lens = [len(e) for e in exclude] if exclude is not None else [0]
     if sum(lens):
         s[np.repeat(rows, lens), np.concatenate(exclude).astype(np.int64)] = -np.inf
     s[rows, targets] = t
@@ -59,6 +62,16 @@ def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
 def ndcg_at(ranks: np.ndarray, k: int = 10) -> float:
     """Mean NDCG@k over users (see ndcg_per_user)."""
     return float(np.mean(ndcg_per_user(ranks, k)))
+
+
+def reciprocal_ranks(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Each row's reciprocal rank cut at k: 1/(rank + 1) if rank < k else 0 (MRR@k is their mean)."""
+    return np.where(ranks < k, 1.0 / (ranks + 1.0), 0.0)
+
+
+def mrr_at(ranks: np.ndarray, k: int = 10) -> float:
+    """Mean reciprocal rank cut at k (see reciprocal_ranks)."""
+    return float(np.mean(reciprocal_ranks(ranks, k)))
 
 
 def sampled_auc(scores: np.ndarray, targets: np.ndarray, negatives: np.ndarray) -> float:

@@ -8,7 +8,7 @@
 Students: `layer_drop` (teacher layers `layers`, or `n_layers` chosen uniformly or by measuring
 each candidate's undistilled closeness to the teacher), `narrow` (`width` of the heads / FFN
 neurons / SASRec hidden size, kept by structured pruning; or SASRec with PCA-projected item
-embeddings), `current` (the model as the previous step left it, e.g. after `lowrank` or
+embeddings; GRU4Rec: PCA-projected item table and `width` of every GRU's units), `current` (the model as the previous step left it, e.g. after `lowrank` or
 `prune_structured`, recovering towards the unmodified model), `model` (any model folder the
 workload loads, e.g. a smaller pretrained encoder with the same tokenizer).
 """
@@ -41,7 +41,7 @@ class StudentSpec(BaseModel):
     n_layers: int | None = Field(None, ge=1)  # layer_drop: depth when `layers` is not given
     selection: Literal["uniform", "measured"] = "uniform"
     width: float = Field(0.5, gt=0, lt=1)  # narrow: fraction of heads / FFN / (SASRec) hidden width kept
-    init: Literal["prune", "pca"] = "prune"  # narrow: structured pruning, or (SASRec) PCA-projected embeddings
+    init: Literal["prune", "pca"] = "prune"  # narrow: structured pruning, or PCA-projected embeddings (SASRec, GRU4Rec)
     path: str | None = None  # model
 
 
@@ -51,6 +51,7 @@ class TransferSpec(BaseModel):
     windows: int = Field(256, ge=2)  # llm: train-split token windows
     window_tokens: int = Field(256, ge=8)
     kd_positions: int = Field(4, ge=1)  # recsys: newest positions per user that get the teacher's distribution
+    kd_negatives: int | None = Field(None, ge=1)  # session: KL over the true item + this many sampled items (None: all items)
 
 
 def _tensor_digest(module: torch.nn.Module) -> str:
@@ -59,6 +60,14 @@ def _tensor_digest(module: torch.nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _structure_config(module: torch.nn.Module):
+    """The transformer config of a model slimcart knows the blocks of (None for others, e.g. GRU4Rec)."""
+    try:
+        return detect(module).config
+    except SlimcartError:
+        return None
 
 
 def _ckpt_root() -> Path:
@@ -127,7 +136,7 @@ class Distill(Step):
             p.requires_grad_(True)
         state.bundle.module = new
         state.teacher = None  # used up: the student is the model now
-        if self.student.type == "narrow" and getattr(detect(new).config, "slimcart_structure", None):
+        if self.student.type == "narrow" and getattr(_structure_config(new), "slimcart_structure", None):
             state.artifact = StructuredHF()  # per-layer head counts a stock HF config cannot hold
         params = (students.param_count(teacher), students.param_count(new))
         state.notes.append(
@@ -177,9 +186,8 @@ class Distill(Step):
                 raise SlimcartError("layer_drop student needs `layers` or `n_layers`")
             return module, students.drop_layers(module, keep)
         if spec.type == "narrow":
-            if spec.init == "pca":
-                return module, students.narrow_sasrec(module, spec.width, self.train.seed)
-            return module, students.narrow_structured(module, spec.width, ctx.calibration(state.bundle, 16))
+            return module, students.narrow(module, spec.width, spec.init, lambda: ctx.calibration(state.bundle, 16),
+                                           self.train.seed)
         if not spec.path:
             raise SlimcartError("distill student type 'model' needs `path`")
         other = ctx.workload.load_model(spec.path)

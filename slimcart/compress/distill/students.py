@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...arch import detect
+from ...arch import detect, recurrent, run_batch
 from ...errors import SlimcartError
 
 
@@ -101,6 +101,80 @@ def narrow_sasrec(teacher: nn.Module, width: float, seed: int = 0) -> nn.Module:
         student.item_emb.weight.copy_((teacher.item_emb.weight.double() @ basis * scale).float())
         student.item_emb.weight[0].zero_()
         student.pos_emb.weight.copy_((teacher.pos_emb.weight.double() @ basis).float())
+    return student.eval()
+
+
+def narrow(teacher: nn.Module, width: float, init: str, batches: Callable[[], list], seed: int = 0) -> nn.Module:
+    """A narrower student of `teacher` at `width`: GRU4Rec (narrow_gru4rec), SASRec with PCA-projected
+    embeddings (init "pca"), else structured pruning (heads / FFN, SASRec hidden). `batches()` gives
+    calibration batches, asked for only when the builder needs them."""
+    from ...models.gru4rec import GRU4Rec
+
+    if isinstance(teacher, GRU4Rec):
+        return narrow_gru4rec(teacher, width, init, batches() if init == "prune" else None, seed)
+    if init == "pca":
+        return narrow_sasrec(teacher, width, seed)
+    return narrow_structured(teacher, width, batches())
+
+
+def project_item_table(model: nn.Module, dim: int) -> nn.Module:
+    """A copy of a float GRU4Rec whose item table is E' = E V (V: E's top-`dim` right singular vectors,
+    so E V V^T is E's best rank-`dim` approximation), with the layers that read E taking V in: the
+    first GRU's input weights W_ih V and, when tied (scores = E (P h) + b), P' = V^T P. For a table of
+    rank <= dim the copy computes exactly the model's function. Padding row 0 stays zero."""
+    from ...models.gru4rec import GRU4Rec, actual_config
+
+    if not isinstance(model, GRU4Rec):
+        raise SlimcartError(f"a narrow GRU4Rec student needs a GRU4Rec, got {type(model).__name__}")
+    if not isinstance(model.item_emb, nn.Embedding) or not all(isinstance(g, nn.GRU) for g in model.grus):
+        raise SlimcartError("a narrow GRU4Rec student is built from a float teacher (compress or quantize it afterwards)")
+    n, d = model.item_emb.weight.shape
+    if not 0 < dim < d:
+        raise SlimcartError(f"a narrow GRU4Rec student needs an embedding size in 1..{d - 1}, got {dim}")
+    student = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        E = model.item_emb.weight.double()
+        basis = torch.linalg.svd(E, full_matrices=False)[2][:dim].T  # (D, dim)
+        student.item_emb = nn.Embedding(n, dim, padding_idx=0, _weight=(E @ basis).float())
+        student.item_emb.weight[0].zero_()
+        g0 = student.grus[0]
+        first = nn.GRU(dim, g0.hidden_size, batch_first=True)
+        first.load_state_dict({**g0.state_dict(), "weight_ih_l0": (g0.weight_ih_l0.double() @ basis).float()})
+        student.grus[0] = first
+        if student.proj is not None:
+            proj = nn.Linear(student.proj.in_features, dim)
+            proj.weight.copy_((basis.T @ student.proj.weight.double()).float())
+            proj.bias.copy_((basis.T @ student.proj.bias.double()).float())
+            student.proj = proj
+    student.config = actual_config(student)
+    return student
+
+
+def narrow_gru4rec(teacher: nn.Module, width: float, init: str = "prune", batches: list | None = None,
+                   seed: int = 0) -> nn.Module:
+    """A GRU4Rec with `width` x the item-embedding size (`project_item_table`) and `width` x every GRU's
+    hidden units. init "prune": each GRU keeps its most important units (activation on `batches`, or
+    weight magnitude without them; compress.prune.gru_units), a start close to the teacher; init "pca":
+    the GRUs (and the layer after them) start afresh (seeded) at the new widths."""
+    from ...models.gru4rec import actual_config
+    from ..prune.gru_units import prune_recurrent
+
+    dim = int(round(teacher.item_emb.embedding_dim * width)) if hasattr(teacher, "item_emb") else 0
+    student = project_item_table(teacher, dim)
+    if init == "pca":
+        torch.manual_seed(seed)
+        dims = [dim] + [max(1, int(round(g.hidden_size * width))) for g in student.grus]
+        for i in range(len(student.grus)):
+            student.grus[i] = nn.GRU(dims[i], dims[i + 1], batch_first=True)
+        if student.proj is not None:
+            student.proj = nn.Linear(dims[-1], dim)
+        else:
+            student.out = nn.Linear(dims[-1], student.out.out_features)
+    else:
+        rnn = recurrent(student)
+        prune_recurrent(student, rnn.layers, {n: 1 - width for n, _ in rnn.layers}, "activation" if batches else "magnitude",
+                        batches, run_batch, rnn.positions)
+    student.config = actual_config(student)
     return student.eval()
 
 

@@ -125,7 +125,8 @@ class CompressedEmbedding(nn.Module):
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
-        return total
+        # kernel-owned copies (FBGEMM-packed scoring weights, int8_gemm.py) are neither parameters nor buffers
+        return total + sum(m.packed_nbytes() for m in self.modules() if hasattr(m, "packed_nbytes"))
 
     def saved_nbytes(self) -> int:
         """Bytes of the tensors `state_for_save` writes (what goes to disk, less the JSON)."""

@@ -29,7 +29,7 @@ class RowwiseConfig(_Technique):
     method: Literal["rowwise"] = "rowwise"
     bits: Literal[8, 4, 2] = 4
     optimized_range: bool = False  # FBGEMM's greedy search of each row's range (4 and 2 bits)
-    score_kernel: Literal["tiled", "int_mm"] = "tiled"
+    score_kernel: Literal["tiled", "int_mm", "int8_gemm"] = "tiled"
 
     @model_validator(mode="after")
     def _check(self):
@@ -52,7 +52,7 @@ class MixedPrecisionConfig(_Technique):
     tiers: list[Tier] = Field(default_factory=lambda: [Tier(bits=32, fraction=0.01)])
     tail_bits: Literal[8, 4, 2] = 4
     optimized_range: bool = False
-    score_kernel: Literal["tiled", "int_mm"] = "tiled"
+    score_kernel: Literal["tiled", "int_mm", "int8_gemm"] = "tiled"
 
     @model_validator(mode="after")
     def _check(self):

@@ -9,7 +9,8 @@ binary search. Lookup:
     E[i] = tier_t.rows[pos_t(i)]   if i is held by tier t,   else   base[i].
 Bytes = N * row_bytes(tail) + sum_t K_t * (row_bytes(b_t) + 4); the base rows shadowed by tiers
 (a fraction sum_t f_t of the base) are the price of not storing a remap.
-Scoring: base scores for every row (tiled or int-matmul kernel), then each tier's columns overwritten.
+Scoring: base scores for every row (tiled or int-matmul kernel), then each tier's columns overwritten;
+or (score_kernel "int8_gemm") one derived int8 copy of every row, tiers included (int8_gemm.py).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .base import (
     register_table,
     table_shape,
 )
+from .int8_gemm import Int8GemmScores
 from .int_matmul import IntMatmulScores
 from .packed_rows import PackedRows
 from .rowwise import SCORE_KERNELS, bag_mode, source_weight
@@ -49,6 +51,8 @@ class MixedPrecisionEmbedding(CompressedEmbedding):
             if len(ids) and int(ids.ids[-1]) >= len(base):
                 raise SlimcartError("a mixed-precision tier holds an id beyond the table")
         self.score_copy = IntMatmulScores(base) if score_kernel == "int_mm" and base.bits <= 8 else None
+        if score_kernel == "int8_gemm":  # one int8 copy of every row, tiers included: no column overwrites
+            self.score_copy = Int8GemmScores(self.lookup, len(base), base.dim)
 
     @classmethod
     def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> MixedPrecisionEmbedding:
@@ -76,6 +80,8 @@ class MixedPrecisionEmbedding(CompressedEmbedding):
         return out
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
+        if self.score_kernel == "int8_gemm":
+            return self.score_copy(h)
         out = self.score_copy(h) if self.score_copy is not None else self.base.scores_tiled(h)
         for held, rows in zip(self.tier_ids, self.tier_rows):
             if len(held):

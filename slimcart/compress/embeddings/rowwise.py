@@ -6,11 +6,14 @@ int8 72 (28.1% of float32's 256), int4 36 (14.1%), int2 20 (7.8%); Guan et al. (
 found 4-bit row-wise tables quality-neutral on their recommenders.
 
 Lookups and bags run in one fused dequantize(-and-pool) kernel call that reads only the requested
-rows. Scoring every row (h E^T) has two kernels, chosen by `score_kernel`:
-  "tiled"   the lookup kernel dequantizes 8192 rows at a time into a float32 tile for a GEMM:
-            no extra storage, float32 arithmetic on exactly the looked-up values.
-  "int_mm"  a second copy of the codes in torch's int8 / int4 weight-only matmul layout
-            (int_matmul.py): faster for small batches, bfloat16 activations, and its bytes count.
+rows. Scoring every row (h E^T) has three kernels, chosen by `score_kernel`:
+  "tiled"     the lookup kernel dequantizes 8192 rows at a time into a float32 tile for a GEMM:
+              no extra storage, float32 arithmetic on exactly the looked-up values.
+  "int_mm"    a second copy of the codes in torch's int8 / int4 weight-only matmul layout
+              (int_matmul.py): faster for small batches, bfloat16 activations, and its bytes count.
+  "int8_gemm" a derived symmetric int8 copy of the rows in FBGEMM's packed layout (int8_gemm.py),
+              int8 x int8 GEMM with activations quantized per call: fastest at small batches; its
+              bytes count in memory, it is not saved (rebuilt on load).
 """
 from __future__ import annotations
 
@@ -19,10 +22,11 @@ from torch import nn
 
 from ...errors import SlimcartError
 from .base import CompressedEmbedding, register_table, table_shape
+from .int8_gemm import Int8GemmScores
 from .int_matmul import IntMatmulScores
 from .packed_rows import ROWWISE_BITS, PackedRows
 
-SCORE_KERNELS = ("tiled", "int_mm")
+SCORE_KERNELS = ("tiled", "int_mm", "int8_gemm")
 
 
 def source_weight(emb: nn.Module) -> torch.Tensor:
@@ -59,7 +63,8 @@ class RowwiseQuantEmbedding(CompressedEmbedding):
         if score_kernel not in SCORE_KERNELS:
             raise SlimcartError(f"score_kernel must be one of {SCORE_KERNELS}, got {score_kernel!r}")
         self.rows, self.bits, self.score_kernel = rows, rows.bits, score_kernel
-        self.score_copy = IntMatmulScores(rows) if score_kernel == "int_mm" else None
+        self.score_copy = IntMatmulScores(rows) if score_kernel == "int_mm" else \
+            Int8GemmScores(self.rows.lookup, num_embeddings, rows.dim) if score_kernel == "int8_gemm" else None
         self._offsets = torch.arange(0)
         self._refresh_fast_path()
 

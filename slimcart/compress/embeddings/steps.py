@@ -67,6 +67,8 @@ class CompressEmbeddings(Step):
             kernel = KERNELS.get(t["method"])
             if kernel:
                 state.kernels.append(f"{name}: " + kernel.format(**t["config"]))
+            if t["config"].get("score_kernel") == "int8_gemm":
+                state.kernels.append(f"{name}: scores on FBGEMM int8 x int8 GEMM (derived int8 copy, activations per call)")
         state.notes.append("embedding tables " + "; ".join(f"{n}: {t['method']} {t['bytes_before'] / 1e6:.2f} -> "
                                                            f"{t['bytes_after'] / 1e6:.2f} MB" for n, t in rep["tables"].items()))
         state.reports[self.kind] = rep

@@ -1,4 +1,5 @@
-"""Recipe steps of the pruning family: `prune`, `prune_structured`, `prune_channels`, `recover`.
+"""Recipe steps of the pruning family: `prune`, `prune_structured`, `prune_channels`, `prune_gru_units`,
+`recover`.
 
 A pruning step keeps a copy of the model before pruning as the teacher when a `recover` or `distill`
 step follows. Unstructured and N:M sparsity is labelled size-only (no CPU kernel here skips zeros)
@@ -12,11 +13,12 @@ from typing import Literal
 from pydantic import Field, field_validator
 from torch import nn
 
-from ...arch import LayerSelect, detect
+from ...arch import LayerSelect, detect, first_match, recurrent, run_batch
 from ...errors import SlimcartError
 from ...recipe import Step, register_step
 from ..train import train
 from .config import RecoverConfig, SparsityConfig, StructuredConfig, check_fraction
+from .gru_units import prune_recurrent
 from .masks import apply_masks, sparsity_report, target_linears
 from .oneshot import check_targets, magnitude_masks, prune_sparse
 from .recover import distill_loss, recover, sensitivity_loss
@@ -170,6 +172,50 @@ class PruneChannelsStep(LayerSelect, Step):
             f"{rep['params_before']:,} -> {rep['params_after']:,}, multiply-adds per example {rep['macs_before']:,} -> "
             f"{rep['macs_after']:,}; " + (f"{recalibrated} batch-norm layers re-estimated on {len(batches)} calibration batches"
                                           if recalibrated else "batch-norm statistics left as they were"))
+        return state
+
+
+@register_step
+class PruneGruUnitsStep(LayerSelect, Step):
+    """Physically remove hidden units of GRU layers (gru_units.py): each chosen layer keeps its most
+    important units, its consumers their matching input columns. Follow with `distill` (student
+    `current`) or `recover` (method `task`) to retrain the narrower GRU."""
+
+    kind: Literal["prune_gru_units"] = "prune_gru_units"
+    units: float = 0.5  # fraction of each chosen GRU's hidden units removed
+    overrides: dict[str, float] = {}  # GRU name pattern -> fraction removed for that layer
+    criterion: Literal["magnitude", "activation"] = "activation"
+    round_to: int = Field(1, ge=1)  # kept widths a multiple of this
+    calibration_batches: int = Field(16, ge=1)
+
+    @field_validator("units")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        return check_fraction(v, "units")
+
+    @field_validator("overrides")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        return {k: check_fraction(f, f"overrides[{k}]") for k, f in v.items()}
+
+    def apply(self, state, ctx):
+        module = state.torch_module(self.kind)
+        rnn = recurrent(module)
+        removed = {}
+        for name, _ in rnn.layers:
+            if self.selects(name):
+                over = first_match(name, self.overrides)
+                removed[name] = self.units if over is None else over
+        if not any(removed.values()):
+            raise SlimcartError(f"prune_gru_units: no GRU layer chosen (targets {self.targets}, exclude {self.exclude}; "
+                                f"the model's GRUs: {', '.join(n for n, _ in rnn.layers)}) or nothing to remove")
+        state.keep_teacher(ctx)
+        batches = ctx.calibration(state.bundle, self.calibration_batches) if self.criterion == "activation" else None
+        rep = prune_recurrent(module, rnn.layers, removed, self.criterion, batches, run_batch, rnn.positions, self.round_to)
+        state.reports[self.kind] = rep
+        widths = ", ".join(f"{n} {r['before']} -> {r['after']}" for n, r in rep["layers"].items())
+        state.notes.append(f"GRU hidden-unit pruning ({self.criterion}): {widths}; parameters "
+                           f"{rep['params_before']:,} -> {rep['params_after']:,} (narrower dense layers, same runtime)")
         return state
 
 

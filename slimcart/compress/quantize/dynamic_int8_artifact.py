@@ -1,0 +1,161 @@
+"""Saved format "torch-dynamic-int8": a model whose GRU / LSTM / Linear layers run PyTorch's dynamic
+int8 kernels (dynamic_int8.py), without pickling a quantized module.
+
+    folder/
+      slimcart-format.json        {"format": "torch-dynamic-int8", "modules": {name: description},
+                                   "stand_ins": [{"file", "key", "shape"}], "model_dir": "model"}
+      dynamic_int8.safetensors    each module's int8 codes, scales, zero points and float biases,
+                                  keyed "<module name>/<tensor name>"
+      model/                      what the model was before this step would save as (the workload's
+                                  folder, or an earlier step's format, e.g. embeddings-compressed),
+                                  less the quantized layers' weights
+
+Saving: each int8 module is swapped for an all-zero float module of its shape while the inner format
+(or `workload.save_model`) writes model/, then those zero tensors are removed from model/'s
+safetensors files, so the folder holds the int8 bytes only. Loading: the zeros are put back in a
+temporary copy, the inner format loads it (`contracts.load_saved`), and the int8 modules, rebuilt from
+their tensors, replace the float ones. Like embeddings-compressed, this assumes the inner folder keeps
+tensors in safetensors files keyed by module path; anything else is refused with one clear error.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ...contracts import Artifact, inside, load_saved, register_artifact, write_format
+from ...errors import SlimcartError
+from ...outputs import copy_files
+from .dynamic_int8 import float_stand_in, kind_of, module_from_state, module_state
+
+QUANT_FILE = "dynamic_int8.safetensors"
+
+
+def _swap(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    for name, m in modules.items():
+        model.set_submodule(name, m)
+
+
+def _owner(key: str, params: dict[str, dict[str, tuple[int, ...]]]) -> tuple[str, str] | None:
+    """(module name, parameter name) a safetensors key belongs to: the key is `<module>.<param>`,
+    possibly under a prefix (a wrapper's path)."""
+    for name, shapes in params.items():
+        for p in shapes:
+            if key == f"{name}.{p}" or key.endswith(f".{name}.{p}"):
+                return name, p
+    return None
+
+
+def strip_stand_ins(folder: Path, params: dict[str, dict[str, tuple[int, ...]]]) -> list[dict]:
+    """Remove the zero stand-ins' tensors from the folder's safetensors files; returns where each was."""
+    found, left = [], {(n, p) for n, shapes in params.items() for p in shapes}
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            keys, file_meta = list(sf.keys()), sf.metadata()
+            drop = [k for k in keys if (o := _owner(k, params)) and tuple(sf.get_slice(k).get_shape()) == params[o[0]][o[1]]]
+        if not drop:
+            continue
+        kept = load_file(str(f))
+        for k in drop:
+            if bool(kept[k].any()):
+                raise SlimcartError(f"{f.name}: '{k}' is not the zero stand-in of an int8 layer")
+            left.discard(_owner(k, params))
+            found.append({"file": str(f.relative_to(folder)), "key": k, "shape": list(kept.pop(k).shape)})
+        tmp = f.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in kept.items()}, str(tmp), metadata=file_meta)
+        os.replace(tmp, f)
+    if left:
+        raise SlimcartError(f"the saved folder keeps {sorted(left)} where the torch-dynamic-int8 format cannot find "
+                            "them (it needs safetensors keyed by module name)")
+    return found
+
+
+@register_artifact
+class DynamicInt8Artifact(Artifact):
+    """The model with dynamic int8 layers: the inner format's folder plus the int8 layers' tensors.
+    Not `in_torch`: later steps cannot train or export int8 modules, so the step must come last."""
+
+    format = "torch-dynamic-int8"
+    in_torch = False
+    runtime = "torch"
+
+    def __init__(self, inner: Artifact | None = None):
+        self.inner = inner
+
+    def save(self, folder: Path, workload, bundle) -> None:
+        folder = Path(folder)
+        quant = {n: m for n, m in bundle.module.named_modules() if kind_of(m)}
+        if not quant:
+            raise SlimcartError("torch-dynamic-int8: the model has no dynamic int8 layer")
+        stand = {n: float_stand_in(m) for n, m in quant.items()}
+        try:
+            _swap(bundle.module, stand)
+            if self.inner is None:
+                workload.save_model(bundle, folder / "model")
+            else:
+                self.inner.save(folder / "model", workload, bundle)
+        finally:
+            _swap(bundle.module, quant)
+        shapes = {n: {p: tuple(t.shape) for p, t in m.named_parameters()} for n, m in stand.items()}
+        stand_ins = strip_stand_ins(folder / "model", shapes)
+        tensors, described = {}, {}
+        for name, m in quant.items():
+            ts, meta = module_state(m)
+            tensors.update({f"{name}/{k}": v for k, v in ts.items()})
+            described[name] = meta
+        save_file(tensors, str(folder / QUANT_FILE))
+        write_format(folder, self.format, modules=described, stand_ins=stand_ins, model_dir="model")
+
+    @classmethod
+    def load(cls, folder: Path, meta: dict, workload, threads: int):
+        folder = Path(folder)
+        modules, stand_ins = meta.get("modules"), meta.get("stand_ins")
+        if not isinstance(modules, dict) or not modules or not isinstance(stand_ins, list):
+            raise SlimcartError(f"{folder}: torch-dynamic-int8 format file lacks its modules or stand-ins")
+        model_dir = inside(folder, meta.get("model_dir", "model"), "model folder")
+        if not model_dir.is_dir():
+            raise SlimcartError(f"{folder}: no model folder '{model_dir.name}'")
+        saved = load_file(str(inside(folder, QUANT_FILE, "int8 tensors file")))
+        built = {name: module_from_state({k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + "/")}, desc)
+                 for name, desc in modules.items()}
+        shapes = {n: {p: tuple(t.shape) for p, t in float_stand_in(m).named_parameters()} for n, m in built.items()}
+        with tempfile.TemporaryDirectory(prefix="slimcart-int8-load-") as tmp:
+            work = Path(tmp) / "model"
+            copy_files(model_dir, work)  # regular files only: links in a model folder are never followed
+            by_file: dict[str, list[dict]] = {}
+            for s in stand_ins:
+                if not isinstance(s, dict) or not isinstance(s.get("key"), str) or not isinstance(s.get("shape"), list):
+                    raise SlimcartError(f"{folder}: a stand-in entry in the format file is malformed")
+                owner = _owner(s["key"], shapes)
+                if owner is None or tuple(int(x) for x in s["shape"]) != shapes[owner[0]][owner[1]]:
+                    raise SlimcartError(f"{folder}: stand-in {s['key']} does not match an int8 layer's shape")
+                by_file.setdefault(s.get("file"), []).append(s)
+            for rel, entries in by_file.items():
+                f = inside(work, rel, "stand-in file")
+                with safe_open(str(f), "pt") as sf:
+                    file_meta = sf.metadata()
+                state = load_file(str(f))
+                state.update({s["key"]: torch.zeros(*[int(x) for x in s["shape"]]) for s in entries})
+                save_file(state, str(f.with_suffix(".tmp")), metadata=file_meta)
+                os.replace(f.with_suffix(".tmp"), f)
+            _, bundle = load_saved(work, workload, threads)
+        for name, m in built.items():
+            try:
+                old = bundle.module.get_submodule(name)
+            except AttributeError:
+                raise SlimcartError(f"{folder}: the model has no layer '{name}' to hold int8 weights") from None
+            if type(old) is not type(float_stand_in(m)):
+                raise SlimcartError(f"{folder}: layer '{name}' is a {type(old).__name__}, the int8 weights are a {modules[name]['type']}")
+            bundle.module.set_submodule(name, m)
+        bundle.module.eval()
+        bundle = replace(bundle, source=folder, name=str(folder))
+        return workload.torch_runner(bundle), bundle
+
+    def describe(self) -> str:
+        return "torch dynamic int8 layers" + (f" + {self.inner.describe()}" if self.inner is not None else "")
