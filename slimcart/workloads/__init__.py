@@ -1,4 +1,4 @@
-"""Workload registry: `get_workload("search" | "llm" | "recsys")`."""
+"""Workload registry: `get_workload("search" | "llm" | "recsys" | "ctr")`."""
 from __future__ import annotations
 
 import importlib
@@ -6,7 +6,8 @@ import importlib
 from ..errors import SlimcartError
 from .base import BenchInputs, DataInfo, EvalResult, ModelBundle, Runner, Workload
 
-_MODULES = {"search": "slimcart.workloads.search", "llm": "slimcart.workloads.llm", "recsys": "slimcart.workloads.recsys"}
+_MODULES = {"search": "slimcart.workloads.search", "llm": "slimcart.workloads.llm", "recsys": "slimcart.workloads.recsys",
+            "ctr": "slimcart.workloads.ctr"}
 WORKLOADS = tuple(_MODULES)
 
 

@@ -1,0 +1,322 @@
+"""CTR prediction: will this user click (interact with) this candidate? A DIN model (models/ctr.py).
+
+Model: a DIN trained by `slimcart train --workload ctr` (alias `din` = the checkpoint for Amazon Video
+Games under $SLIMCART_HOME/ctr/recsys-amazon-videogames; `din@<dataset>` = the one for another dataset,
+e.g. `din@ctr-ipinyou`), or any folder with config.json + model.safetensors.
+Data (see ctr_data.py): Amazon Video Games in the DIN paper's protocol by default; `--data` may name
+an iPinYou-style libFM folder (`ctr-ipinyou`), a Criteo-layout folder/file (`ctr-criteo-sample`) or a
+`user item` log; synthetic behaviour data (labelled so) when nothing is found.
+Metrics on the test split: AUC (primary), logloss, ECE and predicted/observed CTR (best at 1.0).
+Runner outputs are logits, one per row; `EvalResult.outputs` keeps labels, logits and the bootstrap
+groups (users) for paired comparisons (ctr_metrics.paired_bootstrap_auc).
+
+Why an own ~150-line model rather than FuxiCTR / DeepCTR-Torch / TorchRec: those keep tables inside
+their own feature containers (dicts keyed by feature config, fused EmbeddingBagCollections), so a
+compressed table cannot be a plain setattr, and their forward takes library tensors (KeyedJaggedTensor,
+feature dicts) that neither export to ONNX nor load from safetensors without the library's code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..contracts import BenchInputs, DataInfo, EvalResult, ModelBundle
+from ..errors import SlimcartError
+from ..models.ctr import DIN, DINConfig, FREQUENCIES_FILE, load_din, save_din
+from ..paths import data_root, resolve_dataset
+from . import ctr_data, synthetic
+from .ctr_data import CTRData
+from .ctr_metrics import bootstrap_auc, ctr_quality
+
+DATASET = "recsys-amazon-videogames"
+ALIAS = "din"
+SERVING_BATCH = 1024
+SINGLE_REQUESTS = 64
+EVAL_BATCH = 4096
+CALIBRATION_BATCH = 256
+# Chosen on Video Games validation AUC (docs/bench-ctr.md); max_minutes keeps training ~10 min on 2 shared cores.
+TRAIN_DEFAULTS = {"dim": 32, "lr": 1e-3, "batch": 256, "emb_l2": 0.0, "dropout": 0.0, "patience": 2,
+                  "max_minutes": 9.0, "threads": 1, "max_len": 50, "negatives": 1}
+
+
+def _home() -> Path:
+    return Path(os.environ.get("SLIMCART_HOME") or "~/.cache/slimcart").expanduser()
+
+
+def checkpoint_dir(dataset: str) -> Path:
+    """$SLIMCART_HOME (or ~/.cache/slimcart) / ctr / <dataset name>."""
+    return _home() / "ctr" / dataset
+
+
+def _resolve(data: str | None) -> Path | None:
+    """--data as a path, or a bare dataset name under $SLIMCART_DATA (e.g. `ctr-ipinyou`)."""
+    root = data_root()
+    if data and not Path(data).expanduser().exists() and root is not None and re.fullmatch(r"[\w.-]+", data) \
+            and (root / data).exists():
+        return root / data
+    return resolve_dataset(data, DATASET)
+
+
+def _features(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "label"}
+
+
+class CTRRunner:
+    """The DIN in eager PyTorch: batch dict of numpy arrays -> logits (B,) as float32 numpy."""
+
+    runtime = "torch"
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module.eval()
+
+    def __call__(self, batch: dict) -> np.ndarray:
+        with torch.inference_mode():
+            out = self.module(**{k: torch.as_tensor(v) for k, v in _features(batch).items()})
+        return out.float().numpy()
+
+
+class CTRWorkload:
+    name = "ctr"
+    quality_keys = ("auc", "logloss", "ece", "calibration")
+    # "calibration" (predicted / observed CTR) is best at 1.0: neither direction is better, so it has no entry.
+    higher_is_better = {"auc": True, "logloss": False, "ece": False}
+    primary_metric = "auc"
+    serving_batch = SERVING_BATCH
+
+    # ---------------------------------------------------------------- model
+    def load_model(self, spec: str) -> ModelBundle:
+        """`din`, `din@<dataset>` or a folder with config.json + model.safetensors."""
+        if spec == ALIAS or spec.startswith(ALIAS + "@"):
+            dataset = spec.partition("@")[2] or DATASET
+            if not re.fullmatch(r"[\w.-]+", dataset) or dataset in (".", ".."):
+                raise SlimcartError(f"'{spec}': the dataset after '@' must be a plain name such as ctr-ipinyou")
+            folder = checkpoint_dir(dataset)
+            if not (folder / "model.safetensors").exists():
+                data_hint = "" if dataset == DATASET else f" --data {dataset}"
+                raise SlimcartError(f"no trained DIN at {folder}: run `slimcart train --workload ctr{data_hint}` first "
+                                    "(or pass a model folder)")
+        else:
+            folder = Path(spec).expanduser()
+            if not folder.is_dir():
+                raise SlimcartError(f"unknown model '{spec}': not the alias '{ALIAS}' / '{ALIAS}@<dataset>' and no such folder")
+        if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+            raise SlimcartError(f"model folder {folder} needs config.json and model.safetensors")
+        try:
+            module, cfg = load_din(folder)
+        except Exception as e:  # corrupt JSON/safetensors, wrong shapes: one line for the user
+            raise SlimcartError(f"cannot load DIN from {folder}: {str(e).splitlines()[0]}") from None
+        return ModelBundle(name=spec, module=module, source=folder, extra={"config": cfg})
+
+    def load_companions(self, folder: Path) -> ModelBundle:
+        """The config.json beside a model that runs elsewhere (ONNX): input layout and table sizes."""
+        f = Path(folder) / "config.json"
+        try:
+            cfg = json.loads(f.read_text())
+            DINConfig.from_dict(cfg["model"]).check()
+        except Exception as e:
+            raise SlimcartError(f"{f}: not a DIN config ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        return ModelBundle(name=str(folder), module=None, source=Path(folder), extra={"config": cfg})
+
+    def save_model(self, bundle: ModelBundle, folder: Path) -> None:
+        """model.safetensors + config.json (+ the source's training-set frequencies)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        extra = {k: v for k, v in bundle.extra.get("config", {}).items() if k not in ("model_type", "model")}
+        save_din(bundle.module, folder, extra)
+        self._copy_frequencies(bundle, folder)
+
+    def save_companions(self, bundle: ModelBundle, folder: Path) -> None:
+        """config.json (+ frequencies) next to an exported model; an existing config.json is kept."""
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "config.json").exists():
+            cfg = dict(bundle.extra.get("config", {}))
+            if isinstance(bundle.module, DIN):
+                cfg["model"] = bundle.module.config.to_dict()
+            (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        self._copy_frequencies(bundle, folder)
+
+    @staticmethod
+    def _copy_frequencies(bundle: ModelBundle, folder: Path) -> None:
+        src = bundle.source / FREQUENCIES_FILE if bundle.source else None
+        if src is not None and src.is_file() and not (folder / FREQUENCIES_FILE).exists():
+            (folder / FREQUENCIES_FILE).write_bytes(src.read_bytes())
+
+    def torch_runner(self, bundle: ModelBundle) -> CTRRunner:
+        return CTRRunner(bundle.module)
+
+    @staticmethod
+    def model_config(bundle: ModelBundle) -> dict:
+        return bundle.extra.get("config", {}).get("model", {})
+
+    def example_batch(self, bundle: ModelBundle) -> dict:
+        """Two rows of valid ids (history of 3 and 8 items; numeric features 0)."""
+        c = self.model_config(bundle)
+        rows = [c["tables"][f] for f in c["fields"]]
+        out = {"sparse": np.array([[1 % r for r in rows], [2 % r for r in rows]], np.int64)}
+        if c.get("history_table"):
+            n = c["tables"][c["history_table"]]
+            out["hist"] = np.array([[0] * 5 + [1 % n, 2 % n, 3 % n], [(i + 1) % n for i in range(8)]], np.int64)
+        if c.get("n_dense"):
+            out["dense"] = np.zeros((2, c["n_dense"]), np.float32)
+        return out
+
+    def export_spec(self, bundle: ModelBundle) -> dict:
+        """ONNX export: pass the example as keyword arguments (DIN's `hist`/`dense` are both optional)."""
+        example = self.example_batch(bundle)
+        axes = {"sparse": {0: "batch"}, "hist": {0: "batch", 1: "history"}, "dense": {0: "batch"}, "logit": {0: "batch"}}
+        return {"example": example, "dynamic_axes": {k: v for k, v in axes.items() if k in example or k == "logit"},
+                "output_name": "logit", "model_type": None}
+
+    onnx_spec = export_spec  # the name the current api/runtime still call
+
+    def task_loss(self, bundle: ModelBundle) -> Callable:
+        """BCE of the logits against batch["label"]: calibration_batches carry the labels in the same dict,
+        the features go to the model and the label only to this loss (DIN.forward ignores it)."""
+        def bce(module, batch):
+            logits = module(**{k: torch.as_tensor(v) for k, v in _features(batch).items()})
+            if "label" not in batch:
+                raise SlimcartError("ctr task loss needs labelled batches (calibration_batches carry 'label')")
+            return torch.nn.functional.binary_cross_entropy_with_logits(
+                logits.float(), torch.as_tensor(batch["label"], dtype=torch.float32))
+        return bce
+
+    def distill_task(self, teacher, student, bundle: ModelBundle, data: CTRData, options: Any = None):
+        """Soft targets (teacher's probabilities) + BCE on labels over the training split."""
+        from .ctr_distill import CTRDistillTask
+
+        get = (lambda k, d: options.get(k, d)) if isinstance(options, dict) else (lambda k, d: getattr(options, k, d))
+        train = get("train", None)
+        seed = train.get("seed", 0) if isinstance(train, dict) else getattr(train, "seed", 0)
+        return CTRDistillTask(teacher, student, data, get("losses", None), get("temperature", 1.0), seed,
+                              int(self.model_config(bundle).get("max_len", 50)))
+
+    # ---------------------------------------------------------------- data
+    def load_data(self, data: str | None) -> CTRData:
+        """See the module docstring; every problem with the data is one SlimcartError line."""
+        path = _resolve(data)
+        if path is None:
+            df = synthetic.interactions(0).rename(columns={"user_id": "user", "item_id": "item", "timestamp": "ts"})
+            return self._behaviour(df, "synthetic", synthetic_data=True)
+        if path.is_dir() and (path / "train.fm.txt").exists():
+            if not (path / "test.fm.txt").exists():
+                raise SlimcartError(f"{path}: a libFM folder needs test.fm.txt beside train.fm.txt")
+            return ctr_data.libfm_data(path)
+        criteo = (path / "train.csv") if path.is_dir() else path
+        if criteo.is_file() and ctr_data.is_criteo_file(criteo):
+            return ctr_data.criteo_data(path)
+        from .recsys import read_interactions  # the `user item` log reader shared with the recsys workload
+
+        return self._behaviour(read_interactions(path), path.name if path.is_dir() else path.stem)
+
+    @staticmethod
+    def _behaviour(df, name: str, synthetic_data: bool = False) -> CTRData:
+        from .recsys import group_histories
+
+        histories, n_items = group_histories(df)
+        return ctr_data.behaviour_data(histories, n_items, name, synthetic_data)
+
+    def data_info(self, data: CTRData) -> DataInfo:
+        return data.info
+
+    def _check(self, bundle: ModelBundle, data: CTRData) -> int:
+        """The model's tables must be the ones this data was encoded for; returns its history length."""
+        c = self.model_config(bundle)
+        if c.get("tables") != data.tables or c.get("fields") != data.fields or c.get("n_dense", 0) != data.n_dense:
+            raise SlimcartError(f"the model's tables {c.get('tables')} do not match the data {data.name} "
+                                f"{data.tables}: was it trained on this dataset?")
+        return int(c.get("max_len", TRAIN_DEFAULTS["max_len"]))
+
+    # ---------------------------------------------------------------- inputs
+    def bench_inputs(self, bundle: ModelBundle, data: CTRData) -> BenchInputs:
+        """Real test rows: 64 single-row requests and up to 8 batches of 1,024 rows."""
+        max_len = self._check(bundle, data)
+        order = np.random.default_rng(0).permutation(len(data.test))
+        single = [data.batch(data.test, order[i:i + 1], max_len) for i in range(min(SINGLE_REQUESTS, len(order)))]
+        serving = [data.batch(data.test, order[a:a + SERVING_BATCH], max_len)
+                   for a in range(0, min(len(order), 8 * SERVING_BATCH), SERVING_BATCH)]
+        serving = [b for b in serving if len(b["sparse"]) == SERVING_BATCH] or serving[:1]
+        return BenchInputs(single=single, serving=serving, items_per_serving_batch=len(serving[0]["sparse"]),
+                           unit="rows", single_label="batch 1 (one row)")
+
+    def calibration_batches(self, bundle: ModelBundle, data: CTRData, n: int) -> list[dict]:
+        """`n` labelled batches of 256 training rows (behaviour data: with sampled negatives); never test."""
+        max_len = self._check(bundle, data)
+        rows = data.epoch_rows(np.random.default_rng(1))
+        order = np.random.default_rng(2).permutation(len(rows))[: n * CALIBRATION_BATCH]
+        return [data.batch(rows, order[a:a + CALIBRATION_BATCH], max_len, labels=True)
+                for a in range(0, len(order), CALIBRATION_BATCH)][:n]
+
+    # ---------------------------------------------------------------- quality
+    def predict(self, runner, data: CTRData, rows, max_len: int) -> np.ndarray:
+        """Logits for every row, scored in batches of similar history length, returned in row order."""
+        order = np.argsort(rows.end, kind="stable") if rows.end is not None else np.arange(len(rows))
+        out = np.empty(len(rows), np.float32)
+        for a in range(0, len(rows), EVAL_BATCH):
+            idx = order[a:a + EVAL_BATCH]
+            got = np.asarray(runner(data.batch(rows, idx, max_len)), np.float32).reshape(-1)
+            if got.shape != idx.shape:
+                raise SlimcartError(f"the model returned {got.size} scores for {len(idx)} rows: not a CTR model")
+            out[idx] = got
+        return out
+
+    def evaluate(self, runner, bundle: ModelBundle, data: CTRData, reference: Any = None) -> EvalResult:
+        """AUC / logloss / ECE / calibration on the test split. outputs: labels, logits, groups (users for
+        behaviour data), the AUC's bootstrap interval, and with `reference` (another model's outputs on
+        the same rows) the paired bootstrap of the AUC difference."""
+        from .ctr_metrics import paired_bootstrap_auc
+
+        logits = self.predict(runner, data, data.test, self._check(bundle, data))
+        labels, groups = data.test.label, data.groups
+        outputs = {"labels": labels, "logits": logits, "groups": groups,
+                   "auc_ci95": bootstrap_auc(labels, logits, groups)["ci95"]}
+        if isinstance(reference, dict) and np.shape(reference.get("logits")) == logits.shape:
+            outputs["vs_reference"] = paired_bootstrap_auc(labels, reference["logits"], logits, groups)
+        return EvalResult(quality=ctr_quality(labels, logits), outputs=outputs)
+
+    # ---------------------------------------------------------------- training
+    def train(self, data: str | CTRData | None = None, out: Path | None = None, epochs: int = 200, seed: int = 0,
+              progress: Callable[[str], None] | None = None, resume: bool = True, **overrides) -> Path:
+        """Train a DIN on the training split; early stopping on validation AUC; returns the model folder.
+
+        Checkpointed every epoch to `<out>.partial` (resumed when data and settings match); the final
+        folder is written under a temporary name and renamed into place.
+        """
+        from ..models.ctr_train import fit
+
+        hp = {**TRAIN_DEFAULTS, **overrides}
+        if set(hp) != set(TRAIN_DEFAULTS):
+            raise SlimcartError(f"unknown training option(s): {', '.join(sorted(set(hp) - set(TRAIN_DEFAULTS)))}")
+        d = data if isinstance(data, CTRData) else self.load_data(data)
+        out = Path(out).expanduser() if out else checkpoint_dir(d.name)
+        config = DINConfig(tables=dict(d.tables), fields=list(d.fields), dim=int(hp["dim"]), history_table=d.history_table,
+                           target_field=d.target_field, n_dense=d.n_dense, max_len=int(hp["max_len"]),
+                           dropout=float(hp["dropout"]))
+        window = hp["batch"] * 32
+
+        def epoch_batches(rng):
+            rows = d.epoch_rows(rng, int(hp["negatives"]))
+            order = rng.permutation(len(rows))
+            if rows.end is not None:  # similar history lengths per batch: far less padding
+                order = np.concatenate([c[np.argsort(rows.end[c], kind="stable")]
+                                        for c in np.split(order, range(window, len(order), window))])
+            batches = np.split(order, range(hp["batch"], len(order), hp["batch"]))
+            for j in rng.permutation(len(batches)):
+                yield d.batch(rows, batches[j], config.max_len, labels=True)
+
+        def validate(model) -> float:
+            from .ctr_metrics import auc
+
+            return auc(d.valid.label, self.predict(CTRRunner(model), d, d.valid, config.max_len))
+
+        meta = {"dataset": d.name, "synthetic": d.info.synthetic, "split": d.info.split,
+                "frequencies": d.frequency_note}
+        return fit(config, epoch_batches, validate, out, hp, epochs=epochs, seed=seed,
+                   progress=progress or (lambda m: None), resume=resume, meta=meta, frequencies=d.frequencies)
+
+
+WORKLOAD_CLASS = CTRWorkload
