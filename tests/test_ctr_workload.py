@@ -18,7 +18,7 @@ from slimcart.workloads.ctr_metrics import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY = {"dim": 8, "batch": 64, "patience": 100, "max_len": 12}
+TINY = {"dim": 8, "batch": 128, "patience": 100, "max_len": 12}
 
 
 @pytest.fixture
@@ -381,3 +381,15 @@ def test_cli_train_bad_data_is_one_line(tmp_path):
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "Criteo layout" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_distill_task_runs_in_the_shared_trainer(synth, workload, tmp_path):
+    from slimcart.compress.distill.trainer import TrainConfig, fit
+
+    teacher = load_din(workload.train(synth, tmp_path / "teacher", epochs=2, **TINY))[0]
+    student = DIN(DINConfig.from_dict(teacher.config.to_dict()))  # a fresh student of the same shape
+    task = workload.distill_task(teacher, student, bundle_of(teacher), synth, None)
+    before, val_before = task.score_undistilled(student), task.validate()
+    res = fit(task, TrainConfig(max_steps=60, batch_size=64, lr=3e-3, eval_every=20, max_minutes=None))
+    assert res.steps == 60 and res.best_step > 0 and res.best_score > val_before
+    assert task.score_undistilled(task.student()) > before  # closer to the teacher than before training
