@@ -146,6 +146,19 @@ class CTRWorkload:
         if src is not None and src.is_file() and not (folder / FREQUENCIES_FILE).exists():
             (folder / FREQUENCIES_FILE).write_bytes(src.read_bytes())
 
+    # The pre-contracts names the current api/formats still call; drop once they use contracts.load_saved.
+    def save_extras(self, bundle: ModelBundle, folder: Path) -> None:
+        self.save_companions(bundle, folder)
+
+    def load_artifact(self, folder: Path):
+        folder = Path(folder)
+        if (folder / "model.onnx").exists():
+            from ..runtime.onnx_runtime import OnnxRunner
+
+            return OnnxRunner(folder / "model.onnx"), self.load_companions(folder)
+        bundle = self.load_model(str(folder))
+        return self.torch_runner(bundle), bundle
+
     def torch_runner(self, bundle: ModelBundle) -> CTRRunner:
         return CTRRunner(bundle.module)
 

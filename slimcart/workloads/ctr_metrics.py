@@ -29,18 +29,31 @@ def _as_scores(x) -> np.ndarray:
     return np.where(np.isnan(s), -np.inf, s)  # a NaN prediction ranks below everything
 
 
+class _SortedScores:
+    """One sort of the scores (ties grouped), reused for the AUC of any number of row weightings."""
+
+    def __init__(self, labels, scores):
+        s = _as_scores(scores)
+        self.order = np.argsort(s, kind="stable")
+        s = s[self.order]
+        self.y = np.asarray(labels, np.float64).reshape(-1)[self.order]
+        self.starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+        self.ties = len(self.starts) < len(s)
+
+    def auc(self, weights=None) -> np.ndarray:
+        """AUC of one row weighting (n,) or of many (R, n), weights in the ORIGINAL row order."""
+        w = np.ones_like(self.y) if weights is None else np.asarray(weights, np.float64)[..., self.order]
+        pos, neg = w * self.y, w * (1 - self.y)
+        if self.ties:
+            pos, neg = np.add.reduceat(pos, self.starts, axis=-1), np.add.reduceat(neg, self.starts, axis=-1)
+        below = np.cumsum(neg, axis=-1) - neg
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (pos * (below + 0.5 * neg)).sum(-1) / (pos.sum(-1) * neg.sum(-1))
+
+
 def weighted_auc(labels, scores, weights=None) -> np.ndarray:
     """AUC of one row-weighting (weights (n,)) or of many at once (weights (R, n)) -> float or (R,)."""
-    y, s = np.asarray(labels, np.float64).reshape(-1), _as_scores(scores)
-    w = np.ones_like(y) if weights is None else np.asarray(weights, np.float64)
-    order = np.argsort(s, kind="stable")
-    s, y, w = s[order], y[order], w[..., order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    pos = np.add.reduceat(w * y, starts, axis=-1)
-    neg = np.add.reduceat(w * (1 - y), starts, axis=-1)
-    below = np.cumsum(neg, axis=-1) - neg
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (pos * (below + 0.5 * neg)).sum(-1) / (pos.sum(-1) * neg.sum(-1))
+    return _SortedScores(labels, scores).auc(weights)
 
 
 def auc(labels, scores) -> float:
@@ -91,9 +104,8 @@ def _resample_weights(n: int, groups, resamples: int, rng: np.random.Generator, 
 
 def bootstrap_auc(labels, scores, groups=None, resamples: int = 1000, seed: int = 0, chunk: int = 50) -> dict:
     """AUC with a 95% percentile interval (resamples lacking a click or a non-click are dropped)."""
-    rng, values = np.random.default_rng(seed), []
-    for w in _resample_weights(len(np.asarray(labels).reshape(-1)), groups, resamples, rng, chunk):
-        values.append(weighted_auc(labels, scores, w))
+    rng, sorted_scores = np.random.default_rng(seed), _SortedScores(labels, scores)
+    values = [sorted_scores.auc(w) for w in _resample_weights(len(sorted_scores.y), groups, resamples, rng, chunk)]
     v = np.concatenate(values)
     v = v[np.isfinite(v)]
     lo, hi = np.percentile(v, [2.5, 97.5])
@@ -109,9 +121,8 @@ def paired_bootstrap_auc(labels, pred_a, pred_b, groups=None, resamples: int = 1
     y = np.asarray(labels).reshape(-1)
     if not (len(y) == np.asarray(pred_a).size == np.asarray(pred_b).size):
         raise ValueError("paired_bootstrap_auc needs labels and both predictions over the same rows")
-    rng, deltas = np.random.default_rng(seed), []
-    for w in _resample_weights(len(y), groups, resamples, rng, chunk):
-        deltas.append(weighted_auc(y, pred_b, w) - weighted_auc(y, pred_a, w))
+    rng, a, b = np.random.default_rng(seed), _SortedScores(y, pred_a), _SortedScores(y, pred_b)
+    deltas = [b.auc(w) - a.auc(w) for w in _resample_weights(len(y), groups, resamples, rng, chunk)]
     d = np.concatenate(deltas)
     d = d[np.isfinite(d)]
     lo, hi = np.percentile(d, [2.5, 97.5])
