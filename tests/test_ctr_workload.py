@@ -393,3 +393,14 @@ def test_distill_task_runs_in_the_shared_trainer(synth, workload, tmp_path):
     res = fit(task, TrainConfig(max_steps=60, batch_size=64, lr=3e-3, eval_every=20, max_minutes=None))
     assert res.steps == 60 and res.best_step > 0 and res.best_score > val_before
     assert task.score_undistilled(task.student()) > before  # closer to the teacher than before training
+
+
+def test_config_that_disagrees_with_the_weights_is_refused(tmp_path, synth, workload):
+    import json
+
+    save_din(tiny_din(synth.tables, synth.fields, "item", 1), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model"]["tables"]["item"] = 10**12  # would be terabytes if the model were built before checking
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SlimcartError, match="weights do not match config.json at emb_item.weight"):
+        workload.load_model(str(tmp_path))

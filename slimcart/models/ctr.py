@@ -174,8 +174,16 @@ def load_din(folder: Path) -> tuple[DIN, dict]:
     cfg = json.loads((folder / "config.json").read_text())
     if not isinstance(cfg, dict) or cfg.get("model_type") != MODEL_TYPE or "model" not in cfg:
         raise ValueError(f"{folder / 'config.json'} is not a DIN config (model_type != '{MODEL_TYPE}')")
-    model = DIN(DINConfig.from_dict(cfg["model"]))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    state = load_file(str(folder / "model.safetensors"))
+    with torch.device("meta"):  # shapes only: a config asking for huge tables allocates nothing
+        model = DIN(DINConfig.from_dict(cfg["model"]))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if want != got:
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        raise ValueError(f"weights do not match config.json at {', '.join(diff[:3])}"
+                         f" (config {want.get(diff[0])}, weights {got.get(diff[0])})")
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval(), cfg
 
 

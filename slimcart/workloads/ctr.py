@@ -219,7 +219,8 @@ class CTRWorkload:
             if not (path / "test.fm.txt").exists():
                 raise SlimcartError(f"{path}: a libFM folder needs test.fm.txt beside train.fm.txt")
             return ctr_data.libfm_data(path)
-        criteo = (path / "train.csv") if path.is_dir() else path
+        criteo = next((path / f"train{s}" for s in (".csv", ".tsv", ".txt") if (path / f"train{s}").is_file()),
+                      path) if path.is_dir() else path
         if criteo.is_file() and ctr_data.is_criteo_file(criteo):
             return ctr_data.criteo_data(path)
         from .recsys import read_interactions  # the `user item` log reader shared with the recsys workload
