@@ -246,6 +246,23 @@ def test_tables_are_plain_attributes_and_swappable(synth):
     assert not torch.allclose(model(**b), before)
 
 
+def test_platt_scaling_recovers_a_known_scaling_and_folds_exactly(synth):
+    from slimcart.models.ctr import fold_into_output
+    from slimcart.models.ctr_train import platt_scaling
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 200_000)
+    y = (rng.random(len(z)) < 1 / (1 + np.exp(-(0.5 * z - 1.0)))).astype(np.float32)  # true rate: sigmoid(z/2 - 1)
+    a, c = platt_scaling(y, z)
+    assert a == pytest.approx(0.5, abs=0.02) and c == pytest.approx(-1.0, abs=0.03)
+    model = tiny_din(synth.tables, synth.fields, "item", 1)
+    b = {k: torch.as_tensor(v) for k, v in synth.batch(synth.test, np.arange(30), 12).items()}
+    with torch.no_grad():
+        before = model(**b)
+        fold_into_output(model, 0.4, 0.3)
+        assert torch.allclose(model(**b), 0.4 * before + 0.3, atol=1e-5)
+
+
 def test_wrong_inputs_are_refused(synth):
     model = tiny_din(synth.tables, synth.fields, "item", 1)
     b = synth.batch(synth.test, np.arange(4), 12)
@@ -335,6 +352,8 @@ def test_training_learns_and_resumes(workload, synth, tmp_path):
     bundle = workload.load_model(str(full))
     cfg = bundle.extra["config"]
     assert cfg["training"]["val_auc"] > 0.55 and cfg["synthetic"] is True  # synthetic data has learnable structure
+    platt = cfg["training"]["platt"]  # (1, 0) is feasible, so the fitted scaling cannot be worse on validation
+    assert platt["scale"] > 0 and platt["val_logloss_after"] <= platt["val_logloss_before"] + 1e-9
     assert set(load_frequencies(full)) == {"emb_user", "emb_item"}
 
     def crash_after_epoch_2(msg):

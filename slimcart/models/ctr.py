@@ -144,6 +144,14 @@ class DIN(nn.Module):
         return self.score(rows, h, (hist > 0).to(rows[0].dtype) if hist is not None else None, dense)
 
 
+@torch.no_grad()
+def fold_into_output(model: DIN, scale: float, shift: float) -> None:
+    """Make the model output `scale * logit + shift` by rescaling its last Linear (no new parameters)."""
+    out = model.mlp[-1]
+    out.weight.mul_(scale)
+    out.bias.mul_(scale).add_(shift)
+
+
 def parameter_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the embedding tables (parameters + buffers of `embedding_tables()`) vs everything else."""
     def nbytes(m: nn.Module) -> int:

@@ -1,6 +1,8 @@
-"""Training a DIN: Adam on binary cross-entropy, early stopping on validation AUC, resumable.
+"""Training a DIN: Adam on binary cross-entropy, early stopping on validation AUC, resumable,
+then Platt scaling on the validation split.
 
     loss = BCE(sigmoid(logit), label) + emb_l2 * mean over the batch of ||looked-up rows||^2
+    calibrated logit = a * logit + c,  (a, c) = argmin validation logloss   (Platt, 1999)
 
 The L2 term only touches the rows a batch looks up (DIN's "mini-batch aware" regularisation in its
 simplest form): a global weight decay would shrink millions of rows the batch never saw.
@@ -8,6 +10,11 @@ Each epoch draws its batches (and, for behaviour data, its sampled negatives) fr
 and the model, best model and optimizer are checkpointed after every epoch to `<out>.partial`, so a
 resumed run continues exactly as an uninterrupted one. Stops after `patience` epochs without a
 better validation AUC, at `epochs`, or when the next epoch would pass `max_minutes`.
+
+Why the calibration: the best-AUC epoch is over-confident (on Video Games its validation logloss
+was above that of always predicting the base rate); a shop bids and ranks on the predicted CTR, so the
+saved model should predict rates, not only an order. (a, c) are folded into the MLP's output layer,
+so the saved model is still a plain DIN and the AUC is unchanged (a > 0 keeps the order).
 """
 from __future__ import annotations
 
@@ -21,11 +28,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ctr import DIN, DINConfig, save_din
+from .ctr import DIN, DINConfig, fold_into_output, save_din
 # Checkpoint helpers are shared with SASRec's trainer (same partial-folder layout).
 from .sasrec import _load_partial, _save_partial, _swap_in
 
-TRAIN_KEYS = ("dim", "lr", "batch", "emb_l2", "dropout", "patience", "max_minutes", "threads", "max_len", "negatives")
+
+
+def _logloss(labels, logits) -> float:
+    z, y = torch.as_tensor(np.asarray(logits), dtype=torch.float64), torch.as_tensor(np.asarray(labels), dtype=torch.float64)
+    return float(F.binary_cross_entropy_with_logits(z, y))
+
+
+def platt_scaling(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """(a, c) minimising the logloss of sigmoid(a * logit + c); a is kept positive (a = e^u)."""
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.float64)
+    u = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([u], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z * u[0].exp() + u[1], y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(u[0].detach().exp()), float(u[1].detach())
 
 
 def batch_loss(model: DIN, batch: dict, emb_l2: float = 0.0) -> torch.Tensor:
@@ -46,20 +74,22 @@ def batch_loss(model: DIN, batch: dict, emb_l2: float = 0.0) -> torch.Tensor:
 
 
 def fit(config: DINConfig, epoch_batches: Callable[[np.random.Generator], Iterable[dict]],
-        validate: Callable[[DIN], float], out, hp: dict, epochs: int, seed: int, progress: Callable[[str], None],
-        resume: bool, meta: dict, frequencies: dict | None = None):
-    """Train, keep the epoch with the best `validate` score, write `out` (config, weights, frequencies)."""
+        validation: Callable[[DIN], tuple[float, np.ndarray, np.ndarray]], out, hp: dict, epochs: int, seed: int,
+        progress: Callable[[str], None], resume: bool, meta: dict, frequencies: dict | None = None):
+    """Train, keep the epoch with the best validation score, calibrate it (hp["calibrate"]), write `out`
+    (config, weights, frequencies). `validation(model)` gives (score to maximise, e.g. AUC; labels; logits)
+    on the validation split."""
     threads = torch.get_num_threads()
     # One thread by default: batches are small, and on a shared 2-core machine two OpenMP threads
     # waiting on each other slowed SASRec's steps ~10x (see models/sasrec.py).
     torch.set_num_threads(int(hp.get("threads", 1)))
     try:
-        return _fit(config, epoch_batches, validate, out, hp, epochs, seed, progress, resume, meta, frequencies)
+        return _fit(config, epoch_batches, validation, out, hp, epochs, seed, progress, resume, meta, frequencies)
     finally:
         torch.set_num_threads(threads)
 
 
-def _fit(config, epoch_batches, validate, out, hp, epochs, seed, progress, resume, meta, frequencies):
+def _fit(config, epoch_batches, validation, out, hp, epochs, seed, progress, resume, meta, frequencies):
     partial = out.with_name(out.name + ".partial")
     fingerprint = {"config": config.to_dict(), "seed": seed, **meta,
                    **{k: hp[k] for k in ("lr", "batch", "emb_l2", "negatives") if k in hp}}
@@ -91,7 +121,7 @@ def _fit(config, epoch_batches, validate, out, hp, epochs, seed, progress, resum
             losses.append(loss.item())
         model.eval()
         with torch.inference_mode():
-            score = validate(model)
+            score = validation(model)[0]
         if score > state["best"]:
             state["best"], state["best_epoch"] = score, epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -108,6 +138,17 @@ def _fit(config, epoch_batches, validate, out, hp, epochs, seed, progress, resum
     model.load_state_dict(best_state)
     training = {k: state[k] for k in ("epoch", "best_epoch", "seconds", "cpu_seconds", "history")}
     training.update(val_auc=state["best"], seed=seed, **hp)
+    if hp.get("calibrate", True):
+        model.eval()
+        with torch.inference_mode():
+            _, labels, logits = validation(model)
+        a, c = platt_scaling(labels, logits)
+        fold_into_output(model, a, c)
+        with torch.inference_mode():
+            _, _, calibrated = validation(model)
+        before, after = _logloss(labels, logits), _logloss(labels, calibrated)
+        training["platt"] = {"scale": a, "shift": c, "val_logloss_before": before, "val_logloss_after": after}
+        progress(f"calibrated on validation: logit * {a:.3f} + {c:.3f}, logloss {before:.4f} -> {after:.4f}")
     extra = {**meta, "training": training}
     _swap_in(out, lambda f: save_din(model.eval(), f, extra, frequencies))
     shutil.rmtree(partial, ignore_errors=True)

@@ -42,9 +42,10 @@ EVAL_BATCH = 4096
 CALIBRATION_BATCH = 256
 # Chosen on Video Games VALIDATION figures after 5 epochs (docs/bench-ctr.md): MLP dropout 0.3 beat 0
 # (AUC 0.8635 vs 0.8612, logloss 0.596 vs 0.635); emb_l2 1e-2 and lr 2e-3 at batch 512 changed nothing.
+# Platt scaling on validation then cut validation logloss (0.596 -> 0.492) at unchanged AUC.
 # iPinYou uses the same settings (not tuned on it). max_minutes keeps training ~10 min on 2 shared cores.
 TRAIN_DEFAULTS = {"dim": 32, "lr": 1e-3, "batch": 256, "emb_l2": 0.0, "dropout": 0.3, "patience": 2,
-                  "max_minutes": 9.0, "threads": 1, "max_len": 50, "negatives": 1}
+                  "max_minutes": 9.0, "threads": 1, "max_len": 50, "negatives": 1, "calibrate": True}
 
 
 def _home() -> Path:
@@ -297,7 +298,8 @@ class CTRWorkload:
     # ---------------------------------------------------------------- training
     def train(self, data: str | CTRData | None = None, out: Path | None = None, epochs: int = 200, seed: int = 0,
               progress: Callable[[str], None] | None = None, resume: bool = True, **overrides) -> Path:
-        """Train a DIN on the training split; early stopping on validation AUC; returns the model folder.
+        """Train a DIN on the training split; early stopping on validation AUC, then Platt scaling fitted
+        on the validation split (calibrate=False skips it); returns the model folder.
 
         Checkpointed every epoch to `<out>.partial` (resumed when data and settings match); the final
         folder is written under a temporary name and renamed into place.
@@ -324,14 +326,15 @@ class CTRWorkload:
             for j in rng.permutation(len(batches)):
                 yield d.batch(rows, batches[j], config.max_len, labels=True)
 
-        def validate(model) -> float:
+        def validation(model) -> tuple[float, np.ndarray, np.ndarray]:
             from .ctr_metrics import auc
 
-            return auc(d.valid.label, self.predict(CTRRunner(model), d, d.valid, config.max_len))
+            logits = self.predict(CTRRunner(model), d, d.valid, config.max_len)
+            return auc(d.valid.label, logits), d.valid.label, logits
 
         meta = {"dataset": d.name, "synthetic": d.info.synthetic, "split": d.info.split,
                 "frequencies": d.frequency_note}
-        return fit(config, epoch_batches, validate, out, hp, epochs=epochs, seed=seed,
+        return fit(config, epoch_batches, validation, out, hp, epochs=epochs, seed=seed,
                    progress=progress or (lambda m: None), resume=resume, meta=meta, frequencies=d.frequencies)
 
 
