@@ -109,9 +109,10 @@ NOTES = """
 - **Model**: DIN (Zhou et al., KDD 2018), `slimcart/models/ctr.py`: per-table `nn.Embedding` rows, DIN's
   attention-weighted history pooling (Amazon), a 200-80 PReLU MLP. Without a behaviour history
   (iPinYou) it is DIN's own base model, "Embedding & MLP". Training: Adam, BCE, early stopping on
-  validation AUC, 9-minute wall-clock budget, seed 0, then Platt scaling (a * logit + c, fitted on the
-  validation split, folded into the output layer: AUC unchanged, calibrated rates); the settings were chosen on Amazon validation
-  figures only (see `TRAIN_DEFAULTS` in `slimcart/workloads/ctr.py`); iPinYou uses the same settings.
+  validation AUC, 9-minute wall-clock budget, seed 0, then Platt scaling (a * logit + c fitted on the
+  validation split and folded into the output layer: AUC unchanged, calibrated rates). The settings
+  were chosen on Amazon validation figures only (`TRAIN_DEFAULTS` in `slimcart/workloads/ctr.py`);
+  iPinYou uses the same settings.
 - **Amazon Video Games, DIN protocol**: per user (5-core log, item ids only: the data has no
   categories), the last item is the test positive, the second-last the validation positive, earlier
   positions train; each positive is paired with one item the user never touched. The test interval
@@ -122,7 +123,12 @@ NOTES = """
   Training covers one weekday and test another (train weekday 2, test weekday 5; the creative of the
   test rows never occurs in training), and the test click rate is about a quarter of the training
   rate, so the model's predicted CTR is far above the observed one (`calibration` = predicted /
-  observed): that is the data's shift, not a bug. Its test AUC rests on 50 clicks: read the interval.
+  observed): that is the data's shift, not a bug. Platt scaling is fitted on validation rows from the
+  training days, so on iPinYou it cannot correct that shift. Its test AUC rests on 50 clicks: read the
+  interval, and do not tune on it.
+- **Wall-clock budget**: training stops when the next epoch would pass 9 minutes, so on a loaded
+  machine it runs fewer epochs (the validation AUC per epoch shows where it stopped); the run is
+  seeded and each epoch is reproducible, so a less loaded machine gives the same epochs plus more.
 - **Embedding bytes** = fp32 bytes of the tables; dense = everything else (attention + MLP).
   iPinYou's tables keep only values seen at least twice in training (others share row 0), which is
   why its tables are small next to the 133k ids of featindex.fm.txt.

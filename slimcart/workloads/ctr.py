@@ -10,10 +10,13 @@ Metrics on the test split: AUC (primary), logloss, ECE and predicted/observed CT
 Runner outputs are logits, one per row; `EvalResult.outputs` keeps labels, logits and the bootstrap
 groups (users) for paired comparisons (ctr_metrics.paired_bootstrap_auc).
 
-Why an own ~150-line model rather than FuxiCTR / DeepCTR-Torch / TorchRec: those keep tables inside
-their own feature containers (dicts keyed by feature config, fused EmbeddingBagCollections), so a
-compressed table cannot be a plain setattr, and their forward takes library tensors (KeyedJaggedTensor,
-feature dicts) that neither export to ONNX nor load from safetensors without the library's code.
+Why an own ~200-line model rather than FuxiCTR / DeepCTR-Torch / TorchRec: those keep the tables inside
+their own containers (per-feature ModuleDicts built from a feature map, TorchRec's fused
+EmbeddingBagCollection), so swapping in a compressed table means reaching into library internals; their
+forward takes library inputs (a feature dict, DeepCTR-Torch's one float matrix with ids sliced out of it,
+TorchRec's KeyedJaggedTensor) that do not export to ONNX as they are; and loading a checkpoint needs the
+library's feature map and code. Here a table is `setattr(model, "emb_item", new)`, inputs are plain
+int64/float arrays passed by keyword, and the weights are one safetensors file.
 """
 from __future__ import annotations
 
