@@ -218,6 +218,9 @@ def test_save_load_round_trip_and_frequencies(tmp_path, synth, workload):
         a = model(**{k: torch.as_tensor(v) for k, v in b.items()})
     bundle = workload.load_model(str(tmp_path))
     assert np.array_equal(workload.torch_runner(bundle)(b), a.numpy())  # identical, not just close
+    assert bundle.extra["frequencies"] == tmp_path / "frequencies.safetensors"
+    workload.save_model(bundle, tmp_path / "copy")  # a re-saved (e.g. compressed) model carries no counts
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["config.json", "model.safetensors"]
     freq = load_frequencies(tmp_path)
     assert set(freq) == set(loaded.embedding_tables()) and freq["emb_item"].tolist() == synth.frequencies["emb_item"].tolist()
     assert not any(p.suffix in (".pt", ".bin", ".pkl") for p in tmp_path.iterdir())

@@ -117,7 +117,11 @@ class CTRWorkload:
             module, cfg = load_din(folder)
         except Exception as e:  # corrupt JSON/safetensors, wrong shapes: one line for the user
             raise SlimcartError(f"cannot load DIN from {folder}: {str(e).splitlines()[0]}") from None
-        return ModelBundle(name=spec, module=module, source=folder, extra={"config": cfg})
+        # Training-set counts per table row stay with the trained checkpoint (not copied into compressed
+        # folders, where their bytes would count as model size); techniques read them from this path.
+        freq = folder / FREQUENCIES_FILE
+        return ModelBundle(name=spec, module=module, source=folder,
+                           extra={"config": cfg, "frequencies": freq if freq.is_file() else None})
 
     def load_companions(self, folder: Path) -> ModelBundle:
         """The config.json beside a model that runs elsewhere (ONNX): input layout and table sizes."""
@@ -130,27 +134,19 @@ class CTRWorkload:
         return ModelBundle(name=str(folder), module=None, source=Path(folder), extra={"config": cfg})
 
     def save_model(self, bundle: ModelBundle, folder: Path) -> None:
-        """model.safetensors + config.json (+ the source's training-set frequencies)."""
+        """model.safetensors + config.json (training info carried over from the source config)."""
         folder.mkdir(parents=True, exist_ok=True)
         extra = {k: v for k, v in bundle.extra.get("config", {}).items() if k not in ("model_type", "model")}
         save_din(bundle.module, folder, extra)
-        self._copy_frequencies(bundle, folder)
 
     def save_companions(self, bundle: ModelBundle, folder: Path) -> None:
-        """config.json (+ frequencies) next to an exported model; an existing config.json is kept."""
+        """config.json next to an exported model; an existing config.json is kept."""
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "config.json").exists():
             cfg = dict(bundle.extra.get("config", {}))
             if isinstance(bundle.module, DIN):
                 cfg["model"] = bundle.module.config.to_dict()
             (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-        self._copy_frequencies(bundle, folder)
-
-    @staticmethod
-    def _copy_frequencies(bundle: ModelBundle, folder: Path) -> None:
-        src = bundle.source / FREQUENCIES_FILE if bundle.source else None
-        if src is not None and src.is_file() and not (folder / FREQUENCIES_FILE).exists():
-            (folder / FREQUENCIES_FILE).write_bytes(src.read_bytes())
 
     # The pre-contracts names the current api/formats still call; drop once they use contracts.load_saved.
     def save_extras(self, bundle: ModelBundle, folder: Path) -> None:
