@@ -243,8 +243,14 @@ class CTRWorkload:
         """The model's tables must be the ones this data was encoded for; returns its history length."""
         c = self.model_config(bundle)
         if c.get("tables") != data.tables or c.get("fields") != data.fields or c.get("n_dense", 0) != data.n_dense:
-            raise SlimcartError(f"the model's tables {c.get('tables')} do not match the data {data.name} "
-                                f"{data.tables}: was it trained on this dataset?")
+            def brief(tables: dict) -> str:
+                items = [f"{k}({v})" for k, v in (tables or {}).items()]
+                return ", ".join(items[:4]) + (f" +{len(items) - 4} more" if len(items) > 4 else "")
+
+            trained = bundle.extra.get("config", {}).get("dataset")
+            raise SlimcartError(f"the model{f' (trained on {trained})' if trained else ''} has tables "
+                                f"{brief(c.get('tables'))} but the data {data.name} needs {brief(data.tables)}: "
+                                "was it trained on this dataset?")
         return int(c.get("max_len", TRAIN_DEFAULTS["max_len"]))
 
     # ---------------------------------------------------------------- inputs
