@@ -31,9 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from slimcart import artifacts, formats  # noqa: E402
+from slimcart import api, outputs  # noqa: E402
 from slimcart.bench import environment, measure_interleaved, paired_bootstrap, paired_ratio, set_threads  # noqa: E402
-from slimcart.compress.state import ModelState, StepContext  # noqa: E402
+from slimcart.contracts import ModelState, StepContext  # noqa: E402
+from slimcart.recipe import Recipe  # noqa: E402
 from slimcart.recipe import load_recipe, parse_step  # noqa: E402
 from slimcart.workloads import get_workload  # noqa: E402
 from slimcart.workloads.recsys import ndcg_per_user  # noqa: E402
@@ -43,24 +44,13 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {msg}", flush=True)
 
 
+THREADS = 2  # set from --threads in main()
+
+
 def run_steps(wl, bundle, data, steps, workdir: Path) -> ModelState:
-    state = ModelState(bundle=replace(bundle, module=copy.deepcopy(bundle.module)))
-    ctx = StepContext(workload=wl, data=data, workdir=workdir, progress=log)
-    for step in steps:
-        log(f"step {step.kind}")
-        state = step.apply(state, ctx)
-    return state
-
-
-def save_state(wl, state: ModelState, folder: Path) -> None:
-    """As api.compress saves: the step's saver, else the workload's own folder."""
-    if state.saver is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        state.saver(folder)
-        if hasattr(wl, "save_extras"):
-            wl.save_extras(state.bundle, folder)
-    else:
-        wl.save_model(state.bundle, folder)
+    """Build through slimcart's own build path (api.build) from an explicit list of steps."""
+    return api.build(wl, str(bundle.source), Recipe(name="bench", steps=list(steps)), threads=THREADS, workdir=workdir,
+                     progress=log, loaded=(bundle, data)).state
 
 
 def timing(sides: dict, inputs, repeats: int, base: str) -> dict:
@@ -81,10 +71,10 @@ def onnx_of(wl, bundle, workdir: Path, int8: bool = False):
     workdir.mkdir(parents=True, exist_ok=True)
     steps = [parse_step({"kind": "export_onnx", "optimize": True})] + ([parse_step({"kind": "ort_dynamic_int8"})] if int8 else [])
     state = ModelState(bundle=bundle)
-    ctx = StepContext(workload=wl, data=None, workdir=workdir, progress=log)
+    ctx = StepContext(workload=wl, data=None, workdir=workdir, threads=THREADS, progress=log)
     for s in steps:
         state = s.apply(state, ctx)
-    return OnnxRunner(state.onnx_path), state
+    return OnnxRunner(state.artifact.path, THREADS), state
 
 
 def bench_search(args, work: Path) -> dict:
@@ -100,17 +90,17 @@ def bench_search(args, work: Path) -> dict:
     t0 = time.time()
     state = run_steps(wl, bundle, data, load_recipe("prune-heads-ffn-40").steps, work / "steps")
     res["build_seconds"], res["notes"] = round(time.time() - t0), state.notes
-    res["structure"] = {k: v for k, v in state.extra["structure"].items() if k != "kept"}
-    res["recover"] = state.extra.get("recover_report")
+    res["structure"] = {k: v for k, v in state.reports["prune_structured"].items() if k != "kept"}
+    res["recover"] = state.reports.get("recover")
     folder = work / "pruned"
-    save_state(wl, state, folder)
+    state.save(folder, wl)
     wl.save_model(bundle, work / "dense")
-    runner, pbundle = formats.load_model_dir(wl, folder)  # everything below uses the reloaded model
+    runner, pbundle = api.load(wl, folder, THREADS)  # everything below uses the reloaded model
     q = wl.evaluate(runner, pbundle, data, reference=base.outputs).quality
     log(f"pruned (reloaded) {q}")
     res["quality"] = {"dense": base.quality, "pruned": q,
                       "ndcg_rel_change": q["ndcg@10"] / base.quality["ndcg@10"] - 1}
-    res["size_bytes"] = {"dense": artifacts.model_bytes(work / "dense"), "pruned": artifacts.model_bytes(folder)}
+    res["size_bytes"] = {"dense": outputs.model_bytes(work / "dense"), "pruned": outputs.model_bytes(folder)}
     res["all_params"] = {"dense": sum(p.numel() for p in bundle.module.parameters()),
                          "pruned": sum(p.numel() for p in pbundle.module.parameters())}
     inputs = wl.bench_inputs(bundle, data)
@@ -134,7 +124,7 @@ def bench_search(args, work: Path) -> dict:
 def bench_llm(args, work: Path) -> dict:
     from slimcart.compress.prune import SparsityConfig, prune
     from slimcart.compress.prune.masks import sparsity_report, target_linears
-    from slimcart.compress.prune.storage import sparse_saver
+    from slimcart.compress.prune.storage import SparseBitmask
 
     wl = get_workload("llm")
     bundle, data = wl.load_model("smollm2"), wl.load_data(args.data)
@@ -145,7 +135,7 @@ def bench_llm(args, work: Path) -> dict:
     log(f"dense {base}")
     calib = wl.calibration_batches(bundle, data, args.llm_calib)
     wl.save_model(bundle, work / "dense")
-    res["dense_bytes"] = artifacts.model_bytes(work / "dense")
+    res["dense_bytes"] = outputs.model_bytes(work / "dense")
     for pattern in ("unstructured", "2:4"):
         for method in ("magnitude", "wanda", "sparsegpt"):
             name = f"{method}-{'50' if pattern == 'unstructured' else '2of4'}"
@@ -159,8 +149,9 @@ def bench_llm(args, work: Path) -> dict:
             run = {"quality": q, "ppl_ratio": q["perplexity"] / base["perplexity"], "prune_seconds": round(secs, 1),
                    "sparsity": sparsity_report(target_linears(m, cfg.sparsity_of))["overall"]}
             if name == "sparsegpt-50":
-                sparse_saver(wl, pb)(work / name)
-                run["bytes"] = artifacts.model_bytes(work / name)
+                (work / name).mkdir()
+                SparseBitmask(None).save(work / name, wl, pb)
+                run["bytes"] = outputs.model_bytes(work / name)
                 run["size_ratio"] = run["bytes"] / res["dense_bytes"]
                 if args.llm_timing:
                     inputs = wl.bench_inputs(bundle, data)
@@ -189,13 +180,13 @@ def llm_recovered(wl, bundle, data, base: dict, work: Path) -> dict:
         state = run_steps(wl, bundle, data, steps, work / f"steps-{name}")
         secs = time.time() - t0
         folder = work / name
-        save_state(wl, state, folder)
-        rec = state.extra.get("recover_report")
+        state.save(folder, wl)
+        rec = state.reports.get("recover")
         del state
-        runner, pb = formats.load_model_dir(wl, folder)
+        runner, pb = api.load(wl, folder, THREADS)
         q = wl.evaluate(runner, pb, data).quality
         out[name] = {"quality": q, "ppl_ratio": q["perplexity"] / base["perplexity"], "build_seconds": round(secs, 1),
-                     "recover": rec, "bytes": artifacts.model_bytes(folder),
+                     "recover": rec, "bytes": outputs.model_bytes(folder),
                      "sparsity_after_reload": sparsity_report(target_linears(pb.module, steps[0].sparsity_of))["overall"],
                      "recipe": [s.model_dump(mode="json") for s in steps]}
         log(f"{name}: {out[name]}")
@@ -224,11 +215,11 @@ def bench_recsys(args, work: Path) -> dict:
     control_eval = wl.evaluate(wl.torch_runner(control.bundle), control.bundle, data)
     res["quality_dense_finetuned"] = control_eval.quality
     log(f"dense + same fine-tuning {res['quality_dense_finetuned']}")
-    res["structure"] = {k: v for k, v in state.extra["structure"].items() if k != "kept"}
-    res["recover"] = state.extra.get("recover_report")
-    save_state(wl, state, work / "pruned")
+    res["structure"] = {k: v for k, v in state.reports["prune_structured"].items() if k != "kept"}
+    res["recover"] = state.reports.get("recover")
+    state.save(work / "pruned", wl)
     wl.save_model(bundle, work / "dense")
-    runner, pbundle = formats.load_model_dir(wl, work / "pruned")
+    runner, pbundle = api.load(wl, work / "pruned", THREADS)
     pruned_eval = wl.evaluate(runner, pbundle, data, reference=base.outputs)
     q = pruned_eval.quality
     log(f"pruned (reloaded) {q}")
@@ -242,7 +233,7 @@ def bench_recsys(args, work: Path) -> dict:
     log(f"paired bootstrap {res['ndcg_paired_bootstrap']}")
     res["all_params"] = {"dense": sum(p.numel() for p in bundle.module.parameters()),
                          "pruned": sum(p.numel() for p in pbundle.module.parameters())}
-    res["size_bytes"] = {"dense": artifacts.model_bytes(work / "dense"), "pruned": artifacts.model_bytes(work / "pruned")}
+    res["size_bytes"] = {"dense": outputs.model_bytes(work / "dense"), "pruned": outputs.model_bytes(work / "pruned")}
     res["torch"] = timing({"dense": wl.torch_runner(bundle), "pruned": runner}, wl.bench_inputs(bundle, data),
                           args.repeats, "dense")
     # The pruned-vs-control gap depends on how long both are fine-tuned (the dense model, trained with
@@ -387,6 +378,8 @@ def main() -> None:
     p.add_argument("--recsys-minutes", type=float, default=15.0)  # steps bind: the control gets the same count
     args = p.parse_args()
     set_threads(args.threads)
+    global THREADS
+    THREADS = args.threads
     out_json = ROOT / "bench" / "results" / "pruning.json"
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
     for name in ("search", "llm", "recsys"):  # sections measured by an earlier run keep the environment they ran in

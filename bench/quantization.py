@@ -14,22 +14,20 @@ Writes bench/results/quantization.json and docs/bench-quantization.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from slimcart import artifacts, formats  # noqa: E402
+from slimcart import api, outputs  # noqa: E402
 from slimcart.bench import environment, measure_interleaved, paired_ratio, set_threads  # noqa: E402
-from slimcart.compress.state import ModelState, StepContext  # noqa: E402
-from slimcart.recipe import load_recipe, parse_step  # noqa: E402
+from slimcart.contracts import ModelState, StepContext  # noqa: E402
+from slimcart.recipe import parse_step  # noqa: E402
 from slimcart.workloads import get_workload  # noqa: E402
 
 SEARCH_RECIPES = ["int8-dynamic", "int8-static", "w8a8-smoothquant", "mixed-int8", "qat-int8"]
@@ -37,60 +35,6 @@ SEARCH_RECIPES = ["int8-dynamic", "int8-static", "w8a8-smoothquant", "mixed-int8
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {msg}", flush=True)
-
-
-def save_state(wl, state: ModelState, folder: Path) -> None:
-    """As api.compress saves a built model."""
-    from slimcart.runtime.onnx_runtime import copy_onnx
-
-    if state.saver is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        state.saver(folder)
-        wl.save_extras(state.bundle, folder)
-    elif state.runtime == "onnxruntime":
-        copy_onnx(state.onnx_path, folder)
-        wl.save_extras(state.bundle, folder)
-    else:
-        wl.save_model(state.bundle, folder)
-
-
-class RecipeBuilder:
-    """Runs recipes step by step, reusing the result of an identical leading run of PyTorch-only steps
-    (e.g. the same `smoothquant` step opening three recipes) — steps are deterministic, so this is the
-    same model each recipe would build alone."""
-
-    def __init__(self, wl, bundle, data, work: Path):
-        self.wl, self.bundle, self.data, self.work = wl, bundle, data, work
-        self.cache: dict[str, tuple[ModelState, float]] = {}
-
-    def build(self, name: str) -> tuple[ModelState, float]:
-        rec = load_recipe(name)
-        rec.check_workload(self.wl.name)
-        workdir = self.work / f"build-{name}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        state = ModelState(bundle=replace(self.bundle, module=copy.deepcopy(self.bundle.module)))
-        ctx = StepContext(workload=self.wl, data=self.data, workdir=workdir, progress=log)
-        seconds, start = 0.0, 0
-        for i in range(len(rec.steps), 0, -1):  # longest cached prefix
-            key = json.dumps([s.model_dump(mode="json") for s in rec.steps[:i]])
-            if key in self.cache:
-                cached, seconds = self.cache[key]
-                state = replace(cached, bundle=replace(cached.bundle, module=copy.deepcopy(cached.bundle.module)),
-                                notes=list(cached.notes), kernels=list(cached.kernels), extra=copy.deepcopy(cached.extra))
-                start = i
-                log(f"{name}: reusing the first {i} step(s) built for an earlier recipe")
-                break
-        for i, step in enumerate(rec.steps[start:], start + 1):
-            log(f"{name}: step {step.kind}")
-            t0 = time.time()
-            state = step.apply(state, ctx)
-            seconds += time.time() - t0
-            if state.runtime == "torch" and state.saver is None:
-                key = json.dumps([s.model_dump(mode="json") for s in rec.steps[:i]])
-                self.cache[key] = (replace(state, bundle=replace(state.bundle, module=copy.deepcopy(state.bundle.module)),
-                                           notes=list(state.notes), kernels=list(state.kernels),
-                                           extra=copy.deepcopy(state.extra)), seconds)
-        return state, seconds
 
 
 def nncf_peer(wl, bundle, data, work: Path, n_calib: int):
@@ -101,13 +45,13 @@ def nncf_peer(wl, bundle, data, work: Path, n_calib: int):
     from slimcart.runtime.onnx_runtime import export_onnx
     from slimcart.runtime.openvino_runtime import save_openvino
 
-    spec = wl.onnx_spec(bundle)
+    spec = wl.export_spec(bundle)
     src = export_onnx(bundle.module, spec["example"], work / "nncf-src.onnx", spec["dynamic_axes"], spec["output_name"])
     calib = wl.calibration_batches(bundle, data, n_calib)
     q = nncf.quantize(ov.convert_model(str(src)), nncf.Dataset(calib), model_type=nncf.ModelType.TRANSFORMER,
                       subset_size=sum(b["input_ids"].shape[0] for b in calib))
     save_openvino(q, work / "nncf")
-    wl.save_extras(bundle, work / "nncf")
+    wl.save_companions(bundle, work / "nncf")
     return work / "nncf", f"nncf {nncf.__version__}"
 
 
@@ -117,15 +61,15 @@ def ort_dynamic_peer(wl, bundle, work: Path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     state = ModelState(bundle=bundle)
-    ctx = StepContext(workload=wl, data=None, workdir=work / "ortdyn-src", progress=log)
+    ctx = StepContext(workload=wl, data=None, workdir=work / "ortdyn-src", threads=1, progress=log)
     ctx.workdir.mkdir(parents=True)
     state = parse_step({"kind": "export_onnx", "optimize": True}).apply(state, ctx)
     out = work / "ortdyn"
     out.mkdir()
-    quantize_dynamic(str(state.onnx_path), str(out / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True,
+    quantize_dynamic(str(state.artifact.path), str(out / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    wl.save_extras(bundle, out)
-    return out, state.onnx_path
+    wl.save_companions(bundle, out)
+    return out, state.artifact.path
 
 
 def ort_static_peer(wl, bundle, data, work: Path, n_calib: int) -> Path:
@@ -136,7 +80,7 @@ def ort_static_peer(wl, bundle, data, work: Path, n_calib: int) -> Path:
 
     from slimcart.runtime.onnx_runtime import export_onnx
 
-    spec = wl.onnx_spec(bundle)
+    spec = wl.export_spec(bundle)
     src = export_onnx(bundle.module, spec["example"], work / "ortstatic-src.onnx", spec["dynamic_axes"], spec["output_name"])
     calib = wl.calibration_batches(bundle, data, n_calib)
 
@@ -154,7 +98,7 @@ def ort_static_peer(wl, bundle, data, work: Path, n_calib: int) -> Path:
     quantize_static(str(src), str(out / "model.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                     op_types_to_quantize=["MatMul", "Gather"])
-    wl.save_extras(bundle, out)
+    wl.save_companions(bundle, out)
     return out
 
 
@@ -165,18 +109,19 @@ def bench_search(args, work: Path) -> dict:
 
     wl = get_workload("search")
     bundle, data = wl.load_model(args.model), wl.load_data(args.data)
+    threads = int(args.timing_threads.split(",")[0])
     res: dict = {"model": args.model, "data": wl.data_info(data).as_dict(), "sides": {}}
     t0 = time.time()
     base = wl.evaluate(wl.torch_runner(bundle), bundle, data)
     log(f"fp32 {base.quality} ({time.time() - t0:.0f} s)")
     wl.save_model(bundle, work / "fp32")
-    base_bytes = artifacts.model_bytes(work / "fp32")
+    base_bytes = outputs.model_bytes(work / "fp32")
     res["baseline"] = {"quality": base.quality, "size_bytes": base_bytes, "eval_seconds": round(time.time() - t0)}
     runners = {"torch fp32 (baseline)": wl.torch_runner(bundle)}
     folders: dict[str, Path] = {}
 
     def add(name: str, folder: Path, kind: str, build_s: float | None = None, notes=(), kernels=()):
-        runner, b2 = formats.load_model_dir(wl, folder)  # reloaded from disk, as a user would
+        runner, b2 = api.load(wl, folder, threads)  # reloaded from disk, as a user would
         t = time.time()
         if kind == "reference":  # an fp32 runtime: check it computes the same function, skip the full evaluation
             batches = wl.bench_inputs(bundle, data).serving[:4]
@@ -184,7 +129,7 @@ def bench_search(args, work: Path) -> dict:
             q = {"ndcg@10": None, "recall@10": None, "cosine": None, "max_abs_diff_vs_torch": diff}
         else:
             q = wl.evaluate(runner, b2 or bundle, data, reference=base.outputs).quality
-        side = {"kind": kind, "runtime": runner.runtime, "quality": q, "size_bytes": artifacts.model_bytes(folder),
+        side = {"kind": kind, "runtime": runner.runtime, "quality": q, "size_bytes": outputs.model_bytes(folder),
                 "ndcg_rel": None if q["ndcg@10"] is None else q["ndcg@10"] / base.quality["ndcg@10"] - 1,
                 "recall_rel": None if q["recall@10"] is None else q["recall@10"] / base.quality["recall@10"] - 1,
                 "build_seconds": None if build_s is None else round(build_s), "eval_seconds": round(time.time() - t),
@@ -200,14 +145,14 @@ def bench_search(args, work: Path) -> dict:
 
         _, fused = ort_dynamic_peer(wl, bundle, work)
         copy_onnx(fused, work / "ortfp32")
-        wl.save_extras(bundle, work / "ortfp32")
+        wl.save_companions(bundle, work / "ortfp32")
         add("ONNX Runtime fp32 (fused)", work / "ortfp32", "reference")
         add("peer: ORT quantize_dynamic per-channel", work / "ortdyn", "peer")
         t = time.time()
         add("peer: ORT quantize_static QDQ (MinMax, per-channel)", ort_static_peer(wl, bundle, data, work, args.calibration_batches),
             "peer", time.time() - t)
         save_openvino(fused, work / "ovfp32")
-        wl.save_extras(bundle, work / "ovfp32")
+        wl.save_companions(bundle, work / "ovfp32")
         add("OpenVINO fp32", work / "ovfp32", "reference")
         try:
             t = time.time()
@@ -218,28 +163,29 @@ def bench_search(args, work: Path) -> dict:
             log(res["nncf"])
     if "compile" in args.include:  # no-quantization speed baseline: torch.compile + bf16 autocast
         state = parse_step({"kind": "torch_compile", "bf16": True}).apply(
-            ModelState(bundle=bundle), StepContext(workload=wl, data=None, workdir=work, progress=log))
-        save_state(wl, state, work / "compile-bf16")
+            ModelState(bundle=bundle), StepContext(workload=wl, data=None, workdir=work, threads=threads, progress=log))
+        state.save(work / "compile-bf16", wl)
         add("torch.compile bf16 autocast (no quantization)", work / "compile-bf16", "baseline option", notes=state.notes,
             kernels=state.kernels)
-    builder = RecipeBuilder(wl, bundle, data, work)
+    cache = api.PrefixCache()
     for name in args.recipes.split(","):
-        state, secs = builder.build(name)
-        save_state(wl, state, work / f"out-{name}")
-        add(f"slimcart {name}", work / f"out-{name}", "recipe", secs, state.notes, state.kernels)
-        res["sides"][f"slimcart {name}"]["extra"] = {k: v for k, v in state.extra.items()
+        built = api.build(wl, args.model, name, threads=threads, workdir=work / f"build-{name}", progress=log,
+                          loaded=(bundle, data), cache=cache)
+        state = built.state
+        state.save(work / f"out-{name}", wl)
+        add(f"slimcart {name}", work / f"out-{name}", "recipe", built.seconds, state.notes, state.kernels)
+        res["sides"][f"slimcart {name}"]["extra"] = {k: v for k, v in state.reports.items()
                                                       if k in ("smoothquant", "static_int8", "runtime_timing_s")}
-        mp = state.extra.get("mixed_precision")
+        mp = state.reports.get("mixed_precision")
         if mp:
             res["sides"][f"slimcart {name}"]["extra"]["mixed_precision"] = {k: mp[k] for k in ("keep_fp32", "drop", "drop_all_int8", "met")}
-        del state
+        del state, built
     inputs = wl.bench_inputs(bundle, data)
     base_name = "torch fp32 (baseline)"
     res["timing_by_threads"] = {}
     for th in [int(x) for x in args.timing_threads.split(",")]:
         set_threads(th)
-        os.environ["SLIMCART_THREADS"] = str(th)  # ONNX Runtime / OpenVINO runners read it when created
-        sides = {base_name: wl.torch_runner(bundle), **{n: formats.load_model_dir(wl, f)[0] for n, f in folders.items()}}
+        sides = {base_name: wl.torch_runner(bundle), **{n: api.load(wl, f, th)[0] for n, f in folders.items()}}
         log(f"timing {len(sides)} sides interleaved, {args.repeats} rounds, {th} thread(s)")
         t = measure_interleaved(sides, inputs, repeats=args.repeats, progress=log)
         res["timing_by_threads"][str(th)] = {

@@ -15,26 +15,23 @@ Writes bench/results/quantization_llm.json and docs/bench-quantization-llm.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
-from slimcart import artifacts, formats  # noqa: E402
+from slimcart import api, outputs  # noqa: E402
+from slimcart.contracts import FORMAT_FILE  # noqa: E402
 from slimcart.api import baseline_size_bytes  # noqa: E402
 from slimcart.bench import environment, measure_interleaved, paired_ratio, set_threads  # noqa: E402
-from slimcart.compress.quantize.int4_kernels import OrtLLMRunner, make_runner  # noqa: E402
-from slimcart.compress.quantize.wq_format import PackedLLM, load_packed  # noqa: E402
-from slimcart.compress.state import ModelState, StepContext  # noqa: E402
+from slimcart.runtime.llm_kernels import PackedLLMFolder, make_runner  # noqa: E402
+from slimcart.runtime.packed_llm import load_packed  # noqa: E402
 from slimcart.recipe import Recipe, load_recipe  # noqa: E402
 from slimcart.workloads import get_workload  # noqa: E402
 
@@ -49,30 +46,16 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def build(wl, bundle, data, recipe, folder: Path, calib: int | None) -> dict:
+def build(wl, bundle, data, recipe, folder: Path, calib: int | None, threads: int) -> dict:
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    state = ModelState(bundle=replace(bundle, module=copy.deepcopy(bundle.module)))
-    ctx = StepContext(workload=wl, data=data, workdir=folder.parent, progress=lambda m: None)
-    t0 = time.time()
-    for step in rec.steps:
-        if calib and "calibration_windows" in type(step).model_fields:
-            step = step.model_copy(update={"calibration_windows": calib})
-        state = step.apply(state, ctx)
-    build_s = time.time() - t0
-    state.saver(folder)
-    del state
-    return {"recipe": rec.name, "steps": [s.model_dump(mode="json") for s in rec.steps], "build_s": build_s}
-
-
-def ort_fp32_runner(bundle, threads):
-    """The same ORT decoder graph with the unquantized fp32 weights (runtime alone, no bits)."""
-    lm = bundle.module.model
-    lin = {n: m.weight.detach() for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    others = {k: v for k, v in lm.state_dict().items() if "norm" in k}
-    p = PackedLLM(lm.config.to_dict(), lin, lm.get_input_embeddings().weight.detach(), None, None, others, {})
-    r = OrtLLMRunner(p, threads)
-    r.runtime = "onnxruntime-fp32"
-    return r
+    if calib:  # the same recipe with another number of calibration windows
+        steps = [s.model_copy(update={"calibration_windows": calib}) if "calibration_windows" in type(s).model_fields else s
+                 for s in rec.steps]
+        rec = rec.model_copy(update={"steps": steps})
+    built = api.build(wl, str(bundle.source), rec, threads=threads, workdir=folder.parent / f".{folder.name}-work",
+                      loaded=(bundle, data))
+    built.state.save(folder, wl)
+    return {"recipe": rec.name, "steps": [s.model_dump(mode="json") for s in rec.steps], "build_s": built.seconds}
 
 
 def main() -> int:
@@ -110,13 +93,13 @@ def main() -> int:
     for name in a.variants.split(","):
         log(f"building {name}")
         folder = tmp / name
-        v = build(wl, bundle, data, VARIANTS[name], folder, a.calibration_windows)
-        meta = json.loads((folder / formats.FORMAT_FILE).read_text())
-        runner, cbundle = formats.load_model_dir(wl, folder)  # reloaded from disk
+        v = build(wl, bundle, data, VARIANTS[name], folder, a.calibration_windows, a.threads)
+        meta = json.loads((folder / FORMAT_FILE).read_text())
+        runner, cbundle = api.load(wl, folder, a.threads)  # reloaded from disk
         bundles[name] = cbundle
         log(f"evaluating {name} (built in {v['build_s']:.0f}s)")
         v.update(runtime=runner.runtime, quality=wl.evaluate(runner, cbundle, data).quality,
-                 bytes=artifacts.model_bytes(folder), method=meta["method"], embedding_bits=meta["embedding_bits"])
+                 bytes=outputs.model_bytes(folder), method=meta["method"], embedding_bits=meta["embedding_bits"])
         v["size_ratio"] = v["bytes"] / base_bytes
         v["perplexity_ratio"] = v["quality"]["perplexity"] / base_q["perplexity"]
         res["variants"][name] = v
@@ -125,8 +108,8 @@ def main() -> int:
     for name in [n for n in a.fp32_compute.split(",") if n in res["variants"]]:
         # The same saved weights with MatMulNBits computing in fp32: what the int8 activation blocks cost.
         key = f"{name}@fp32-compute"
-        runner = make_runner(load_packed(tmp / name), "onnxruntime", pad_token_id=bundle.tokenizer.eos_token_id,
-                             threads=a.threads, compute="fp32")
+        runner = make_runner(load_packed(tmp / name), a.threads, "onnxruntime", pad_token_id=bundle.tokenizer.eos_token_id,
+                             compute="fp32")
         v = {**res["variants"][name], "runtime": "onnxruntime-matmulnbits-fp32", "build_s": 0.0}
         v["quality"] = wl.evaluate(runner, bundles[name], data).quality
         v["perplexity_ratio"] = v["quality"]["perplexity"] / base_q["perplexity"]
@@ -134,9 +117,9 @@ def main() -> int:
         log(f"{key}: {v['quality']}")
     extra_sides = {}
     if not a.no_extra_sides:
-        extra_sides["ort-fp32-graph"] = ort_fp32_runner(bundle, a.threads)
+        extra_sides["ort-fp32-graph"] = PackedLLMFolder.reference(wl, bundle, tmp, a.threads)
         if "w4-gptq" in res["variants"]:
-            extra_sides["w4-gptq@torch-int4pack"] = make_runner(load_packed(tmp / "w4-gptq"), "torch",
+            extra_sides["w4-gptq@torch-int4pack"] = make_runner(load_packed(tmp / "w4-gptq"), a.threads, "torch",
                                                                 pad_token_id=bundle.tokenizer.eos_token_id)
     runners.update(extra_sides)
     log(f"timing {len(runners)} sides interleaved, {a.repeats} rounds")

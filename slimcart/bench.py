@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .workloads.base import BenchInputs
+from .contracts import BenchInputs
+from .errors import SlimcartError
 
 INTERESTING_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "avx_vnni")
 
@@ -31,7 +32,25 @@ def set_threads(n: int) -> None:
 
 
 def default_threads() -> int:
-    return int(os.environ.get("SLIMCART_THREADS", min(os.cpu_count() or 1, 8)))
+    """The thread budget when the user gives none: $SLIMCART_THREADS, else all cores (at most 8).
+    Read here only; everything below the API receives its thread count explicitly."""
+    raw = os.environ.get("SLIMCART_THREADS")
+    if not raw:
+        return min(os.cpu_count() or 1, 8)
+    try:
+        return resolve_threads(int(raw))
+    except ValueError:
+        raise SlimcartError(f"SLIMCART_THREADS={raw!r} is not a whole number") from None
+
+
+def resolve_threads(threads: int | None) -> int:
+    """A user's thread count, checked: at least 1 and at most the machine's logical CPUs."""
+    if threads is None:
+        return default_threads()
+    cpus = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise SlimcartError(f"threads must be a whole number from 1 to {cpus} (this machine's CPUs), got {threads!r}")
+    return threads
 
 
 def environment(threads: int | None = None) -> dict:
@@ -58,6 +77,7 @@ def environment(threads: int | None = None) -> dict:
         "cpu": cpu_model,
         "cpu_flags": sorted(f for f in INTERESTING_CPU_FLAGS if f in flags),
         "logical_cpus": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
         "threads": threads or default_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -69,14 +89,16 @@ def environment(threads: int | None = None) -> dict:
 class SideTiming:
     latency_ms: list[float] = field(default_factory=list)  # one entry per batch-1 call
     throughput_per_s: list[float] = field(default_factory=list)  # one entry per round
+    cpu_ms_per_item: list[float] = field(default_factory=list)  # CPU time (all threads) per item, one per round
     extra_per_s: dict[str, list[float]] = field(default_factory=dict)  # name -> one entry per round
 
     def summary(self) -> dict:
-        lat = np.asarray(self.latency_ms) if self.latency_ms else np.asarray([np.nan])
-        med = lambda xs: float(statistics.median(xs)) if xs else float("nan")  # noqa: E731
+        med = lambda xs: float(statistics.median(xs)) if xs else None  # noqa: E731
+        lat = np.asarray(self.latency_ms)
         out = {
-            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
+            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))} if len(lat) else None,
             "throughput_per_s": med(self.throughput_per_s),
+            "cpu_ms_per_item": med(self.cpu_ms_per_item),
         }
         if self.extra_per_s:
             out["extra_throughput_per_s"] = {k: med(v) for k, v in self.extra_per_s.items()}
@@ -117,8 +139,11 @@ def measure_interleaved(
             for name in order:
                 result[name].latency_ms.append(_timed(sides[name], x) * 1e3)
         for name in order:
+            c0 = time.process_time()
             t = sum(_timed(sides[name], b) for b in inputs.serving)
-            result[name].throughput_per_s.append(inputs.items_per_serving_batch * len(inputs.serving) / t)
+            items = inputs.items_per_serving_batch * len(inputs.serving)
+            result[name].throughput_per_s.append(items / t)
+            result[name].cpu_ms_per_item.append((time.process_time() - c0) * 1e3 / items)
             for key, (batches, items) in inputs.extra.items():
                 t = sum(_timed(sides[name], b) for b in batches)
                 result[name].extra_per_s.setdefault(key, []).append(items * len(batches) / t)
@@ -133,6 +158,38 @@ def paired_ratio(candidate: list[float], baseline: list[float]) -> float:
     return float(statistics.median(pairs)) if pairs else float("nan")
 
 
+def ratio_stats(candidate: list[float], baseline: list[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """The median per-round ratio with its spread: every round's ratio and a 95% bootstrap interval of
+    the median (rounds resampled with replacement)."""
+    rounds = np.array([c / b for c, b in zip(candidate, baseline) if b > 0])
+    if not len(rounds):
+        raise SlimcartError("no timing round produced a ratio")
+    boot = np.median(np.random.default_rng(seed).choice(rounds, (resamples, len(rounds))), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"median": float(np.median(rounds)), "ci95": [float(lo), float(hi)], "rounds": [float(r) for r in rounds]}
+
+
+BUSY_LOAD = 1.5  # load average per logical CPU above which other work competes with the measurement
+WIDE_CI = 0.25  # a ratio's 95% interval wider than this share of the ratio itself
+
+
+def reliability(load_before: float, load_after: float, cpus: int, ratios: dict[str, dict], threads: int) -> dict:
+    """Whether speed figures measured now can be trusted, and why not: too few rounds, a machine busier
+    than its cores (the measurement's own threads counted), or per-round ratios spread widely."""
+    reasons = []
+    rounds = min((len(r["rounds"]) for r in ratios.values()), default=0)
+    if rounds < 3:
+        reasons.append(f"only {rounds} timing round(s): no spread can be judged (use --repeats 5 or more)")
+    load = max(load_before, load_after)
+    if load > max(cpus, threads) * BUSY_LOAD:
+        reasons.append(f"the machine was busy: load average {load:.1f} on {cpus} CPUs while timing")
+    for name, r in ratios.items():
+        lo, hi = r["ci95"]
+        if rounds >= 3 and hi - lo > WIDE_CI * r["median"]:
+            reasons.append(f"{name} ratio varies from round to round (95% interval {lo:.2f}x-{hi:.2f}x)")
+    return {"reliable": not reasons, "reasons": reasons}
+
+
 def paired_bootstrap(candidate, baseline, resamples: int = 2000, seed: int = 0) -> dict:
     """Relative change of a mean metric, mean(candidate) / mean(baseline) - 1, with a 95% interval from
     resampling the same users (rows) for both models, so per-user difficulty cancels out."""
@@ -145,13 +202,3 @@ def paired_bootstrap(candidate, baseline, resamples: int = 2000, seed: int = 0) 
     ratios = c[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-30) - 1
     lo, hi = np.percentile(ratios, [2.5, 97.5])
     return {"rel_change": float(c.mean() / max(b.mean(), 1e-30) - 1), "ci95": [float(lo), float(hi)]}
-
-
-def dir_bytes(path: Path, suffixes: tuple[str, ...] | None = None) -> int:
-    """Bytes on disk of a model file or folder (optionally only files with the given suffixes)."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(
-        f.stat().st_size for f in path.rglob("*") if f.is_file() and (suffixes is None or f.suffix in suffixes)
-    )

@@ -1,9 +1,11 @@
 """The `slimcart` command line: a thin typer layer over slimcart.api."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress and accelerate e-commerce models, with measured results.")
+app = typer.Typer(add_completion=False, no_args_is_help=True)
 console = Console(stderr=True)
 out_console = Console()
 
@@ -33,10 +35,29 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+OPTIONS = {"verbose": False, "log_file": None}
+
+
+@app.callback()
+def main_options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show library warnings and full tracebacks"),
+    log_file: Optional[Path] = typer.Option(None, "--log-file", help="also append timestamped progress lines to this file"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="let model folders run their own Python code (off: such folders are refused)"),
+) -> None:
+    """Compress and accelerate e-commerce models, with measured results."""
+    from . import hf
+
+    OPTIONS.update(verbose=verbose, log_file=log_file)
+    hf.allow_remote_code(trust_remote_code)
+
+
 def _quiet_libraries() -> None:
     import logging
     import warnings
 
+    if OPTIONS["verbose"]:
+        return
     warnings.filterwarnings("ignore")
     logging.getLogger().setLevel(logging.ERROR)
     try:
@@ -48,22 +69,52 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _log(msg: str) -> None:
+    if OPTIONS["log_file"] is not None:
+        with open(OPTIONS["log_file"], "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+
 def _run(fn, *args, **kwargs):
-    """Call the API with a live status line; SlimcartError becomes one error line and exit code 2."""
+    """Call the API with progress: a live status line with elapsed time on a terminal, plain timestamped
+    lines when output goes to a file (CI, job schedulers). SlimcartError becomes one error line and exit
+    code 2; anything else is a bug: one line and exit 3 (the traceback with --verbose or in --log-file)."""
     _quiet_libraries()
-    with console.status("starting") as status:
+    start, live = time.monotonic(), console.is_terminal
+    status = console.status("starting") if live else contextlib.nullcontext()
+    with status:
         def progress(msg: str) -> None:
+            _log(msg)
+            elapsed = time.monotonic() - start
+            if not live:
+                console.print(f"[{time.strftime('%H:%M:%S')} +{elapsed:.0f}s] {msg}", highlight=False, markup=False)
+                return
             if msg.startswith("WARNING") or msg.startswith("resuming") or msg.startswith("wrote"):
                 console.print(msg, style="bold yellow" if msg.startswith("WARNING") else None, highlight=False)
-            status.update(msg)
+            status.update(f"{msg}  [dim]({elapsed:.0f}s)[/]")
         try:
             return fn(*args, progress=progress, **kwargs)
         except SlimcartError as e:
-            status.stop()
+            _stop(status)
+            _log(f"error: {e}")
             _fail(str(e))
         except KeyboardInterrupt:
-            status.stop()
+            _stop(status)
             _fail("interrupted — rerun the same command to resume")
+        except Exception as e:  # a bug, not the user's input: say so in one line
+            _stop(status)
+            _log("internal error:\n" + traceback.format_exc())
+            if OPTIONS["verbose"]:
+                traceback.print_exc()
+            console.print(f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                          "(a slimcart bug: rerun with --verbose for the traceback and please report it)", highlight=False,
+                          soft_wrap=True)
+            raise typer.Exit(3) from None
+
+
+def _stop(status) -> None:
+    if hasattr(status, "stop"):
+        status.stop()
 
 
 def _print_compare(m: dict) -> None:
@@ -80,6 +131,9 @@ def _print_compare(m: dict) -> None:
         out_console.print("[bold yellow]SYNTHETIC DATA: quality figures only show the pipeline works.[/]")
     if m.get("size_only"):
         out_console.print(f"size-only (no speed-up kernel): {', '.join(m['size_only'])}")
+    trust = m.get("speed_reliability")
+    if trust and not trust["reliable"]:
+        out_console.print("[bold yellow]speed figures unreliable:[/] " + "; ".join(trust["reasons"]), highlight=False)
 
 
 @app.command()
@@ -93,12 +147,15 @@ def compress(
     threads: Optional[int] = ThreadsOpt,
     repeats: int = typer.Option(5, "--repeats", help="interleaved timing rounds"),
     no_rss: bool = typer.Option(False, "--no-rss", help="skip the peak-memory probe processes"),
+    target: Optional[str] = typer.Option(None, "--target", help="runtime to deploy on: torch | onnxruntime | openvino "
+                                         "(default: the recipe's choice; `runtime: auto` steps time the candidates and "
+                                         "keep ONNX Runtime unless OpenVINO is >3% faster)"),
 ) -> None:
     """Compress MODEL with RECIPE; measure baseline and result in the same run; write OUT."""
     from . import api
 
     m = _run(api.compress, workload, model, recipe, out, data=data, overwrite=overwrite, threads=threads,
-             repeats=repeats, measure_rss=not no_rss)
+             repeats=repeats, measure_rss=not no_rss, target=target)
     _print_compare(m)
 
 
@@ -151,11 +208,11 @@ def train(workload: str = WorkloadOpt, data: Optional[str] = DataOpt,
           epochs: int = typer.Option(30, "--epochs", help="maximum epochs (early stopping on validation NDCG@10)"),
           seed: int = typer.Option(0, "--seed"), threads: Optional[int] = ThreadsOpt) -> None:
     """Train the workload's own model (recsys: SASRec on the interaction log). Resumes an interrupted run."""
-    from .bench import default_threads, set_threads
+    from .bench import resolve_threads, set_threads
     from .workloads import get_workload
 
-    set_threads(threads or default_threads())
     try:
+        set_threads(resolve_threads(threads))
         wl = get_workload(workload)
         if not hasattr(wl, "train"):
             raise SlimcartError(f"workload '{workload}' has no trainable model of its own (only recsys does)")
@@ -199,6 +256,7 @@ def recipes(markdown: bool = typer.Option(False, "--markdown", help="print a Mar
 @app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o"), data: Optional[str] = DataOpt,
          threads: Optional[int] = ThreadsOpt,
+         overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
          recipe: str = typer.Option("int8-static", "--recipe", help="a search recipe (see `slimcart recipes`)")) -> None:
     """The main job: compress the bundled MiniLM for product search, print before/after, write the report."""
     from . import api
@@ -206,9 +264,153 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o"), data: Optio
     # int8-static: static W8A8 calibrated on the workload's own queries, runtime picked by timing;
     # on CrowdFlower it is 3x PyTorch fp32 at -0.2% nDCG@10 and builds in seconds (docs/bench-quantization.md).
     console.print(f"[bold]slimcart demo[/]: all-MiniLM-L6-v2 for product search, recipe {recipe}")
-    m = _run(api.compress, "search", "minilm", recipe, out, data=data, overwrite=True, threads=threads)
+    m = _run(api.compress, "search", "minilm", recipe, out, data=data, overwrite=overwrite, threads=threads)
     _print_compare(m)
     out_console.print(f"report: {out / 'report.md'}   metrics: {out / 'metrics.json'}")
+
+
+# ---------------------------------------------------------------- serving and batch inference
+def _job_options(engine: str, workers: Optional[int], threads: Optional[int], shard_rows: int,
+                 ray_address: Optional[str], overwrite: bool):
+    from pydantic import ValidationError
+
+    from .batch.job import JobOptions
+
+    try:
+        return JobOptions(engine=engine, workers=workers, threads=threads, shard_rows=shard_rows,
+                          ray_address=ray_address, overwrite=overwrite)
+    except ValidationError as e:
+        err = e.errors()[0]
+        _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
+
+
+def _run_job(fn, *args, **kwargs):
+    """A batch job with a progress bar (rows, rate, ETA); SlimcartError -> one line, exit 2."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    _quiet_libraries()
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("rows", total=None, rate="")
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:,.0f} rows/s" if speed else "")
+
+        def say(msg: str) -> None:
+            bar.console.print(msg, highlight=False)
+
+        try:
+            return fn(*args, progress=progress, say=say, **kwargs)
+        except SlimcartError as e:
+            bar.stop()
+            _fail(str(e))
+        except KeyboardInterrupt:
+            bar.stop()
+            _fail("interrupted — rerun the same command to resume (finished shards are kept)")
+
+
+EngineOpt = typer.Option("local", "--engine", help="local worker processes, or ray (Ray Data actors)")
+WorkersOpt = typer.Option(None, "--workers", help="worker processes / Ray actors (default: one per core)")
+WorkerThreadsOpt = typer.Option(None, "--threads", help="threads per worker (default: cores / workers)")
+ShardRowsOpt = typer.Option(1024, "--shard-rows", help="rows per output shard (the unit of resuming)")
+RayAddressOpt = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray for this job)")
+OverwriteOpt = typer.Option(False, "--overwrite", help="replace an existing output folder")
+
+
+@app.command()
+def embed(model: str = typer.Option(..., "--model", "-m", help="search encoder: alias, folder or slimcart output"),
+          input: Path = typer.Option(..., "--input", "-i", help="catalogue: .csv, .tsv, .parquet or .jsonl"),
+          out: Path = typer.Option(..., "--out", "-o", help="output folder of Parquet shards"),
+          column: str = typer.Option(..., "--column", help="text column (a number with --no-header)"),
+          id_column: Optional[str] = typer.Option(None, "--id-column", help="column copied to the output as id"),
+          no_header: bool = typer.Option(False, "--no-header", help="the CSV has no header line: columns are 0, 1, ..."),
+          batch_size: int = typer.Option(64, "--batch-size", help="texts per model call"),
+          engine: str = EngineOpt, workers: Optional[int] = WorkersOpt, threads: Optional[int] = WorkerThreadsOpt,
+          shard_rows: int = ShardRowsOpt, ray_address: Optional[str] = RayAddressOpt, overwrite: bool = OverwriteOpt) -> None:
+    """Embed every text of a catalogue (parallel, resumable); OUT = Parquet shards (row, id, embedding)."""
+    from .batch.job import embed as run_embed
+
+    opts = _job_options(engine, workers, threads, shard_rows, ray_address, overwrite)
+    m = _run_job(run_embed, "search", model, input, out, column, id_column, header=not no_header,
+                 batch_size=batch_size, opts=opts)
+    rate = f"{m['rows_per_s']:,.0f} rows/s" if m["rows_per_s"] else "nothing left to compute"
+    out_console.print(f"{m['rows']} rows -> {out} ({m['shards']} shards, {len(m['skipped_shards'])} reused; {rate} "
+                      f"with {m['workers']} x {m['threads_per_worker']} threads, {m['engine']})")
+
+
+@app.command()
+def score(workload: str = typer.Option("recsys", "--workload", "-w", help="recsys"),
+          model: str = typer.Option(..., "--model", "-m", help="alias (sasrec), folder or slimcart output"),
+          input: Path = typer.Option(..., "--input", "-i", help="interaction log the model was trained on"),
+          out: Path = typer.Option(..., "--out", "-o", help="output folder of Parquet shards"),
+          k: int = typer.Option(10, "--k", help="recommendations per user"),
+          keep_seen: bool = typer.Option(False, "--keep-seen", help="allow items already in the user's history"),
+          engine: str = EngineOpt, workers: Optional[int] = WorkersOpt, threads: Optional[int] = WorkerThreadsOpt,
+          shard_rows: int = ShardRowsOpt, ray_address: Optional[str] = RayAddressOpt, overwrite: bool = OverwriteOpt) -> None:
+    """Top-k recommendations for every user of an interaction log; OUT = Parquet shards (user, items, scores)."""
+    from .batch.job import score as run_score
+
+    opts = _job_options(engine, workers, threads, shard_rows, ray_address, overwrite)
+    m = _run_job(run_score, workload, model, input, out, k=k, exclude_seen=not keep_seen, opts=opts)
+    out_console.print(f"{m['rows']} users -> {out} ({m['shards']} shards, {len(m['skipped_shards'])} reused)")
+
+
+@app.command()
+def index(model: str = typer.Option(..., "--model", "-m", help="search encoder: alias, folder or slimcart output"),
+          input: Path = typer.Option(..., "--input", "-i", help="catalogue: .csv, .tsv, .parquet or .jsonl"),
+          out: Path = typer.Option(..., "--out", "-o", help="index folder"),
+          column: str = typer.Option(..., "--column", help="product text column (a number with --no-header)"),
+          id_column: Optional[str] = typer.Option(None, "--id-column", help="product id column (default: row number)"),
+          no_header: bool = typer.Option(False, "--no-header"),
+          kind: str = typer.Option("exact", "--kind", help="exact (brute force) or hnsw (approximate)"),
+          hnsw_m: int = typer.Option(32, "--hnsw-m", help="HNSW graph degree"),
+          batch_size: int = typer.Option(64, "--batch-size"),
+          engine: str = EngineOpt, workers: Optional[int] = WorkersOpt, threads: Optional[int] = WorkerThreadsOpt,
+          shard_rows: int = ShardRowsOpt, ray_address: Optional[str] = RayAddressOpt, overwrite: bool = OverwriteOpt) -> None:
+    """Build a catalogue index for `slimcart serve --index` (embeds with the batch job, then FAISS)."""
+    from .batch.index_job import build_index
+
+    opts = _job_options(engine, workers, threads, shard_rows, ray_address, overwrite)
+    m = _run_job(build_index, "search", model, input, out, column, id_column, header=not no_header, kind=kind,
+                 hnsw_m=hnsw_m, batch_size=batch_size, opts=opts)
+    extra = f", recall@10 vs exact {m['recall@10_vs_exact']:.3f}" if "recall@10_vs_exact" in m else ""
+    out_console.print(f"{m['kind']} index of {m['count']} items -> {out}{extra}")
+
+
+@app.command()
+def serve(model: str = typer.Argument(..., help="slimcart output folder, model folder or alias"),
+          workload: str = typer.Option("search", "--workload", "-w", help="search | recsys | llm"),
+          index: Optional[Path] = typer.Option(None, "--index", help="catalogue index from `slimcart index` (enables /search)"),
+          host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
+          threads: int = typer.Option(1, "--threads", help="model threads (the event loop takes the rest)"),
+          max_batch: int = typer.Option(32, "--max-batch", help="items per model call"),
+          max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="how long a batch waits to fill"),
+          max_queue: int = typer.Option(256, "--max-queue", help="items waiting before 429"),
+          max_queue_wait_ms: float = typer.Option(500.0, "--max-queue-wait-ms", help="predicted wait before 429 (0: off)"),
+          timeout_s: float = typer.Option(10.0, "--timeout", help="seconds before an unanswered request gets 503"),
+          max_streams: int = typer.Option(4, "--max-streams", help="llm: streams decoded at once"),
+          graceful_s: float = typer.Option(30.0, "--graceful", help="seconds in-flight requests get on shutdown")) -> None:
+    """Serve MODEL over HTTP: /embed /search (search), /score (recsys), /generate (llm); /health /ready /metrics."""
+    from pydantic import ValidationError
+
+    from .serve.app import ServeOptions
+    from .serve.run import serve as run_serve
+
+    _quiet_libraries()
+    try:
+        opts = ServeOptions(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                            max_queue_wait_ms=max_queue_wait_ms or None, timeout_s=timeout_s, max_streams=max_streams,
+                            graceful_s=graceful_s)
+    except ValidationError as e:
+        err = e.errors()[0]
+        _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
+    try:
+        run_serve(workload, model, index, opts, threads, say=lambda m: console.print(m, highlight=False))
+    except SlimcartError as e:
+        _fail(str(e))
 
 
 def main() -> None:  # pragma: no cover

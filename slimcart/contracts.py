@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class DataInfo:
     synthetic: bool
     split: str
     n: int
+    source: Path | None = None  # the file or folder read (None for generated data): part of a run's identity
 
     def as_dict(self) -> dict:
         return {"name": self.name, "synthetic": self.synthetic, "split": self.split, "n": self.n}
@@ -80,7 +82,21 @@ class BenchInputs:
     unit: str  # what throughput counts: "texts", "tokens", "users"
     # Further throughput figures timed the same interleaved way, e.g. {"prefill_tokens": (batches, tokens per batch)}
     extra: dict[str, tuple[list[Any], int]] = field(default_factory=dict)
-    single_label: str = "batch 1"  # what one latency sample is (e.g. "decode request of 32 tokens")
+    label: str = ""  # what one throughput call is, for reports (default "batch N"), e.g. "decode, batch 1"
+
+
+@dataclass
+class DistillOptions:
+    """What the `distill` step asks of a workload's distillation task: loss weights (None = the
+    workload's defaults), temperatures, the seed, and the transfer-data settings (each workload reads
+    those it knows: extra_titles, windows, window_tokens, kd_positions...)."""
+
+    losses: dict[str, float] | None = None
+    temperature: float = 1.0
+    score_temperature: float = 0.05
+    seed: int = 0
+    transfer: dict[str, Any] = field(default_factory=dict)
+    progress: Progress = no_progress
 
 
 class DistillTask(Protocol):
@@ -137,7 +153,8 @@ class Workload(Protocol):
 
     def task_loss(self, bundle: ModelBundle) -> LossFn | None: ...  # the training objective, None if unlabeled
 
-    def distill_task(self, teacher: Any, student: Any, bundle: ModelBundle, data: Any, options: Any) -> DistillTask: ...
+    def distill_task(self, teacher: Any, student: Any, bundle: ModelBundle, data: Any,
+                     options: DistillOptions) -> DistillTask: ...
 
 
 # ---------------------------------------------------------------- saved-model formats
@@ -164,6 +181,12 @@ class Artifact:
     @classmethod
     def load(cls, folder: Path, meta: dict, workload: Workload, threads: int) -> tuple[Runner, ModelBundle]:  # pragma: no cover
         raise NotImplementedError
+
+    @classmethod
+    def reference(cls, workload: Workload, bundle: ModelBundle, workdir: Path, threads: int) -> Runner | None:
+        """The uncompressed model (`bundle`) on this format's runtime, timed beside the baseline so a
+        report separates what the runtime buys from what compression buys; None on PyTorch itself."""
+        return None
 
     def describe(self) -> str:
         return self.format or "workload folder"
@@ -210,10 +233,10 @@ def inside(folder: Path, rel: Any, what: str = "file") -> Path:
     return path
 
 
-def load_saved(folder: Path, workload: Workload, threads: int) -> tuple[Runner, ModelBundle]:
-    """(runner, bundle) for a folder any registered format wrote; a folder without a format file is
-    ONNX (model.onnx) or the workload's own format. Formats register on import of their modules
-    (`slimcart.recipe.load_plugins()` imports them all)."""
+def saved_format(folder: Path) -> tuple[type[Artifact], dict]:
+    """The registered format class of a saved folder and its format-file contents; a folder without a
+    format file is ONNX (model.onnx) or the workload's own format. Formats register on import of their
+    modules (`slimcart.recipe.load_plugins()` imports them all)."""
     folder = Path(folder)
     meta = read_format(folder)
     if meta is None:
@@ -221,7 +244,13 @@ def load_saved(folder: Path, workload: Workload, threads: int) -> tuple[Runner, 
     cls = ARTIFACTS.get(meta["format"])
     if cls is None:
         raise SlimcartError(f"unknown slimcart model format '{meta['format']}' in {folder}")
-    return cls.load(folder, meta, workload, threads)
+    return cls, meta
+
+
+def load_saved(folder: Path, workload: Workload, threads: int) -> tuple[Runner, ModelBundle]:
+    """(runner, bundle) for a folder any registered format wrote (see `saved_format`)."""
+    cls, meta = saved_format(folder)
+    return cls.load(Path(folder), meta, workload, threads)
 
 
 # ---------------------------------------------------------------- what flows between recipe steps
@@ -290,6 +319,13 @@ class ModelState:
             raise SlimcartError(f"'{kind}' works on the PyTorch model: put it before export/quantization steps "
                                 f"(the model is already {self.artifact.describe() if self.artifact else 'gone'})")
         return self.bundle.module
+
+    def keep_teacher(self, ctx: StepContext, always: bool = False) -> None:
+        """Keep a frozen copy of the model as it is now as the teacher of a later `recover` / `distill`
+        step: once (the first lossy step's input is the teacher), and only when such a step may follow
+        (or `always`, for a step that trains against it itself): a copy of a 135M-parameter LLM is 0.5 GB."""
+        if self.teacher is None and (always or ctx.later("recover", "distill")):
+            self.teacher = copy.deepcopy(self.bundle.module).eval()
 
     def save(self, folder: Path, workload: Workload) -> None:
         """Write the current model: its artifact, or the workload's own folder."""

@@ -1,8 +1,10 @@
-"""Locating bundled models and the data root."""
+"""Where things live: bundled model packages, the data root (SLIMCART_DATA) and slimcart's own cache
+of trained checkpoints (SLIMCART_HOME). Each environment variable is read here and nowhere else."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from .errors import SlimcartError
@@ -16,12 +18,42 @@ def package_dir(dist_module: str) -> Path:
     return Path(spec.origin).parent
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_path(spec: str, aliases: dict) -> Path:
+    """A model the user named: an existing file or folder, or a Hugging Face id ("org/name") found in
+    the local Hugging Face cache. slimcart never downloads; a missing id gets the command that does."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        return p
+    if HUB_ID.match(spec):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(spec, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            raise SlimcartError(f"model '{spec}' is not in the local Hugging Face cache and slimcart does not download: "
+                                f"fetch it once with `huggingface-cli download {spec}` (or pass a folder)") from None
+    raise SlimcartError(f"unknown model '{spec}': not an alias ({', '.join(aliases)}), a folder, a file or a "
+                        "Hugging Face id (org/name)")
+
+
+def home() -> Path:
+    """slimcart's cache of checkpoints it trains (SASRec, distillation runs): $SLIMCART_HOME or ~/.cache/slimcart."""
+    return Path(os.environ.get("SLIMCART_HOME") or "~/.cache/slimcart").expanduser()
+
+
 def data_root() -> Path | None:
-    """The data root from SLIMCART_DATA, if set and existing."""
+    """The data root from SLIMCART_DATA (None when unset); set but missing is an error, not a silent
+    fall-back to synthetic data."""
     root = os.environ.get("SLIMCART_DATA")
-    if root and Path(root).is_dir():
-        return Path(root)
-    return None
+    if not root:
+        return None
+    if not Path(root).expanduser().is_dir():
+        raise SlimcartError(f"SLIMCART_DATA={root} is not a folder (unset it to use synthetic data)")
+    return Path(root).expanduser()
 
 
 def resolve_dataset(data: str | None, folder_name: str) -> Path | None:

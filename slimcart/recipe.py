@@ -45,8 +45,9 @@ def register_step(cls: type[Step]) -> type[Step]:
     return cls
 
 
-def _load_step_modules() -> None:
-    """Import every module of the technique and runtime packages so their @register_step classes exist."""
+def load_plugins() -> None:
+    """Import every module of the technique and runtime packages so their steps (@register_step) and
+    saved-model formats (@register_artifact) exist."""
     import pkgutil
 
     for pkg_name in STEP_PACKAGES:
@@ -58,9 +59,9 @@ def _load_step_modules() -> None:
 def parse_step(raw: Any) -> Step:
     if isinstance(raw, Step):
         return raw
-    if not isinstance(raw, dict) or "kind" not in raw:
-        raise SlimcartError(f"recipe step must be a mapping with a 'kind': {raw!r}")
-    _load_step_modules()
+    if not isinstance(raw, dict) or not isinstance(raw.get("kind"), str):
+        raise SlimcartError(f"recipe step must be a mapping with a 'kind' name: {str(raw)[:200]}")
+    load_plugins()
     cls = STEP_TYPES.get(raw["kind"])
     if cls is None:
         raise SlimcartError(f"unknown recipe step kind '{raw['kind']}' (known: {', '.join(sorted(STEP_TYPES))})")
@@ -69,7 +70,7 @@ def parse_step(raw: Any) -> Step:
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
-        raise SlimcartError(f"recipe step '{raw['kind']}': {loc}: {first['msg']}") from None
+        raise SlimcartError(f"recipe step '{raw['kind']}': {loc}: {first['msg']}"[:500]) from None
 
 
 class Recipe(BaseModel):
@@ -114,6 +115,32 @@ def builtin_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
+MAX_RECIPE_BYTES = 256 * 1024  # recipes are a few hundred bytes; refuse anything that could be a bomb
+
+
+def _safe_yaml(text: str, where: str) -> Any:
+    """YAML without anchors/aliases: a recipe has no use for them, and a few hundred bytes of nested
+    aliases expand to gigabytes ("billion laughs")."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise SlimcartError(f"recipe {where} is not valid YAML: {str(e).splitlines()[0]}") from None
+    seen, todo = set(), [node] if node is not None else []
+    while todo:
+        n = todo.pop()
+        if id(n) in seen:
+            raise SlimcartError(f"recipe {where} uses YAML anchors/aliases (& / *), which recipes may not contain")
+        seen.add(id(n))
+        if isinstance(n, yaml.SequenceNode):
+            todo += n.value
+        elif isinstance(n, yaml.MappingNode):
+            todo += [x for pair in n.value for x in pair]
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:  # e.g. a tag the safe loader does not construct (!!python/object)
+        raise SlimcartError(f"recipe {where} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """A built-in recipe by name, or a YAML file path."""
     p = Path(name_or_path)
@@ -121,15 +148,26 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         p = RECIPE_DIR / f"{name_or_path}.yaml"
     elif not p.exists():
         raise SlimcartError(f"unknown recipe '{name_or_path}' (built-in: {', '.join(builtin_recipes())}; or a YAML file path)")
+    if not p.is_file():
+        raise SlimcartError(f"recipe {p} is not a file")
+    if p.stat().st_size > MAX_RECIPE_BYTES:
+        raise SlimcartError(f"recipe {p} is larger than {MAX_RECIPE_BYTES // 1024} KB: not a recipe")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SlimcartError(f"recipe file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SlimcartError(f"recipe {p} is not UTF-8 text") from None
+    except OSError as e:
+        raise SlimcartError(f"cannot read recipe {p}: {e.strerror}") from None
+    return parse_recipe(_safe_yaml(text, str(p)), p.stem, p.name)
+
+
+def parse_recipe(raw: Any, default_name: str = "recipe", where: str = "recipe") -> Recipe:
+    """A Recipe from its dict form (what YAML gives): every field checked before any model loads."""
     if not isinstance(raw, dict):
-        raise SlimcartError(f"recipe file {p} must be a mapping with 'name' and 'steps'")
-    raw.setdefault("name", p.stem)
+        raise SlimcartError(f"recipe {where} must be a mapping with 'name' and 'steps'")
+    raw = {"name": default_name, **raw}
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
-        raise SlimcartError(f"recipe {p.name}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise SlimcartError(f"recipe {where}: {'.'.join(map(str, first['loc']))}: {first['msg']}"[:500]) from None

@@ -1,6 +1,6 @@
 """Peak resident memory of one side, measured in a fresh process so the other side's memory is not counted.
 
-    python -m slimcart.rss_probe --workload search --model minilm | --artifact OUT/model
+    python -m slimcart.rss_probe --workload search --model minilm | OUT/model | OUT
 Prints one JSON line: {"peak_rss_bytes": N}.
 """
 from __future__ import annotations
@@ -15,24 +15,19 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workload", required=True)
-    ap.add_argument("--model")
-    ap.add_argument("--artifact")
+    ap.add_argument("--model", required=True)
     ap.add_argument("--data")
     ap.add_argument("--threads", type=int)
     a = ap.parse_args(argv)
-    from .bench import default_threads, set_threads
+    from .api import load
+    from .bench import resolve_threads, set_threads
     from .workloads import get_workload
 
-    set_threads(a.threads or default_threads())
+    threads = resolve_threads(a.threads)
+    set_threads(threads)
     wl = get_workload(a.workload)
     data = wl.load_data(a.data)
-    if a.artifact:
-        from .formats import load_model_dir
-
-        runner, bundle = load_model_dir(wl, Path(a.artifact))
-    else:
-        bundle = wl.load_model(a.model)
-        runner = wl.torch_runner(bundle)
+    runner, bundle = load(wl, a.model, threads)
     inputs = wl.bench_inputs(bundle, data)
     for batch in inputs.serving[:4] + inputs.single[:4]:
         runner(batch)

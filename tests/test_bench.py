@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from slimcart.bench import dir_bytes, environment, measure_interleaved, paired_bootstrap, paired_ratio
-from slimcart.workloads.base import BenchInputs
+from slimcart.bench import environment, measure_interleaved, paired_bootstrap, paired_ratio
+from slimcart.contracts import BenchInputs
 
 
 def _sleeper(seconds):
@@ -40,12 +40,7 @@ def test_paired_ratio_is_median_of_per_round_ratios():
     assert paired_ratio([2, 4, 30], [1, 2, 3]) == pytest.approx(2.0)
 
 
-def test_dir_bytes_and_environment(tmp_path):
-    (tmp_path / "a.bin").write_bytes(b"x" * 10)
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "b.onnx").write_bytes(b"y" * 5)
-    assert dir_bytes(tmp_path) == 15
-    assert dir_bytes(tmp_path, (".onnx",)) == 5
+def test_environment():
     env = environment(2)
     assert env["threads"] == 2 and env["versions"]["torch"].startswith("2.")
 
@@ -64,3 +59,24 @@ def test_paired_bootstrap_point_and_interval():
     assert r["rel_change"] == pytest.approx(noisy.mean() / base.mean() - 1)
     with pytest.raises(ValueError):
         paired_bootstrap(base, base[:-1])
+
+
+def test_ratio_stats_hand_computed():
+    from slimcart.bench import ratio_stats
+
+    r = ratio_stats([2.0, 4.0, 6.0], [1.0, 2.0, 2.0])  # per-round ratios 2, 2, 3
+    assert r["rounds"] == [2.0, 2.0, 3.0] and r["median"] == 2.0
+    assert 2.0 <= r["ci95"][0] <= r["median"] <= r["ci95"][1] <= 3.0
+
+
+def test_reliability_marks_busy_machines_few_rounds_and_wide_spread():
+    from slimcart.bench import reliability
+
+    steady = {"throughput": {"median": 3.0, "ci95": [2.9, 3.1], "rounds": [3.0, 2.9, 3.1, 3.0, 3.0]}}
+    assert reliability(1.9, 2.1, 2, steady, threads=2) == {"reliable": True, "reasons": []}  # the benchmark's own load
+    busy = reliability(4.2, 4.4, 2, steady, threads=2)
+    assert not busy["reliable"] and "load average 4.4 on 2 CPUs" in busy["reasons"][0]
+    few = reliability(1.0, 1.0, 2, {"throughput": {"median": 3.0, "ci95": [3.0, 3.0], "rounds": [3.0]}}, threads=2)
+    assert not few["reliable"] and "only 1 timing round" in few["reasons"][0]
+    wide = reliability(1.0, 1.0, 2, {"throughput": {"median": 3.0, "ci95": [2.0, 12.0], "rounds": [2, 3, 12]}}, threads=2)
+    assert not wide["reliable"] and "varies from round to round" in wide["reasons"][0]

@@ -1,4 +1,5 @@
 """Bad input: one clear error line, exit code 2, nothing written, the input untouched."""
+import re
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,14 @@ def _run(args):
 
 
 def _assert_one_error(code, output, fragment):
+    """Exit 2, exactly one error line, no traceback; any other line is a timestamped progress line
+    (printed when output is not a terminal) that came before the error."""
     assert code == 2, output
     lines = [ln for ln in output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), output
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1].startswith("error:"), output
+    assert all(re.match(r"^\[\d\d:\d\d:\d\d \+\d+s\] ", ln) for ln in lines[:-1]), output
+    assert "Traceback" not in output
     assert fragment in " ".join(output.split()), output
 
 
@@ -41,7 +47,7 @@ def test_unknown_recipe(tmp_path):
 
 
 def test_recipe_for_other_workload(tmp_path):
-    code, out = _run(["compress", "-w", "recsys", "-m", "x", "-r", "int8-dynamic", "-o", str(tmp_path / "o")])
+    code, out = _run(["compress", "-w", "recsys", "-m", "x", "-r", "int8-static", "-o", str(tmp_path / "o")])
     _assert_one_error(code, out, "does not apply to workload 'recsys'")
 
 

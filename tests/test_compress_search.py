@@ -42,7 +42,7 @@ def test_compress_tiny_encoder_synthetic(tmp_path, tiny_encoder_dir, synthetic_d
     assert m["ratios"]["size"] < 0.4
     # the saved model reloads and agrees with the fp32 encoder
     wl = get_workload("search")
-    runner, bundle = api.load_any(wl, str(out))
+    runner, bundle = api.load(wl, str(out), threads=1)
     base = wl.load_model(str(tiny_encoder_dir))
     batch = wl.tokenize(bundle.tokenizer, ["red running shoes", "Acme coffee maker 12-cup"])
     cos = (runner(batch) * wl.torch_runner(base)(batch)).sum(1)
@@ -80,12 +80,12 @@ def test_cli_compress_eval_bench(tmp_path, tiny_encoder_dir, synthetic_data):
     assert "ndcg@10" in res.output and "SYNTHETIC" in res.output
     res = r.invoke(app, ["eval", "-w", "search", "-m", str(out), "--json"])
     assert res.exit_code == 0, res.output
-    q = json.loads(res.output)["quality"]
+    q = json.loads(res.stdout)["quality"]
     m = json.loads((out / "metrics.json").read_text())
     assert q["ndcg@10"] == pytest.approx(m["compressed"]["quality"]["ndcg@10"], abs=1e-6)
     res = r.invoke(app, ["bench", "-w", "search", "-m", str(out), "--repeats", "1", "--json"])
     assert res.exit_code == 0, res.output
-    b = json.loads(res.output)
+    b = json.loads(res.stdout)
     assert set(b["sides"]) == {"baseline", "model"} and b["ratios"]["throughput"] > 0
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from slimcart.compress.distill import losses as L
+from slimcart import losses as L
 from slimcart.errors import SlimcartError
 
 LN3 = math.log(3.0)

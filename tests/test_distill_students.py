@@ -36,7 +36,7 @@ def test_bert_layer_drop_copies_layers_and_reloads(tmp_path, tiny_encoder_dir):
 def test_llama_layer_drop_generates(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slimcart.workloads.llm import CausalLM
+    from slimcart.models.causal_lm import CausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -63,7 +63,7 @@ def test_bad_layer_choices():
         students.drop_layers(m, [0, 2])
     with pytest.raises(SlimcartError, match="distinct"):
         students.drop_layers(m, [1, 1])
-    with pytest.raises(SlimcartError, match="layer stack"):
+    with pytest.raises(SlimcartError, match="knows the structure"):
         students.drop_layers(torch.nn.Linear(2, 2), [0])
 
 

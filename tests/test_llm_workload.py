@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from slimcart import api
 from slimcart.errors import SlimcartError
 from slimcart.workloads import synthetic
 from slimcart.workloads.llm import LlmWorkload, parse_blitzer, split_of
@@ -228,7 +229,7 @@ def test_bench_calibration_and_example_shapes(tiny, text_data):
     assert 1 <= len(calib) <= 3 and all(b["input_ids"].shape[0] == 1 and b["input_ids"].shape[1] <= 512 for b in calib)
     logits = wl.torch_runner(bundle)(wl.example_batch(bundle))
     assert logits.shape[:2] == wl.example_batch(bundle)["input_ids"].shape and logits.dtype == np.float32
-    spec = wl.onnx_spec(bundle)
+    spec = wl.export_spec(bundle)
     assert spec["output_name"] == "logits" and set(spec["dynamic_axes"]) == {"input_ids", "logits"}
 
 
@@ -236,7 +237,7 @@ def test_save_and_load_artifact_roundtrip(tiny, tmp_path):
     wl, bundle, _ = tiny
     wl.save_model(bundle, tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").exists()
-    runner, loaded = wl.load_artifact(tmp_path / "out")
+    runner, loaded = api.load(wl, tmp_path / "out", threads=1)
     batch = wl.example_batch(bundle)
     np.testing.assert_allclose(runner(batch), wl.torch_runner(bundle)(batch), rtol=1e-6, atol=1e-6)
     assert loaded.tokenizer.eos_token_id == bundle.tokenizer.eos_token_id
@@ -257,6 +258,6 @@ def test_smollm2_perplexity_on_real_reviews(tmp_path):
     # The GGUF-loaded model is an ordinary fp32 model: it saves as HF safetensors and reloads identically.
     wl.save_model(bundle, tmp_path / "hf")
     assert not (tmp_path / "hf" / "model.safetensors").is_symlink()
-    runner, loaded = wl.load_artifact(tmp_path / "hf")
+    runner, loaded = api.load(wl, tmp_path / "hf", threads=1)
     batch = wl.example_batch(bundle)
     np.testing.assert_allclose(runner(batch), wl.torch_runner(bundle)(batch), rtol=1e-5, atol=1e-5)

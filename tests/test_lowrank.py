@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from slimcart import formats
+from slimcart.contracts import load_saved
+from slimcart.recipe import load_plugins
 from slimcart.compress import lowrank as LR
-from slimcart.compress.state import ModelState, StepContext
+from slimcart.contracts import ModelState, StepContext
 from slimcart.errors import SlimcartError
 from slimcart.workloads import get_workload
 
@@ -34,7 +35,7 @@ def test_truncation_error_is_the_discarded_singular_values(rank):
     W = lin.weight.detach().numpy().astype(np.float64)
     sigma = np.linalg.svd(W, compute_uv=False)  # numpy, independent of the torch SVD used inside
     fac = LR.factorize_layer(lin, rank)
-    err = np.linalg.norm(W - fac.dense_weight().detach().numpy(), "fro")
+    err = np.linalg.norm(W - (fac.up.weight @ fac.down.weight).detach().numpy(), "fro")
     assert err == pytest.approx(np.sqrt(np.sum(sigma[rank:] ** 2)), rel=1e-4)
     assert torch.equal(fac.up.bias, lin.bias)  # the bias is carried, not approximated
 
@@ -83,7 +84,9 @@ def test_budget_allocation_meets_budget_and_follows_sensitivity():
 def test_measured_damage_curves(tiny_encoder_dir, synthetic_data):
     wl = get_workload("search")
     b = wl.load_model(str(tiny_encoder_dir))
-    layers = LR.find_layers(b.module, ["*layer.0.attention.self.query", "*layer.1.output.dense"], [], False)
+    from slimcart.arch import LayerSelect
+
+    layers = LayerSelect(targets=["*layer.0.attention.self.query", "*layer.1.output.dense"]).pick(b.module, untied=True)
     batches = wl.calibration_batches(b, wl.load_data(None), 2)
     before = {k: v.clone() for k, v in b.module.state_dict().items()}
     curves = LR.damage_curves(b.module, layers, batches)
@@ -94,7 +97,7 @@ def test_measured_damage_curves(tiny_encoder_dir, synthetic_data):
 
 
 def _ctx(wl, data, tmp_path):
-    return StepContext(workload=wl, data=data, workdir=tmp_path)
+    return StepContext(workload=wl, data=data, workdir=tmp_path, threads=1)
 
 
 def test_lowrank_step_saves_reloads_and_exports(tmp_path, tiny_encoder_dir, synthetic_data):
@@ -108,21 +111,21 @@ def test_lowrank_step_saves_reloads_and_exports(tmp_path, tiny_encoder_dir, synt
     step = parse_step({"kind": "lowrank", "targets": ["*encoder.layer.*"], "keep_params": 0.5, "granularity": 4,
                        "sensitivity": "measured", "calibration_batches": 1})
     state = step.apply(state, _ctx(wl, data, tmp_path))
-    info = state.extra["lowrank"]
+    info = state.reports["lowrank"]
     assert info["params_after"] <= 0.5 * info["params_before"]
     assert any(isinstance(m, LR.LowRankLinear) for m in bundle.module.modules())
     batch = wl.example_batch(bundle)
     want = wl.torch_runner(bundle)(batch)
 
     folder = tmp_path / "saved"
-    state.saver(folder)
-    runner, again = formats.load_model_dir(wl, folder)
+    state.save(folder, wl)
+    runner, again = load_saved(folder, wl, 1)
     assert LR.factorized_ranks(again.module) == LR.factorized_ranks(bundle.module)
     np.testing.assert_allclose(runner(batch), want, atol=1e-5)
 
     from slimcart.runtime.onnx_runtime import export_onnx
 
-    spec = wl.onnx_spec(bundle)
+    spec = wl.export_spec(bundle)
     path = export_onnx(bundle.module, spec["example"], tmp_path / "m.onnx", spec["dynamic_axes"], spec["output_name"])
     np.testing.assert_allclose(OnnxRunner(path, threads=1)(batch), want, atol=1e-4)
 
@@ -134,12 +137,12 @@ def test_lowrank_overrides_and_bad_rank(tmp_path, tiny_encoder_dir, synthetic_da
     bundle = wl.load_model(str(tiny_encoder_dir))
     ctx = _ctx(wl, wl.load_data(None), tmp_path)
     step = parse_step({"kind": "lowrank", "targets": ["*encoder.layer.*"], "mode": "energy", "energy": 0.99,
-                       "overrides": [{"pattern": "*intermediate.dense", "rank": 16}, {"pattern": "*.query", "skip": True}]})
+                       "overrides": {"*intermediate.dense": {"rank": 16}, "*.query": {"skip": True}}})
     step.apply(ModelState(bundle=bundle), ctx)
     ranks = LR.factorized_ranks(bundle.module)
     assert all(r == 16 for n, r in ranks.items() if n.endswith("intermediate.dense"))
     assert not any(n.endswith(".query") for n in ranks)
-    bad = parse_step({"kind": "lowrank", "overrides": [{"pattern": "*intermediate.dense", "rank": 999}]})
+    bad = parse_step({"kind": "lowrank", "overrides": {"*intermediate.dense": {"rank": 999}}})
     with pytest.raises(SlimcartError, match="rank 999"):
         bad.apply(ModelState(bundle=wl.load_model(str(tiny_encoder_dir))), ctx)
     with pytest.raises(SlimcartError, match="no Linear"):
@@ -159,7 +162,9 @@ def test_sasrec_embedding_factorization_round_trip(tmp_path):
     LR.factorize(bundle.module, {"item_emb": 8, "blocks.0.fc1": 4})
     seq = {"seq": np.array([[0, 0, 0, 3, 4, 5, 6, 7]])}
     want = wl.torch_runner(bundle)(seq)
-    LR.save_lowrank(wl, bundle, tmp_path / "out")
-    runner, again = formats.load_model_dir(wl, tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    LR.LowRankFolder().save(tmp_path / "out", wl, bundle)
+    load_plugins()
+    runner, again = load_saved(tmp_path / "out", wl, 1)
     assert isinstance(again.module.item_emb, LR.LowRankEmbedding)
     np.testing.assert_allclose(runner(seq), want, atol=1e-5)

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from slimcart.compress.prune import RecoverConfig, StructuredConfig, prune, recover
-from slimcart.compress.prune.recover import task_loss
-from slimcart.compress.state import ModelState, StepContext
+from slimcart.contracts import ModelState, StepContext
 from slimcart.recipe import parse_step
 from slimcart.workloads import get_workload
-from slimcart.workloads.base import ModelBundle
+from slimcart.contracts import ModelBundle
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _ctx(tmp_path, tiny_encoder_dir):
     wl = get_workload("search")
     bundle = wl.load_model(str(tiny_encoder_dir))
-    return wl, bundle, StepContext(workload=wl, data=wl.load_data(None), workdir=tmp_path)
+    return wl, bundle, StepContext(workload=wl, data=wl.load_data(None), workdir=tmp_path, threads=1)
 
 
 def test_distillation_recovers_toward_the_teacher(tmp_path, tiny_encoder_dir, synthetic_data):
@@ -73,7 +72,7 @@ def test_recsys_task_loss_goes_down():
     seqs[:, 1::2] = seqs[:, ::2] % 30 + 1  # a learnable rule: item i is followed by item i + 1
     seqs[:3, :3] = 0
     batches = [{"seq": seqs}]
-    loss = task_loss("recsys", bundle)
+    loss = get_workload("recsys").task_loss(bundle)
     prune(model, StructuredConfig(hidden=0.25, ffn=0.5, criterion="magnitude"))
     rep = recover(model, batches, RecoverConfig(method="task", steps=60, lr=1e-2, calibration_batches=1), task=loss)
     assert rep["loss_last_10pct"] < 0.8 * rep["loss_first_10pct"]
@@ -86,7 +85,7 @@ def test_prune_keeps_a_dense_copy_only_when_a_later_step_can_use_it(tmp_path, ti
     for later, kept in (((), False), (("export_onnx",), False), (("recover",), True), (("distill",), True), (None, True)):
         ctx.later_steps = later
         state = step.apply(ModelState(bundle=replace(bundle, module=copy.deepcopy(bundle.module))), ctx)
-        assert ("dense_teacher" in state.extra) is kept, later
+        assert (state.teacher is not None) is kept, later
         if kept:  # the copy is the model before pruning, not the pruned one
-            got = dict(state.extra["dense_teacher"].named_parameters())
+            got = dict(state.teacher.named_parameters())
             assert all(torch.equal(got[n], p) for n, p in dense.items())

@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from slimcart import api, formats
+from slimcart import api
+from slimcart.contracts import FORMAT_FILE, load_saved
+from slimcart.recipe import load_plugins
 from slimcart.compress.prune import SparsityConfig, StructuredConfig, prune
-from slimcart.compress.prune.storage import decode_sparse, encode_sparse, sparse_saver, structured_saver
+from slimcart.compress.prune.storage import SparseBitmask, StructuredHF, decode_sparse, encode_sparse
 from slimcart.recipe import Recipe
 from slimcart.workloads import get_workload
+
+load_plugins()  # every saved-model format registered
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,16 +62,17 @@ def test_head_pruned_encoder_saves_reloads_and_exports(tmp_path, tiny_encoder_di
     prune(bundle.module, StructuredConfig(heads=0.5, ffn=0.5), calib)
     want = wl.torch_runner(bundle)(batch)
     folder = tmp_path / "m"
-    structured_saver(wl, bundle)(folder)
+    folder.mkdir()
+    StructuredHF().save(folder, wl, bundle)
     assert not any(f.endswith(PICKLE_SUFFIXES) for f in _files(folder))
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["slimcart_structure"] == {"heads": [2, 2], "intermediate": [64, 64], "dense_heads": 4}
     assert cfg["num_attention_heads"] == 2  # the real count: exporters read it
-    runner, loaded = formats.load_model_dir(wl, folder)
+    runner, loaded = load_saved(folder, wl, 1)
     np.testing.assert_allclose(runner(batch), want, rtol=1e-5, atol=1e-6)
     assert loaded.module.transformer.encoder.layer[0].attention.self.query.weight.shape == (32, 64)
     assert loaded.source == folder
-    spec = wl.onnx_spec(loaded)
+    spec = wl.export_spec(loaded)
     export_onnx(loaded.module, spec["example"], tmp_path / "m.onnx", spec["dynamic_axes"], spec["output_name"])
     np.testing.assert_allclose(OnnxRunner(tmp_path / "m.onnx", threads=1)(batch), want, rtol=1e-4, atol=1e-5)
 
@@ -78,8 +83,8 @@ def test_uniform_ffn_pruning_is_a_stock_hf_folder(tmp_path, tiny_encoder_dir):
     prune(bundle.module, StructuredConfig(ffn=0.5, criterion="magnitude"))
     want = wl.torch_runner(bundle)(batch)
     wl.save_model(bundle, tmp_path / "m")
-    assert not (tmp_path / "m" / formats.FORMAT_FILE).exists()
-    runner, _ = wl.load_artifact(tmp_path / "m")  # the workload's own loader: AutoModel.from_pretrained
+    assert not (tmp_path / "m" / FORMAT_FILE).exists()
+    runner, _ = load_saved(tmp_path / "m", wl, 1)  # no format file: the workload's own loader, AutoModel.from_pretrained
     np.testing.assert_allclose(runner(batch), want, rtol=1e-5, atol=1e-6)
     assert json.loads((tmp_path / "m" / "config.json").read_text())["intermediate_size"] == 64
 
@@ -92,9 +97,10 @@ def test_sparse_bitmask_folder_is_smaller_and_reloads(tmp_path, tiny_encoder_dir
     prune(bundle.module, SparsityConfig(sparsity=0.5))
     want = wl.torch_runner(bundle)(batch)
     folder = tmp_path / "sparse"
-    sparse_saver(wl, bundle)(folder)
+    folder.mkdir()
+    SparseBitmask(None).save(folder, wl, bundle)
     assert "model.sparse.safetensors" in _files(folder) and "model.safetensors" not in _files(folder)
-    runner, _ = formats.load_model_dir(wl, folder)
+    runner, _ = load_saved(folder, wl, 1)
     np.testing.assert_array_equal(runner(batch), want)
     # Linear weights are ~1/4 of this tiny model (its 30k-token embedding dominates): expect a real but modest cut
     dense_b, sparse_b = (dense_dir / "model.safetensors").stat().st_size, (folder / "model.sparse.safetensors").stat().st_size
@@ -108,10 +114,11 @@ def test_structured_then_sparse_nests(tmp_path, tiny_encoder_dir):
     prune(bundle.module, StructuredConfig(heads=0.5, criterion="magnitude"))
     prune(bundle.module, SparsityConfig(pattern="2:4"))
     want = wl.torch_runner(bundle)(batch)
-    sparse_saver(wl, bundle, inner=structured_saver(wl, bundle))(tmp_path / "m")
-    meta = json.loads((tmp_path / "m" / formats.FORMAT_FILE).read_text())
+    (tmp_path / "m").mkdir()
+    SparseBitmask(StructuredHF()).save(tmp_path / "m", wl, bundle)
+    meta = json.loads((tmp_path / "m" / FORMAT_FILE).read_text())
     assert meta["format"] == "sparse-bitmask" and meta["inner"]["format"] == "structured-hf"
-    runner, _ = formats.load_model_dir(wl, tmp_path / "m")
+    runner, _ = load_saved(tmp_path / "m", wl, 1)
     np.testing.assert_array_equal(runner(batch), want)
 
 
@@ -128,7 +135,7 @@ def test_compress_structured_recipe_end_to_end(tmp_path, tiny_encoder_dir, synth
     assert m["compressed"]["runtime"] == "torch" and not m["size_only"]
     assert any("structured pruning" in n for n in m["notes"]) and any("recovery" in n for n in m["notes"])
     assert m["ratios"]["size"] < 1
-    assert json.loads((tmp_path / "out" / "model" / formats.FORMAT_FILE).read_text())["format"] == "structured-hf"
+    assert json.loads((tmp_path / "out" / "model" / FORMAT_FILE).read_text())["format"] == "structured-hf"
 
 
 def test_compress_oneshot_prune_then_distill_recovery_keeps_sparsity(tmp_path, tiny_encoder_dir, synthetic_data):
@@ -139,7 +146,7 @@ def test_compress_oneshot_prune_then_distill_recovery_keeps_sparsity(tmp_path, t
     ])
     m = api.compress("search", str(tiny_encoder_dir), rec, tmp_path / "out", repeats=1, measure_rss=False)
     assert m["size_only"] and any("recovery (distill)" in n for n in m["notes"])
-    _, bundle = formats.load_model_dir(get_workload("search"), tmp_path / "out" / "model")
+    _, bundle = api.load("search", tmp_path / "out", threads=1)
     lins = [mod for n, mod in bundle.module.named_modules() if isinstance(mod, torch.nn.Linear) and ".layer." in n]
     assert lins and all(int((lin.weight == 0).sum()) == lin.weight.numel() // 2 for lin in lins)
 

@@ -40,7 +40,7 @@ def _bert_batches(n=3, seed=0):
 def _llama(seed=0, layers=3):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slimcart.workloads.llm import CausalLM
+    from slimcart.models.causal_lm import CausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=6,

@@ -315,18 +315,16 @@ def test_search_recipes_refuse_other_workloads(name):
 
 
 def test_torch_compile_step_saves_a_reloadable_folder(tmp_path, tiny_encoder_dir):
-    from slimcart import formats
-    from slimcart.compress.state import ModelState, StepContext
+    from slimcart.contracts import ModelState, StepContext, load_saved
     from slimcart.recipe import parse_step
     from slimcart.runtime.torch_compile import CompiledTorchRunner
     from slimcart.workloads import get_workload
 
     wl = get_workload("search")
     bundle = wl.load_model(str(tiny_encoder_dir))
-    state = parse_step({"kind": "torch_compile"}).apply(ModelState(bundle=bundle), StepContext(wl, None, tmp_path))
-    state.saver(tmp_path / "out")
-    wl.save_extras(bundle, tmp_path / "out")
-    runner, b2 = formats.load_model_dir(wl, tmp_path / "out")
+    state = parse_step({"kind": "torch_compile"}).apply(ModelState(bundle=bundle), StepContext(wl, None, tmp_path, 1))
+    state.save(tmp_path / "out", wl)
+    runner, b2 = load_saved(tmp_path / "out", wl, 1)
     assert isinstance(runner, CompiledTorchRunner) and runner.runtime == "torch-compile-bf16"
     for k, v in bundle.module.state_dict().items():  # fp32 weights saved unchanged (compiling happens at load)
         assert torch.equal(v, b2.module.state_dict()[k])

@@ -43,4 +43,4 @@ def test_unknown_recipe_name():
 
 def test_recipe_refuses_other_workload():
     with pytest.raises(SlimcartError, match="does not apply to workload 'llm'"):
-        load_recipe("int8-dynamic").check_workload("llm")
+        load_recipe("int8-static").check_workload("llm")

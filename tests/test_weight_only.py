@@ -12,10 +12,10 @@ import torch
 from slimcart.compress.quantize.awq import search_clip, search_scale
 from slimcart.compress.quantize.calib_stats import InputStats, collect_stats
 from slimcart.compress.quantize.gptq import fit_group, gptq
-from slimcart.compress.quantize.int4_kernels import GraphBuilder, OrtLLMRunner, TorchInt4Linear, torch_int4_model
+from slimcart.runtime.llm_kernels import GraphBuilder, OrtLLMRunner, TorchInt4Linear, torch_int4_model
 from slimcart.compress.quantize.kmeans import kmeans_rows
 from slimcart.compress.quantize.weight_only import WeightSpec, fake_cols, fit_params, layer_inputs, rtn
-from slimcart.compress.quantize.wq_format import load_packed, pack_bits, save_packed, to_torch, unpack_bits
+from slimcart.runtime.packed_llm import load_packed, pack_bits, save_packed, to_torch, unpack_bits
 from slimcart.errors import SlimcartError
 
 
@@ -162,8 +162,8 @@ def test_awq_step_runs_and_beats_rtn_on_tiny_llama():
 
     from slimcart.compress.quantize.awq import AWQStep
     from slimcart.compress.quantize.weight_only import WeightOnlyRTN
-    from slimcart.compress.state import ModelState
-    from slimcart.workloads.base import ModelBundle
+    from slimcart.contracts import ModelState
+    from slimcart.contracts import ModelBundle
 
     def run(step):
         model = _tiny_llama(seed=3)
@@ -218,7 +218,7 @@ def test_packed_save_load_is_bit_exact(tmp_path):
                 x, y = getattr(a, attr), getattr(b, attr)
                 assert (x is None and y is None) or (attr == "scale" and a.codebook is not None) or torch.equal(x, y), (n, attr)
         # bytes reflect the bits: 4-bit codes are half a byte per weight
-        size = (tmp_path / tag / "model.safetensors").stat().st_size
+        size = (tmp_path / tag / "slimcart-wq.safetensors").stat().st_size
         fp32 = sum(p.numel() * 4 for p in model.parameters())
         assert size < 0.45 * fp32
 
@@ -278,7 +278,7 @@ def test_ort_graph_and_torch_int4_match_hf_model(tmp_path):
 
 
 def test_compute_choice_is_saved_and_selects_the_kernel(tmp_path):
-    from slimcart.compress.quantize.int4_kernels import make_runner
+    from slimcart.runtime.llm_kernels import make_runner
 
     model = _tiny_llama(tied=True)
     q = _rtn_all(model, WeightSpec(bits=4, group_size=64, partial_last_group=True))
@@ -294,7 +294,7 @@ def test_compute_choice_is_saved_and_selects_the_kernel(tmp_path):
         errs[compute] = np.abs(out - ref).max() / np.abs(ref).max()
     assert errs["fp32"] < 1e-5 < errs["int8"] < 0.05  # fp32: the weights' own error only
     with pytest.raises(SlimcartError, match="compute"):
-        make_runner(packed, compute="fp8")
+        make_runner(packed, 1, compute="fp8")
 
 
 # ---------------------------------------------------------------- bad input

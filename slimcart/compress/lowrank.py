@@ -12,17 +12,10 @@ taken as the share of the layer's singular-value energy discarded.
 
 Saving: an HF/SASRec config cannot say "two Linears here", so the result is the workload's usual
 folder (weights under their factorized names) plus `slimcart-format.json` {"format": "lowrank",
-"ranks": ...}; the registered loader rebuilds the dense-shaped model through the workload's own
-loader, then swaps the factorized layers back in with the saved weights (see `load_lowrank`).
-An `export_onnx` step after `lowrank` gives a plain ONNX file instead.
+"ranks": ...} (`LowRankFolder`). An `export_onnx` step after `lowrank` gives a plain ONNX file instead.
 """
 from __future__ import annotations
 
-import copy
-import fnmatch
-import json
-import math
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -32,8 +25,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..arch import LayerSelect, first_match, run_batch
+from ..contracts import FORMAT_FILE, Artifact, inside, register_artifact, write_format
 from ..errors import SlimcartError
-from ..formats import register_format, write_format
+from ..outputs import copy_files
 from ..recipe import Step, register_step
 
 
@@ -51,9 +46,6 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x):
         return self.up(self.down(x))
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.up.weight @ self.down.weight
 
 
 class LowRankEmbedding(nn.Module):
@@ -73,9 +65,6 @@ class LowRankEmbedding(nn.Module):
 
     def forward(self, ids):
         return self.proj(self.codes(ids))
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.weight
 
 
 def _matrix(layer: nn.Module) -> torch.Tensor:
@@ -140,27 +129,9 @@ def _set(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, new)
 
 
-def find_layers(module: nn.Module, targets: list[str], exclude: list[str], embeddings: bool) -> dict[str, nn.Module]:
-    """Linear (and optionally Embedding) layers whose names match `targets` and not `exclude`; layers
-    whose weight is shared with another module (tied LM head / input embeddings) are left alone."""
-    owners: dict[int, int] = {}
-    for _, m in module.named_modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            owners[id(m.weight)] = owners.get(id(m.weight), 0) + 1
-    kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
-    return {name: m for name, m in module.named_modules()
-            if isinstance(m, kinds) and owners[id(m.weight)] == 1
-            and any(fnmatch.fnmatchcase(name, p) for p in targets) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)}
-
-
 def _outputs(module: nn.Module, batches: list) -> list[torch.Tensor]:
-    outs = []
     with torch.inference_mode():
-        for b in batches:
-            out = module(**{k: torch.as_tensor(v) for k, v in b.items()})
-            out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
-            outs.append(out.float())
-    return outs
+        return [run_batch(module, b).float() for b in batches]
 
 
 PROBES = (0.75, 0.5, 0.375, 0.25, 0.125, 0.0)  # fractions of the full rank at which damage is measured
@@ -263,86 +234,92 @@ def _weight_prefix(module: nn.Module, saved_keys: set[str]) -> str:
     raise SlimcartError("cannot match the saved weight names to the factorized model's layers")
 
 
-def save_lowrank(workload, bundle, folder: Path) -> None:
-    """The workload's own folder (factorized weights inside) plus the format file naming the ranks."""
-    from safetensors import safe_open
+@register_artifact
+class LowRankFolder(Artifact):
+    """The workload's own folder (factorized weights inside, under their two-Linear names) plus the
+    format file naming the ranks. Loading rebuilds the dense-shaped model through the workload's
+    loader from a dense copy of the weights, then swaps the saved factors back in: the reloaded
+    model is the saved two-Linear model, weight for weight."""
 
-    workload.save_model(bundle, folder)
-    ranks = factorized_ranks(bundle.module)
-    if not ranks:
-        return
-    weights = folder / "model.safetensors"
-    if not weights.exists():
-        raise SlimcartError(f"low-rank saving expects {weights} from the workload's save_model")
-    with safe_open(str(weights), "pt") as f:
-        keys = set(f.keys())
-    write_format(folder, "lowrank", ranks=ranks, prefix=_weight_prefix(bundle.module, keys), weights=weights.name)
+    format = "lowrank"
+    in_torch = True
 
+    def save(self, folder: Path, workload, bundle) -> None:
+        from safetensors import safe_open
 
-@register_format("lowrank")
-def load_lowrank(workload, folder: Path, meta: dict):
-    """Rebuild through the workload's loader from a dense copy of the weights, then put the saved
-    factors back: the reloaded model is the saved two-Linear model, weight for weight."""
-    from safetensors.torch import load_file, save_file
+        workload.save_model(bundle, folder)
+        ranks = factorized_ranks(bundle.module)
+        if not ranks:
+            return
+        weights = folder / "model.safetensors"
+        if not weights.exists():
+            raise SlimcartError(f"low-rank saving expects {weights} from the workload's save_model")
+        with safe_open(str(weights), "pt") as f:
+            keys = set(f.keys())
+        write_format(folder, self.format, ranks=ranks, prefix=_weight_prefix(bundle.module, keys), weights=weights.name)
 
-    folder, prefix, ranks = Path(folder), meta.get("prefix", ""), meta["ranks"]
-    saved = load_file(str(folder / meta.get("weights", "model.safetensors")))
-    dense = dict(saved)
-    for name, _ in ranks.items():
-        base = (name[len(prefix):] if name.startswith(prefix) else name) + "."
-        if base + "down.weight" in saved:
-            dense[base + "weight"] = saved[base + "up.weight"] @ saved[base + "down.weight"]
-            if base + "up.bias" in saved:
-                dense[base + "bias"] = saved[base + "up.bias"]
-            for k in ("down.weight", "up.weight", "up.bias"):
-                dense.pop(base + k, None)
-        elif base + "codes.weight" in saved:
-            dense[base + "weight"] = saved[base + "codes.weight"] @ saved[base + "proj.weight"].T
-            dense.pop(base + "codes.weight"), dense.pop(base + "proj.weight")
-        else:
-            raise SlimcartError(f"{folder}: factorized layer {name} is missing from the weights")
-    tmp = Path(tempfile.mkdtemp(prefix="slimcart-lowrank-"))
-    try:
-        for p in folder.iterdir():
-            if p.name not in ("model.safetensors", "slimcart-format.json"):
-                (tmp / p.name).symlink_to(p.resolve())
-        save_file({k: v.contiguous() for k, v in dense.items()}, str(tmp / "model.safetensors"))
-        bundle = workload.load_model(str(tmp))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    module = bundle.module
-    for name, r in ranks.items():
-        layer = module.get_submodule(name)
-        new = (LowRankLinear(layer.in_features, layer.out_features, r, layer.bias is not None)
-               if isinstance(layer, nn.Linear) else LowRankEmbedding(layer.num_embeddings, layer.embedding_dim, r, layer.padding_idx))
-        _set(module, name, new.to(layer.weight.dtype))
-    factors = {k: v for k, v in saved.items() if any(k.startswith(n[len(prefix):] + ".") for n in ranks)}
-    result = module.load_state_dict({prefix + k: v for k, v in factors.items()}, strict=False)
-    missing = [k for k in result.missing_keys if any(k.startswith(n + ".") for n in ranks)]
-    if missing or result.unexpected_keys:
-        raise SlimcartError(f"{folder}: factorized weights do not match the model ({(missing + result.unexpected_keys)[:3]})")
-    bundle.module, bundle.source, bundle.name = module.eval(), folder, str(folder)
-    return workload.torch_runner(bundle), bundle
+    @classmethod
+    def load(cls, folder: Path, meta: dict, workload, threads: int):
+        from safetensors.torch import load_file, save_file
+
+        prefix, ranks = meta.get("prefix", ""), meta.get("ranks")
+        if not isinstance(prefix, str) or not isinstance(ranks, dict) or not all(
+                isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks.values()):
+            raise SlimcartError(f"{folder / FORMAT_FILE}: 'ranks' must map layer names to positive whole numbers")
+        saved = load_file(str(inside(folder, meta.get("weights", "model.safetensors"), "weights")))
+        dense = dict(saved)
+        for name in ranks:
+            base = (name[len(prefix):] if name.startswith(prefix) else name) + "."
+            if base + "down.weight" in saved and base + "up.weight" in saved:
+                dense[base + "weight"] = saved[base + "up.weight"] @ saved[base + "down.weight"]
+                if base + "up.bias" in saved:
+                    dense[base + "bias"] = saved[base + "up.bias"]
+                for k in ("down.weight", "up.weight", "up.bias"):
+                    dense.pop(base + k, None)
+            elif base + "codes.weight" in saved and base + "proj.weight" in saved:
+                dense[base + "weight"] = saved[base + "codes.weight"] @ saved[base + "proj.weight"].T
+                dense.pop(base + "codes.weight"), dense.pop(base + "proj.weight")
+            else:
+                raise SlimcartError(f"{folder}: factorized layer {name} is missing from the weights")
+        with tempfile.TemporaryDirectory(prefix="slimcart-lowrank-") as tmp:
+            tmp = Path(tmp)
+            copy_files(folder, tmp, lambda rel: rel.name not in ("model.safetensors", FORMAT_FILE))
+            save_file({k: v.contiguous() for k, v in dense.items()}, str(tmp / "model.safetensors"))
+            bundle = workload.load_model(str(tmp))
+        module = bundle.module
+        for name, r in ranks.items():
+            try:
+                layer = module.get_submodule(name)
+            except AttributeError:
+                raise SlimcartError(f"{folder}: the model has no layer {name!r} named in {FORMAT_FILE}") from None
+            new = (LowRankLinear(layer.in_features, layer.out_features, r, layer.bias is not None)
+                   if isinstance(layer, nn.Linear) else LowRankEmbedding(layer.num_embeddings, layer.embedding_dim, r, layer.padding_idx))
+            _set(module, name, new.to(layer.weight.dtype))
+        factors = {k: v for k, v in saved.items() if any(k.startswith(n[len(prefix):] + ".") for n in ranks)}
+        result = module.load_state_dict({prefix + k: v for k, v in factors.items()}, strict=False)
+        missing = [k for k in result.missing_keys if any(k.startswith(n + ".") for n in ranks)]
+        if missing or result.unexpected_keys:
+            raise SlimcartError(f"{folder}: factorized weights do not match the model ({(missing + result.unexpected_keys)[:3]})")
+        bundle.module, bundle.source, bundle.name = module.eval(), folder, str(folder)
+        return workload.torch_runner(bundle), bundle
 
 
 # ---------------------------------------------------------------- recipe step
-class LayerOverride(BaseModel):
-    """Per-layer setting by fnmatch pattern on module names: a fixed rank, an energy, or skip."""
+class RankRule(BaseModel):
+    """A per-layer setting: a fixed rank, an energy, or skip (leave dense)."""
 
     model_config = ConfigDict(extra="forbid")
-    pattern: str
     rank: int | None = Field(None, ge=1)
     energy: float | None = Field(None, gt=0, le=1)
     skip: bool = False
 
 
 @register_step
-class LowRank(Step):
-    """Truncated-SVD factorization of Linear layers (optionally embeddings) by energy or parameter budget."""
+class LowRank(LayerSelect, Step):
+    """Truncated-SVD factorization of Linear layers (optionally embeddings) by energy or parameter budget.
+    Layers: `targets` / `exclude`; `overrides` maps a pattern to a RankRule (first match wins)."""
 
     kind: Literal["lowrank"] = "lowrank"
-    targets: list[str] = ["*"]
-    exclude: list[str] = []
     embeddings: bool = False
     mode: Literal["energy", "budget"] = "budget"
     energy: float = Field(0.9, gt=0, le=1)
@@ -350,15 +327,15 @@ class LowRank(Step):
     sensitivity: Literal["measured", "spectrum"] = "measured"
     calibration_batches: int = Field(4, ge=1)
     granularity: int = Field(8, ge=1)
-    overrides: list[LayerOverride] = []
-    keep_teacher: bool = True  # keep the unfactorized model for a following `distill` recovery step
+    overrides: dict[str, RankRule] = {}
 
     def apply(self, state, ctx):
-        module = state.bundle.module
-        layers = find_layers(module, self.targets, self.exclude, self.embeddings)
+        module = state.torch_module(self.kind)
+        # a weight shared by two modules (tied LM head / input embedding) cannot be factorized for one of them
+        layers = self.pick(module, (nn.Linear, nn.Embedding) if self.embeddings else (nn.Linear,), untied=True)
         fixed: dict[str, int | None] = {}
         for name, layer in list(layers.items()):
-            rule = next((o for o in self.overrides if fnmatch.fnmatchcase(name, o.pattern)), None)
+            rule = first_match(name, self.overrides)
             if rule is None:
                 continue
             if rule.skip:
@@ -386,25 +363,13 @@ class LowRank(Step):
         ranks.update(fixed)
         all_layers = {**layers, **{n: module.get_submodule(n) for n in fixed}}
         before = sum(dense_params(m) for m in all_layers.values())
-        if self.keep_teacher:
-            state.extra["teacher"] = copy.deepcopy(module).eval()
+        state.keep_teacher(ctx)
         factorize(module, ranks)
         after = sum(lowrank_params(all_layers[n], r) if r is not None else dense_params(all_layers[n]) for n, r in ranks.items())
         done = {n: r for n, r in ranks.items() if r is not None}
         state.notes.append(f"low-rank SVD: {len(done)}/{len(ranks)} layers factorized, their weights "
                            f"{before:,} -> {after:,} ({after / before:.1%}); ranks {min(done.values(), default=0)}-"
                            f"{max(done.values(), default=0)}")
-        state.extra["lowrank"] = {"ranks": done, "params_before": before, "params_after": after}
-        wl = ctx.workload
-        state.saver = lambda folder: _save_current(wl, state, folder)
+        state.reports[self.kind] = {"ranks": done, "params_before": before, "params_after": after}
+        state.artifact = LowRankFolder()
         return state
-
-
-def _save_current(workload, state, folder: Path) -> None:
-    """Saver hook: the low-rank folder while the model is in torch; a later ONNX export wins."""
-    from ..runtime.onnx_runtime import copy_onnx
-
-    if state.runtime == "onnxruntime" and state.onnx_path is not None:
-        copy_onnx(state.onnx_path, folder)
-        return
-    save_lowrank(workload, state.bundle, folder)

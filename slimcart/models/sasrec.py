@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -20,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..outputs import atomic_dir
 
 # Large finite negative rather than -inf: a query whose keys are all padding then gets a uniform
 # (harmless, later zeroed) attention row instead of NaNs that would leak into the gradients.
@@ -134,7 +134,11 @@ class SASRec(nn.Module):
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         """Scores of every item as the user's next interaction, from the last position's state."""
-        return self.encode(seq)[:, -1] @ self.item_emb.weight.T
+        h = self.encode(seq)[:, -1]
+        # A compressed item table (slimcart.compress.embeddings) scores all rows on its own kernel;
+        # looked up by duck typing, as models/ sits below compress/ and never imports it.
+        scores = getattr(self.item_emb, "scores", None)
+        return scores(h) if scores is not None else h @ self.item_emb.weight.T
 
 
 def actual_config(model: SASRec) -> SASRecConfig:
@@ -198,151 +202,101 @@ def sequence_loss(
     h = model.encode(seq)
     mask = targets > 0
     h, pos = h[mask], targets[mask]
-    W = model.item_emb.weight
-    n_items = W.shape[0] - 1
-    pos_logit = (h * W[pos]).sum(-1)
+    rows = model.item_emb  # looked up by calling it: a compressed table (compress/embeddings) has no float .weight
+    n_items = rows.num_embeddings - 1
+    pos_logit = (h * rows(pos)).sum(-1)
     if loss == "bce":
         neg = torch.randint(1, n_items + 1, pos.shape, generator=gen)
-        neg_logit = (h * W[neg]).sum(-1)
+        neg_logit = (h * rows(neg)).sum(-1)
         return F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit)) + \
             F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
     if loss != "sampled_softmax":
         raise ValueError(f"unknown loss '{loss}' (bce or sampled_softmax)")
     if negatives >= n_items:
-        return F.cross_entropy(h @ W[1:].T, pos - 1)
+        return F.cross_entropy(h @ rows(torch.arange(1, n_items + 1)).T, pos - 1)
     neg = torch.randint(1, n_items + 1, (negatives,), generator=gen)
-    neg_logit = (h @ W[neg].T).masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), MASK_VALUE)
+    neg_logit = (h @ rows(neg).T).masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), MASK_VALUE)
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], 1)
     return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long))
 
 
-# ---------------------------------------------------------------- training with resumable checkpoints
-def training_batches(seqs: list[np.ndarray], max_len: int, batch: int, rng: np.random.Generator):
-    """Yield (input, target) int64 batches, left-padded only to each batch's longest history.
+# ---------------------------------------------------------------- training (slimcart.training.fit)
+class SASRecTask:
+    """Next-item training as a task for the shared trainer: examples are users with 2+ items, each
+    step's batch is their newest `max_len` (input, next item) pairs, left-padded only to the batch's
+    longest history, users of similar history length batched together."""
 
-    Users are shuffled, then sorted by length inside windows of 32 batches: most histories are far
-    shorter than max_len, so this cuts the attention work several-fold without a fixed user grouping.
-    """
-    users = [u for u in rng.permutation(len(seqs)) if len(seqs[u]) >= 2]
-    window, batches = batch * 32, []
-    for a in range(0, len(users), window):
-        chunk = sorted(users[a:a + window], key=lambda u: len(seqs[u]))
-        batches += [chunk[i:i + batch] for i in range(0, len(chunk), batch)]
-    for j in rng.permutation(len(batches)):
-        rows = [seqs[u][-(max_len + 1):] for u in batches[j]]
+    def __init__(self, model: SASRec, seqs: list[np.ndarray], hp: dict, validate: Callable[[SASRec], float],
+                 fingerprint: dict):
+        self.model, self.seqs, self.hp, self._validate, self._fp = model, seqs, hp, validate, fingerprint
+        self.users = np.array([u for u, s in enumerate(seqs) if len(s) >= 2], np.int64)
+        self.lengths = np.array([min(len(seqs[u]), model.config.max_len + 1) for u in self.users])
+
+    def trainable(self) -> SASRec:
+        return self.model
+
+    def student(self) -> SASRec:
+        return self.model
+
+    def n_examples(self) -> int:
+        return len(self.users)
+
+    def fingerprint(self) -> dict:
+        return self._fp
+
+    def arrange(self, order, batch_size: int, rng):
+        from ..training import length_bucketed
+
+        return length_bucketed(order, self.lengths, batch_size, rng)
+
+    def loss(self, idx):
+        rows = [self.seqs[u][-(self.model.config.max_len + 1):] for u in self.users[idx]]
         L = max(len(r) for r in rows) - 1
         inp, tgt = np.zeros((len(rows), L), np.int64), np.zeros((len(rows), L), np.int64)
         for i, r in enumerate(rows):
             inp[i, L - len(r) + 1:], tgt[i, L - len(r) + 1:] = r[:-1], r[1:]
-        yield torch.from_numpy(inp), torch.from_numpy(tgt)
+        loss = sequence_loss(self.model, torch.from_numpy(inp), torch.from_numpy(tgt), self.hp["loss"],
+                             self.hp["negatives"], None)  # negatives from the trainer's per-step seed
+        return loss, {}
 
+    def validate(self) -> float:
+        return self._validate(self.model)
 
-def _swap_in(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a folder under a temporary name, then rename it over `final` (never a half-written folder)."""
-    tmp, old = final.with_name(f".{final.name}.tmp-{os.getpid()}"), final.with_name(f".{final.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _save_partial(folder: Path, model, best_state, opt, state: dict) -> None:
-    from safetensors.torch import save_file
-
-    sd = opt.state_dict()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    save_file({k: v.contiguous() for k, v in best_state.items()}, str(folder / "best.safetensors"))
-    save_file({f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}, str(folder / "optim.safetensors"))
-    (folder / "state.json").write_text(json.dumps({**state, "param_groups": sd["param_groups"]}))
-
-
-def _load_partial(folder: Path, model, opt) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    state = json.loads((folder / "state.json").read_text())
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    optim: dict[int, dict] = {}
-    for key, v in load_file(str(folder / "optim.safetensors")).items():
-        i, name = key.split(".", 1)
-        optim.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": optim, "param_groups": state.pop("param_groups")})
-    return state, load_file(str(folder / "best.safetensors"))
+    def score_undistilled(self, model) -> float:
+        return self._validate(model)
 
 
 def fit(config: SASRecConfig, train_seqs: list[np.ndarray], validate: Callable[[SASRec], float], out: Path,
         hp: dict, epochs: int, seed: int, progress: Callable[[str], None], resume: bool, meta: dict) -> Path:
-    """Adam on `sequence_loss`, validation each epoch, early stop after `patience` epochs without a
-    better score or when `max_minutes` would be exceeded; the best epoch is saved to `out`.
+    """Adam on `sequence_loss` with a constant rate, validation every epoch, early stop after
+    `patience` epochs without a better score or at `max_minutes`; the best epoch is saved to `out`.
+    Checkpoints go to `<out>.partial` (resumed when `resume` and the data and settings match)."""
+    from ..training import TrainConfig
+    from ..training import fit as train
 
-    Every epoch's model, best model and optimizer go to `<out>.partial`; each epoch draws its
-    randomness from (seed, epoch), so a resumed run continues exactly as an uninterrupted one.
-    """
+    torch.manual_seed(seed)
+    model = SASRec(config)
+    fingerprint = {"config": config.to_dict(), "seed": seed, **meta, **{k: hp[k] for k in ("lr", "batch", "loss", "negatives")}}
+    task = SASRecTask(model, train_seqs, hp, validate, fingerprint)
+    per_epoch = max(1, math.ceil(task.n_examples() / hp["batch"]))
+    cfg = TrainConfig(max_steps=per_epoch * epochs, epochs=epochs, max_minutes=hp["max_minutes"], batch_size=hp["batch"],
+                      lr=hp["lr"], weight_decay=0.0, warmup=0.0, schedule="constant", grad_clip=None,
+                      eval_every=per_epoch, patience=hp["patience"], seed=seed, dropout=True)
+    partial = out.with_name(out.name + ".partial")
+    if not resume:
+        shutil.rmtree(partial, ignore_errors=True)
     # One intra-op thread by default: these batches are tiny, and on a shared 2-core machine two
     # OpenMP threads waiting on each other ran each step ~10x slower than one thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(hp.get("threads", 1))
     try:
-        return _fit(config, train_seqs, validate, out, hp, epochs, seed, progress, resume, meta)
+        res = train(task, cfg, partial, progress, label="SASRec")
     finally:
         torch.set_num_threads(threads)
-
-
-def _fit(config, train_seqs, validate, out, hp, epochs, seed, progress, resume, meta) -> Path:
-    partial = out.with_name(out.name + ".partial")
-    fingerprint = {"config": config.to_dict(), "seed": seed, **meta,
-                   **{k: hp[k] for k in ("lr", "batch", "loss", "negatives")}}
-    torch.manual_seed(seed)
-    model = SASRec(config)
-    opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], fused=True)  # one kernel per step, not ~10 passes
-    state = {"fingerprint": fingerprint, "epoch": 0, "best": -1.0, "best_epoch": 0, "seconds": 0.0, "cpu_seconds": 0.0,
-             "history": []}
-    best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    found = partial  # killed mid-swap: the last checkpoint is still under its "old" name
-    if not found.exists():
-        found = max(partial.parent.glob(f".{partial.name}.old-*"), key=os.path.getmtime, default=partial)
-    if resume and (found / "state.json").exists():
-        if json.loads((found / "state.json").read_text()).get("fingerprint") == fingerprint:
-            state, best_state = _load_partial(found, model, opt)
-            progress(f"resuming after epoch {state['epoch']} from {found}")
-        else:
-            progress(f"ignoring {found}: it was made with other data or settings")
-    while state["epoch"] < epochs:
-        epoch, t0, c0 = state["epoch"], time.perf_counter(), time.process_time()
-        rng, gen = np.random.default_rng([seed, epoch]), torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        torch.manual_seed(seed * 1_000_003 + epoch)  # dropout masks
-        model.train()
-        losses = []
-        for inp, tgt in training_batches(train_seqs, config.max_len, hp["batch"], rng):
-            loss = sequence_loss(model, inp, tgt, hp["loss"], hp["negatives"], gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        model.eval()
-        score = validate(model)
-        if score > state["best"]:
-            state["best"], state["best_epoch"] = score, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        # CPU seconds are kept beside wall seconds: on a shared machine they show the standalone cost.
-        took, cpu = time.perf_counter() - t0, time.process_time() - c0
-        state["epoch"], state["seconds"] = epoch + 1, state["seconds"] + took
-        state["cpu_seconds"] += cpu
-        state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_ndcg@10": score,
-                                 "seconds": took, "cpu_seconds": cpu})
-        _swap_in(partial, lambda f: _save_partial(f, model, best_state, opt, state))
-        progress(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}, val NDCG@10 {score:.4f} ({took:.0f}s, {cpu:.0f}s CPU)")
-        if state["epoch"] - state["best_epoch"] >= hp["patience"]:
-            break
-        if state["seconds"] + took > hp["max_minutes"] * 60:
-            progress(f"stopping: the next epoch would pass the {hp['max_minutes']:g} min budget")
-            break
-    model.load_state_dict(best_state)
-    training = {k: state[k] for k in ("epoch", "best_epoch", "seconds", "cpu_seconds", "history")}
-    training.update(val_ndcg_at_10=state["best"], seed=seed, **{k: hp[k] for k in hp})
+    training = {"epochs": round(res.steps / per_epoch, 2), "best_epoch": round(res.best_step / per_epoch, 2),
+                "seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "stopped": res.stopped, "history": res.history,
+                "val_ndcg_at_10": res.best_score, "seed": seed, **hp}
     extra = {"n_items": config.n_items, "dataset": meta.get("dataset"), "training": training}
-    _swap_in(out, lambda f: save_sasrec(model.eval(), f, extra))
+    atomic_dir(out, lambda f: save_sasrec(model.eval(), f, extra))
     shutil.rmtree(partial, ignore_errors=True)
     return out

@@ -24,10 +24,19 @@ def comparison_rows(m: dict, higher_is_better: dict[str, bool]) -> list[tuple[st
     rows.append(("latency p50 (batch 1)", f"{b['latency_ms']['p50']:.2f} ms", f"{c['latency_ms']['p50']:.2f} ms",
                  f"{m['ratios']['latency_p50']:.2f}x"))
     rows.append(("latency p99 (batch 1)", f"{b['latency_ms']['p99']:.2f} ms", f"{c['latency_ms']['p99']:.2f} ms", ""))
-    unit = m.get("bench", {}).get("unit", "items")
-    batch = m.get("bench", {}).get("serving_batch", "")
-    rows.append((f"throughput ({unit}/s, batch {batch})", f"{b['throughput_per_s']:.1f}", f"{c['throughput_per_s']:.1f}",
-                 f"{m['ratios']['throughput']:.2f}x"))
+    bench = m.get("bench", {})
+    unit, label = bench.get("unit", "items"), bench.get("throughput_label") or f"batch {bench.get('serving_batch', '')}"
+    ci = m.get("ratio_detail", {}).get("throughput", {}).get("ci95")
+    rows.append((f"throughput ({unit}/s, {label})", f"{b['throughput_per_s']:.1f}", f"{c['throughput_per_s']:.1f}",
+                 f"{m['ratios']['throughput']:.2f}x" + (f" (95% CI {ci[0]:.2f}-{ci[1]:.2f}x)" if ci else "")))
+    if b.get("cpu_ms_per_item") is not None and c.get("cpu_ms_per_item") is not None:
+        rows.append((f"CPU time per item ({label})", f"{b['cpu_ms_per_item']:.2f} ms", f"{c['cpu_ms_per_item']:.2f} ms",
+                     f"{c['cpu_ms_per_item'] / b['cpu_ms_per_item']:.2f}x"))
+    same = m.get("baseline_same_runtime")
+    if same:
+        rows.append((f"uncompressed on {same['runtime']} ({unit}/s)", "", f"{same['throughput_per_s']:.1f}",
+                     f"runtime alone {m['ratios']['runtime_gain']:.2f}x, compression on top "
+                     f"{m['ratios']['compression_gain']:.2f}x"))
     for k, bv in b.get("extra_throughput_per_s", {}).items():
         cv = c.get("extra_throughput_per_s", {}).get(k, float("nan"))
         rows.append((f"{k}/s", f"{bv:.1f}", f"{cv:.1f}", f"{cv / bv:.2f}x" if bv else ""))
@@ -46,7 +55,11 @@ def render_report(m: dict, higher_is_better: dict[str, bool]) -> str:
               "| metric | baseline | compressed | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in comparison_rows(m, higher_is_better)]
     lines += ["", "Ratios are compressed / baseline, timed interleaved in the same process run "
-              f"({m['bench']['repeats']} rounds, medians of per-round ratios).", ""]
+              f"({m['bench']['repeats']} rounds, medians of per-round ratios, bootstrap intervals over rounds).", ""]
+    trust = m.get("speed_reliability")
+    if trust and not trust["reliable"]:
+        lines += ["> **Speed figures unreliable**: " + "; ".join(trust["reasons"]) + ". Quality and size figures are",
+                  "> unaffected; rerun on an idle machine for speed.", ""]
     if m.get("kernels"):
         lines += ["## Kernels that ran", *[f"- {k}" for k in m["kernels"]], ""]
     if m.get("size_only"):
@@ -55,5 +68,5 @@ def render_report(m: dict, higher_is_better: dict[str, bool]) -> str:
         lines += ["## Notes", *[f"- {n}" for n in m["notes"]], ""]
     env = m["environment"]
     lines += ["## Environment", f"- CPU: {env['cpu']} ({', '.join(env['cpu_flags'])}), threads: {env['threads']}",
-              f"- " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v), ""]
+              "- " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v), ""]
     return "\n".join(lines)

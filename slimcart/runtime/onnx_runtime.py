@@ -12,8 +12,9 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 import torch
+from pydantic import field_validator
 
-from ..bench import default_threads
+from ..contracts import Artifact, ModelBundle, register_artifact
 from ..errors import SlimcartError
 from ..recipe import Step, register_step
 
@@ -23,11 +24,11 @@ class OnnxRunner:
 
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or default_threads()
+        opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
@@ -74,25 +75,34 @@ class ExportOnnx(Step):
     optimize: bool = True
 
     def apply(self, state, ctx):
-        spec = ctx.workload.onnx_spec(state.bundle)
-        path = ctx.workdir / "model.onnx"
-        ctx.progress("exporting to ONNX")
-        export_onnx(state.bundle.module, spec["example"], path, spec["dynamic_axes"], spec["output_name"])
-        if self.optimize and spec.get("model_type"):
-            from onnxruntime.transformers import optimizer
-
-            ctx.progress("fusing transformer ops (ORT optimizer)")
-            opt = optimizer.optimize_model(
-                str(path), model_type=spec["model_type"], num_heads=spec["num_heads"], hidden_size=spec["hidden_size"],
-                opt_level=1,
-            )
-            fused = ctx.workdir / "model.fused.onnx"
-            opt.save_model_to_file(str(fused))
-            path.unlink()
-            fused.rename(path)
+        path, fused = export_model(ctx.workload, state.bundle, state.torch_module(self.kind), ctx.workdir, self.optimize,
+                                   ctx.progress)
+        if fused:
             state.notes.append("ONNX graph fused by onnxruntime.transformers (Attention/SkipLayerNorm/Gelu)")
-        state.onnx_path, state.runtime = path, "onnxruntime"
+        state.artifact = OnnxFile(path)
         return state
+
+
+def export_model(workload, bundle: ModelBundle, module: torch.nn.Module, workdir: Path, optimize: bool = True,
+                 progress=lambda m: None) -> tuple[Path, bool]:
+    """workdir/model.onnx of `module` with the workload's export spec; with `optimize`, ONNX Runtime's
+    transformer fusions applied offline where the workload names a transformer type. (path, fused)."""
+    spec = workload.export_spec(bundle)
+    path = Path(workdir) / "model.onnx"
+    progress("exporting to ONNX")
+    export_onnx(module, spec["example"], path, spec["dynamic_axes"], spec["output_name"])
+    if not (optimize and spec.get("model_type")):
+        return path, False
+    from onnxruntime.transformers import optimizer
+
+    progress("fusing transformer ops (ORT optimizer)")
+    opt = optimizer.optimize_model(str(path), model_type=spec["model_type"], num_heads=spec["num_heads"],
+                                   hidden_size=spec["hidden_size"], opt_level=1)
+    fused = Path(workdir) / "model.fused.onnx"
+    opt.save_model_to_file(str(fused))
+    path.unlink()
+    fused.rename(path)
+    return path, True
 
 
 @register_step
@@ -104,23 +114,71 @@ class OrtDynamicInt8(Step):
     reduce_range: bool = False
     op_types: list[str] = ["MatMul", "Attention", "EmbedLayerNormalization", "Gather"]
 
+    @field_validator("op_types")
+    @classmethod
+    def _known_ops(cls, v: list[str]) -> list[str]:
+        from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+        unknown = sorted(set(v) - set(IntegerOpsRegistry))
+        if unknown or not v:
+            raise SlimcartError(f"ort_dynamic_int8: op_types {unknown or v} are not ops ONNX Runtime quantizes dynamically "
+                                f"(it does: {', '.join(sorted(IntegerOpsRegistry))})")
+        return v
+
     def apply(self, state, ctx):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        if state.onnx_path is None:
-            raise SlimcartError("ort_dynamic_int8 needs an ONNX model: put an 'export_onnx' step before it")
+        src = onnx_path_of(state, self.kind)
         out = ctx.workdir / "model.int8.onnx"
         ctx.progress("quantizing to dynamic int8 (ONNX Runtime)")
         quantize_dynamic(
-            str(state.onnx_path), str(out), weight_type=QuantType.QInt8, per_channel=self.per_channel,
+            str(src), str(out), weight_type=QuantType.QInt8, per_channel=self.per_channel,
             reduce_range=self.reduce_range, op_types_to_quantize=self.op_types,
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
-        state.onnx_path.unlink()
-        out.rename(ctx.workdir / "model.onnx")
-        state.onnx_path = ctx.workdir / "model.onnx"
+        src.unlink()
+        out.rename(src)
+        quantized = [n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node
+                     if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLinear")]
+        if not quantized:
+            raise SlimcartError(f"ort_dynamic_int8 quantized nothing: the graph has no {'/'.join(self.op_types)} node ONNX "
+                                "Runtime could quantize (the result would be the fp32 model under an int8 label)")
         state.kernels.append("onnxruntime dynamic int8 (MatMulInteger / QAttention, VNNI)")
         return state
+
+
+def onnx_path_of(state, kind: str) -> Path:
+    """The ONNX file a step works on: the current model must have been exported already."""
+    if not isinstance(state.artifact, OnnxFile):
+        raise SlimcartError(f"'{kind}' needs an ONNX model: put an 'export_onnx' step before it")
+    return state.artifact.path
+
+
+@register_artifact
+class OnnxFile(Artifact):
+    """`model.onnx` (plus external-data files) with the workload's companions (tokenizer, config)."""
+
+    format = "onnx"
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def save(self, folder: Path, workload, bundle: ModelBundle) -> None:
+        copy_onnx(self.path, folder)
+        workload.save_companions(bundle, folder)
+
+    @classmethod
+    def load(cls, folder: Path, meta: dict, workload, threads: int):
+        return OnnxRunner(folder / "model.onnx", threads), workload.load_companions(folder)
+
+    @classmethod
+    def reference(cls, workload, bundle: ModelBundle, workdir: Path, threads: int):
+        """The uncompressed model exported the same way (fused graph), on ONNX Runtime fp32."""
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        runner = OnnxRunner(export_model(workload, bundle, bundle.module, workdir)[0], threads)
+        runner.runtime = "onnxruntime-fp32"
+        return runner
 
 
 def copy_onnx(src: Path, dest_dir: Path) -> Path:

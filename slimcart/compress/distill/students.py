@@ -1,9 +1,8 @@
 """Student builders: layer-dropped copies of a teacher, narrower students, and layer choice by measurement.
 
-Supported layer stacks: sentence encoders (HF BERT-like, `transformer.encoder.layer`), causal LMs
-(`model.model.layers`, Llama/SmolLM2 style) and SASRec (`blocks`). A layer-dropped student is a
-deep copy whose stack keeps the chosen teacher layers (weights copied, order kept) and whose
-config says the new depth, so it saves and reloads as an ordinary model of the same family.
+Layer stacks are found through slimcart.arch (BERT encoders, Llama decoders, SASRec). A layer-dropped
+student is a deep copy whose stack keeps the chosen teacher layers (weights copied, order kept) and
+whose config says the new depth, so it saves and reloads as an ordinary model of the same family.
 """
 from __future__ import annotations
 
@@ -15,40 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...arch import detect
 from ...errors import SlimcartError
-
-# (path to the ModuleList of layers, how to reach the config object, config attribute for depth)
-STACKS = (
-    ("transformer.encoder.layer", "transformer.config", "num_hidden_layers"),
-    ("model.model.layers", "model.config", "num_hidden_layers"),
-    ("model.layers", "config", "num_hidden_layers"),
-    ("encoder.layer", "config", "num_hidden_layers"),
-    ("blocks", "config", "layers"),
-)
-
-
-def _get(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def find_stack(module: nn.Module) -> tuple[str, nn.ModuleList, object, str]:
-    """(path, layer list, config object, depth attribute) of the model's transformer stack."""
-    for path, cfg_path, attr in STACKS:
-        layers = _get(module, path)
-        if isinstance(layers, nn.ModuleList) and len(layers):
-            cfg = _get(module, cfg_path)
-            if cfg is not None and hasattr(cfg, attr):
-                return path, layers, cfg, attr
-    raise SlimcartError(f"cannot find a layer stack in {type(module).__name__} to drop layers from "
-                        f"(known: {', '.join(p for p, _, _ in STACKS)})")
 
 
 def num_layers(module: nn.Module) -> int:
-    return len(find_stack(module)[1])
+    return len(detect(module).layers)
 
 
 def uniform_layers(n_teacher: int, n_student: int) -> list[int]:
@@ -58,25 +29,14 @@ def uniform_layers(n_teacher: int, n_student: int) -> list[int]:
 
 def drop_layers(teacher: nn.Module, keep: list[int]) -> nn.Module:
     """A deep copy of `teacher` with only the teacher layers `keep` (in that order) in its stack."""
-    _, layers, _, _ = find_stack(teacher)
-    n = len(layers)
+    n = num_layers(teacher)
     if not keep:
         raise SlimcartError("a layer-dropped student needs at least one layer")
     bad = [i for i in keep if not 0 <= i < n]
     if bad or len(set(keep)) != len(keep):
         raise SlimcartError(f"student layers {keep} must be distinct teacher layers in 0..{n - 1}")
     student = copy.deepcopy(teacher)
-    path, s_layers, cfg, attr = find_stack(student)
-    kept = nn.ModuleList(s_layers[i] for i in keep)
-    parent_path, _, name = path.rpartition(".")
-    setattr(_get(student, parent_path) if parent_path else student, name, kept)
-    setattr(cfg, attr, len(keep))
-    if isinstance(getattr(cfg, "layer_types", None), list):  # per-layer settings (sliding window etc.)
-        cfg.layer_types = [cfg.layer_types[i] for i in keep]
-    for new_idx, layer in enumerate(kept):  # KV-cache slots are indexed by position in the stack
-        for m in layer.modules():
-            if hasattr(m, "layer_idx"):
-                m.layer_idx = new_idx
+    detect(student).set_layers(keep)
     return student
 
 
@@ -85,7 +45,7 @@ def choose_layers(teacher: nn.Module, n_student: int, score: Callable[[nn.Module
     """Pick which teacher layers to keep by measuring `score` (higher = closer to the teacher) of the
     undistilled layer-dropped model. Small stacks try every subset that keeps the first layer;
     larger ones drop layers greedily, one at a time, each time the one whose loss hurts least."""
-    n = len(find_stack(teacher)[1])
+    n = num_layers(teacher)
     if not 1 <= n_student < n:
         raise SlimcartError(f"student depth must be 1..{n - 1} for a {n}-layer teacher, got {n_student}")
     tried: dict[str, float] = {}

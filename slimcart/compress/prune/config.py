@@ -5,11 +5,11 @@ and nothing is written. Per-layer overrides are data: fnmatch patterns over modu
 """
 from __future__ import annotations
 
-from fnmatch import fnmatch
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from ...arch import LayerSelect, first_match
 from ...errors import SlimcartError
 
 
@@ -54,17 +54,17 @@ class GradualConfig(_Cfg):
         return check_fraction(v, "gradual.initial_sparsity")
 
 
-class SparsityConfig(_Cfg):
-    """Unstructured or N:M sparsity of Linear weights (the `prune` step)."""
+class SparsityConfig(LayerSelect):
+    """Unstructured or N:M sparsity of Linear weights (the `prune` step): Linears in `targets`, not in
+    `exclude`; `overrides` maps a pattern to its own sparsity (0 = leave dense; first match wins)."""
 
     method: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
     sparsity: float = 0.5
     pattern: str = "unstructured"  # or "N:M", e.g. "2:4"
     scope: Literal["layer", "global"] = "layer"  # global: one magnitude threshold over all targets
-    include: list[str] = ["*"]
     # Tied output heads share their weight with the input embedding: pruning them would prune both.
     exclude: list[str] = ["*lm_head*"]
-    overrides: dict[str, float] = {}  # module-name pattern -> sparsity (0 = leave dense); first match wins
+    overrides: dict[str, float] = {}
     calibration_batches: int = 32
     block_size: int = 128  # SparseGPT columns per lazy update block
     damp: float = 0.01  # SparseGPT: fraction of mean diag(H) added for numerical stability
@@ -101,11 +101,11 @@ class SparsityConfig(_Cfg):
         return parse_nm(self.pattern)
 
     def sparsity_of(self, name: str) -> float:
-        """Target sparsity of one module (overrides first, then include/exclude, else 0)."""
-        for pat, s in self.overrides.items():
-            if fnmatch(name, pat):
-                return s
-        if any(fnmatch(name, p) for p in self.exclude) or not any(fnmatch(name, p) for p in self.include):
+        """Target sparsity of one module (overrides first, then targets/exclude, else 0)."""
+        over = first_match(name, self.overrides)
+        if over is not None:
+            return over
+        if not self.selects(name):
             return 0.0
         return 1.0 - self.nm[0] / self.nm[1] if self.nm else self.sparsity
 

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .arch import run_model
+from ...arch import run_batch
 
 Slice = tuple[nn.Module, str, int, torch.Tensor]
 Units = dict[object, list[list[Slice]]]  # key (e.g. ("ffn", layer)) -> units, each a list of slices
@@ -100,7 +100,7 @@ class Activation:
         try:
             with torch.no_grad():
                 for b in batches:
-                    run_model(module, b)
+                    run_batch(module, b)
         finally:
             for h in hooks:
                 h.remove()
@@ -134,7 +134,7 @@ def block_influence(module: nn.Module, blocks: nn.ModuleList, batches) -> torch.
     try:
         with torch.no_grad():
             for b in batches:
-                run_model(module, b)
+                run_batch(module, b)
     finally:
         for h in hooks:
             h.remove()

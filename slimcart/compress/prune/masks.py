@@ -5,8 +5,6 @@ are broken by position (a stable sort), so "50%" prunes exactly round(0.5 * n) w
 """
 from __future__ import annotations
 
-from fnmatch import fnmatch
-
 import torch
 from torch import nn
 
@@ -72,10 +70,6 @@ def global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, 
 def target_linears(module: nn.Module, sparsity_of) -> dict[str, nn.Linear]:
     """Linear layers with a non-zero target sparsity, by qualified name."""
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear) and sparsity_of(name) > 0}
-
-
-def matching(names, patterns: list[str]) -> list[str]:
-    return [n for n in names if any(fnmatch(n, p) for p in patterns)]
 
 
 @torch.no_grad()

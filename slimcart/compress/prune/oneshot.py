@@ -11,10 +11,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...arch import detect, run_batch
 from ...errors import SlimcartError
-from .arch import detect, layer_prefix, run_model
 from .config import SparsityConfig
-from .masks import apply_masks, check_nm, global_masks, nm_mask, target_linears, unstructured_mask
+from .masks import (
+    apply_masks,
+    check_nm,
+    global_masks,
+    nm_mask,
+    target_linears,
+    unstructured_mask,
+)
 from .sparsegpt import HessianStats, sparsegpt_prune
 from .wanda import WandaStats, wanda_mask
 
@@ -26,7 +33,7 @@ class _Stop(Exception):
 def check_targets(linears: dict[str, nn.Linear], cfg: SparsityConfig) -> None:
     """Refuse impossible requests before any weight changes."""
     if not linears:
-        raise SlimcartError("no Linear layer matches the pruning include/exclude patterns")
+        raise SlimcartError("no Linear layer matches the pruning targets/exclude patterns")
     if cfg.nm:
         for name, lin in linears.items():
             check_nm(tuple(lin.weight.shape), *cfg.nm, name=name)
@@ -59,7 +66,7 @@ def capture_block_inputs(module: nn.Module, blocks: nn.ModuleList, batches: list
         with torch.no_grad():
             for b in batches:
                 try:
-                    run_model(module, b)
+                    run_batch(module, b)
                 except _Stop:
                     pass
     finally:
@@ -104,7 +111,7 @@ def _stages(block: nn.Module, local: dict[str, nn.Linear], args: tuple, kwargs: 
 def prune_layerwise(module: nn.Module, cfg: SparsityConfig, batches: list[dict], progress=lambda m: None) -> dict:
     """Wanda / SparseGPT over every targeted Linear inside the blocks; returns keep-masks by name."""
     arch = detect(module)
-    blocks, prefix = arch.layers, layer_prefix(module, arch)
+    blocks, prefix = arch.layers, arch.layers_path
     linears = target_linears(module, cfg.sparsity_of)
     check_targets(linears, cfg)
     inputs = capture_block_inputs(module, blocks, batches)

@@ -87,8 +87,3 @@ def sparsegpt_prune(weight: torch.Tensor, stats: HessianStats, sparsity: float, 
         keep[:, i1:i2] = mask1
     return W.to(weight.dtype), keep
 
-
-def reconstruction_error(w_old: torch.Tensor, w_new: torch.Tensor, x: torch.Tensor) -> float:
-    """||X W_old^T - X W_new^T||_F^2 / ||X W_old^T||_F^2 on inputs x (tokens, in)."""
-    ref = x @ w_old.T
-    return float(((ref - x @ w_new.T) ** 2).sum() / (ref**2).sum().clamp_min(1e-30))

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ...arch import Arch, detect
 from ...errors import SlimcartError
-from .arch import Arch, detect
 from .config import StructuredConfig
 from .importance import CRITERIA, Activation, block_influence
 

@@ -22,11 +22,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ...errors import SlimcartError
+from ...arch import causal_lm
 from ...recipe import register_step
 from .calib_stats import InputStats, collect_stats
 from .gptq import gptq
-from .weight_only import WeightOnlyBase, WeightSpec, best_shrink, causal_lm, layerwise, quantize_linear_set, rtn
+from .weight_only import WeightOnlyBase, WeightSpec, best_shrink, layerwise, rtn
 
 
 def output_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -81,18 +81,16 @@ class AWQStep(WeightOnlyBase):
     """AWQ weight-only quantization (scale search + optional clip search), layer by layer."""
 
     kind: Literal["weight_only_awq"] = "weight_only_awq"
-    calibration_windows: int = 32
-    grid: int = 20
+    calibration_windows: int = Field(32, ge=1)
+    grid: int = Field(20, ge=1)
     clip_search: bool = True
     quantizer: Literal["rtn", "gptq"] = "rtn"
-    damp: float = 0.01  # used when quantizer is gptq
+    damp: float = Field(0.01, gt=0, lt=1)  # used when quantizer is gptq
     clip_grid: int = Field(1, ge=1)  # used when quantizer is gptq: per-group range shrink search (see gptq.fit_group)
 
     def apply(self, state, ctx):
-        if self.grid < 1:
-            raise SlimcartError(f"grid must be >= 1, got {self.grid}")
-        lm = causal_lm(state.bundle.module)
-        named = dict(quantize_linear_set(lm, self.targets))
+        lm = causal_lm(state.torch_module(self.kind))
+        named = self.linears(lm)
         batches = ctx.calibration(state.bundle, self.calibration_windows)
         qweights, alphas = {}, []
         skipped_vo = False
@@ -137,4 +135,4 @@ class AWQStep(WeightOnlyBase):
             state.notes.append("AWQ: v_proj -> o_proj scaling skipped (grouped-query attention: one v channel feeds several o channels)")
         if alphas:
             state.notes.append(f"AWQ: chosen alpha mean {sum(alphas) / len(alphas):.2f} over {len(alphas)} sites")
-        return self.finish(state, ctx, lm, qweights, "awq" if self.quantizer == "rtn" else "awq+gptq")
+        return self.finish(state, lm, qweights, "awq" if self.quantizer == "rtn" else "awq+gptq")

@@ -21,11 +21,20 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ...arch import causal_lm
 from ...errors import SlimcartError
 from ...recipe import register_step
-from .weight_only import (QuantizedWeight, WeightOnlyBase, WeightSpec, best_shrink, causal_lm, check_weight,
-                          fit_params, layerwise, make_qweight, quantize_linear_set)
 from .calib_stats import collect_stats
+from .weight_only import (
+    QuantizedWeight,
+    WeightOnlyBase,
+    WeightSpec,
+    best_shrink,
+    check_weight,
+    fit_params,
+    layerwise,
+    make_qweight,
+)
 
 
 def fit_group(cur: torch.Tensor, h_diag: torch.Tensor, spec: WeightSpec, clip_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,17 +118,15 @@ class GPTQStep(WeightOnlyBase):
     """GPTQ weight-only quantization, decoder layer by decoder layer, on the workload's calibration text."""
 
     kind: Literal["weight_only_gptq"] = "weight_only_gptq"
-    calibration_windows: int = 32  # (1, 512)-token windows of train-split text
-    damp: float = 0.01
+    calibration_windows: int = Field(32, ge=1)  # (1, 512)-token windows of train-split text
+    damp: float = Field(0.01, gt=0, lt=1)
     act_order: bool = True
     block: int = 128
     clip_grid: int = Field(1, ge=1)  # > 1: search each group's range shrink (energy-weighted rounding error) on this many points
 
     def apply(self, state, ctx):
-        if not 0 < self.damp < 1:
-            raise SlimcartError(f"damp must be in (0, 1), got {self.damp}")
-        lm = causal_lm(state.bundle.module)
-        named = dict(quantize_linear_set(lm, self.targets))
+        lm = causal_lm(state.torch_module(self.kind))
+        named = self.linears(lm)
         batches = ctx.calibration(state.bundle, self.calibration_windows)
         qweights: dict[str, QuantizedWeight] = {}
 
@@ -134,4 +141,4 @@ class GPTQStep(WeightOnlyBase):
 
         with torch.no_grad():
             layerwise(lm, batches, quantize_layer, ctx.progress)
-        return self.finish(state, ctx, lm, qweights, "gptq")
+        return self.finish(state, lm, qweights, "gptq")

@@ -11,11 +11,19 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
+from ...arch import causal_lm
 from ...errors import SlimcartError
 from ...recipe import register_step
 from .calib_stats import collect_stats
-from .weight_only import QuantizedWeight, WeightOnlyBase, WeightSpec, causal_lm, check_weight, layerwise, quantize_linear_set
+from .weight_only import (
+    QuantizedWeight,
+    WeightOnlyBase,
+    WeightSpec,
+    check_weight,
+    layerwise,
+)
 
 
 def _assign(rows: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -56,18 +64,19 @@ class KMeansStep(WeightOnlyBase):
     kind: Literal["weight_only_kmeans"] = "weight_only_kmeans"
     group_size: int | None = None
     calibrated: bool = True
-    calibration_windows: int = 16
+    calibration_windows: int = Field(16, ge=1)
 
-    def apply(self, state, ctx):
+    @model_validator(mode="after")
+    def _kmeans(self):
         if self.group_size is not None:
             raise SlimcartError("weight_only_kmeans learns one codebook per output row: leave group_size unset (null)")
         if self.overrides:
             raise SlimcartError("weight_only_kmeans does not take per-layer overrides")
-        if self.bits > 8:
-            raise SlimcartError(f"k-means bits must be at most 8, got {self.bits}")
-        self.spec_for("")  # validates bits
-        lm = causal_lm(state.bundle.module)
-        named = dict(quantize_linear_set(lm, self.targets))
+        return self
+
+    def apply(self, state, ctx):
+        lm = causal_lm(state.torch_module(self.kind))
+        named = self.linears(lm)
         qweights: dict[str, QuantizedWeight] = {}
         if not self.calibrated:
             for n, m in named.items():
@@ -86,4 +95,4 @@ class KMeansStep(WeightOnlyBase):
 
             with torch.no_grad():
                 layerwise(lm, batches, quantize_layer, ctx.progress)
-        return self.finish(state, ctx, lm, qweights, "kmeans")
+        return self.finish(state, lm, qweights, "kmeans")

@@ -4,38 +4,43 @@ quantized model meets the user's budget.
 
 Quality drop = 1 - mean cosine(quantized outputs, fp32 outputs) over the calibration batches (for the
 search workload: embedding agreement on dev-split texts, never the evaluation split). The chosen layers
-are handed to the next `static_int8` step through `state.extra["keep_fp32"]`.
+are handed to the next `static_int8` step through `ModelState.keep_fp32`.
 """
 from __future__ import annotations
 
 import copy
-import fnmatch
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field
 
+from ...arch import LayerSelect, run_batch
 from ...errors import SlimcartError
 from ...recipe import Step, register_step
-from .fake_quant import FakeQuantConfig, FakeQuantLinear, calibrate_, quantize_, spread_batches
+from .fake_quant import (
+    FakeQuantConfig,
+    FakeQuantLinear,
+    calibrate_,
+    quantize_,
+    spread_batches,
+)
 from .schemes import QuantScheme
 
 Forward = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
-class MixedPrecisionConfig(BaseModel):
+class MixedPrecisionConfig(LayerSelect):
     """max_drop: allowed 1 - mean output cosine; max_layers: most layers kept fp32 (bytes and speed cost);
-    score_batches: batches (spread over the calibration list) the drop is measured on."""
+    score_batches: batches (spread over the calibration list) the drop is measured on. Linears outside
+    `targets` / in `exclude` are never quantized anyway (not scored)."""
 
-    model_config = ConfigDict(extra="forbid")
-    max_drop: float = 0.002
-    max_layers: int = 6
-    score_batches: int = 8
+    max_drop: float = Field(0.002, gt=0, lt=1)
+    max_layers: int = Field(6, ge=0)
+    score_batches: int = Field(8, ge=1)
     w8a8: FakeQuantConfig = FakeQuantConfig(
         weight=QuantScheme(bits=8, symmetric=True, granularity="per_channel"),
         activation=QuantScheme(bits=8, symmetric=False, granularity="per_tensor"),
     )
-    skip: list[str] = []  # layers never quantized anyway (not scored)
 
 
 def output_drop(model: torch.nn.Module, batches: list, forward: Forward, reference: list[torch.Tensor]) -> float:
@@ -48,9 +53,8 @@ def output_drop(model: torch.nn.Module, batches: list, forward: Forward, referen
     return float(1 - torch.cat(cos).mean())
 
 
-def _linear_names(model: torch.nn.Module, skip: list[str]) -> list[str]:
-    return [n for n, m in model.named_modules()
-            if type(m) is torch.nn.Linear and not any(fnmatch.fnmatchcase(n, p) for p in skip)]
+def _linear_names(model: torch.nn.Module, select: LayerSelect) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and select.selects(n)]
 
 
 class _Simulator:
@@ -79,7 +83,7 @@ def layer_sensitivity(model: torch.nn.Module, batches: list, forward: Forward, c
                       names: list[str] | None = None, progress: Callable[[str], None] = lambda m: None,
                       sim: _Simulator | None = None) -> dict[str, float]:
     """Quality drop when only that Linear is W8A8 fake-quantized, for each Linear (model left unchanged)."""
-    names = names if names is not None else _linear_names(model, cfg.skip)
+    names = names if names is not None else _linear_names(model, cfg)
     sim = sim or _Simulator(model, names, cfg, batches, forward)
     out = {}
     for i, n in enumerate(names):
@@ -92,7 +96,7 @@ def choose_fp32_layers(model: torch.nn.Module, batches: list, forward: Forward, 
                        progress: Callable[[str], None] = lambda m: None) -> dict:
     """Greedy: quantize everything, then return layers to fp32 most-sensitive first until the drop fits.
     Returns {"keep_fp32": [...], "drop": final drop, "drop_all_int8": ..., "sensitivity": {...}, "met": bool}."""
-    names = _linear_names(model, cfg.skip)
+    names = _linear_names(model, cfg)
     if not names:
         raise SlimcartError("mixed precision found no nn.Linear layers")
     sim = _Simulator(model, names, cfg, batches, forward)
@@ -110,32 +114,22 @@ def choose_fp32_layers(model: torch.nn.Module, batches: list, forward: Forward, 
 
 
 @register_step
-class MixedPrecision(Step):
+class MixedPrecision(MixedPrecisionConfig, Step):
     """Pick the layers to keep fp32 for the following static_int8 step (sensitivity-guided, W8A8 simulated)."""
 
     kind: Literal["mixed_precision"] = "mixed_precision"
     workloads = ("search",)
-    max_drop: float = 0.002
-    max_layers: int = 6
-    calibration_batches: int = 32  # ranges are calibrated on all of them, as static_int8 does
-    score_batches: int = 8
+    calibration_batches: int = Field(32, ge=1)  # ranges are calibrated on all of them, as static_int8 does
 
     def apply(self, state, ctx):
-        from .smoothquant import _torch_forward
-
-        if state.runtime != "torch":
-            raise SlimcartError("mixed_precision works on the PyTorch model: put it before static_int8")
-        if not 0 < self.max_drop < 1:
-            raise SlimcartError(f"mixed_precision: max_drop must be in (0, 1), got {self.max_drop}")
+        module = state.torch_module(self.kind)
         batches = ctx.calibration(state.bundle, self.calibration_batches)
         ctx.progress("measuring per-layer int8 sensitivity")
-        res = choose_fp32_layers(state.bundle.module, batches, _torch_forward,
-                                 MixedPrecisionConfig(max_drop=self.max_drop, max_layers=self.max_layers,
-                                                      score_batches=self.score_batches), ctx.progress)
+        res = choose_fp32_layers(module, batches, run_batch, self, ctx.progress)
         # SmoothedLinear wraps the Linear as `.linear`; static_int8 names layers without that level
         res["keep_fp32"] = [n[: -len(".linear")] if n.endswith(".linear") else n for n in res["keep_fp32"]]
-        state.extra["keep_fp32"] = state.extra.get("keep_fp32", []) + res["keep_fp32"]
-        state.extra["mixed_precision"] = res
+        state.keep_fp32 += res["keep_fp32"]
+        state.reports[self.kind] = res
         verdict = "met" if res["met"] else f"NOT met with {self.max_layers} layers kept fp32"
         state.notes.append(
             f"mixed precision: all-int8 simulated drop {res['drop_all_int8']:.2e} -> {res['drop']:.2e} keeping "

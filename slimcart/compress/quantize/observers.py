@@ -188,6 +188,17 @@ OBSERVERS = {
 
 def make_observer(kind: str, **kwargs) -> Observer:
     """An observer by name (see module docstring), e.g. make_observer("percentile", percentile=99.9)."""
+    import inspect
+
     if kind not in OBSERVERS:
         raise SlimcartError(f"unknown observer '{kind}' (known: {', '.join(OBSERVERS)})")
-    return OBSERVERS[kind](**kwargs)
+    known = sorted({n for c in OBSERVERS[kind].__mro__ if "__init__" in vars(c)  # settings passed on to a parent too
+                    for n, prm in inspect.signature(vars(c)["__init__"]).parameters.items()
+                    if n != "self" and prm.kind not in (prm.VAR_KEYWORD, prm.VAR_POSITIONAL)})
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise SlimcartError(f"observer '{kind}' has no setting {', '.join(unknown)} (it takes: {', '.join(known) or 'none'})")
+    try:
+        return OBSERVERS[kind](**kwargs)
+    except (TypeError, ValueError) as e:
+        raise SlimcartError(f"observer '{kind}': bad settings {kwargs} ({e})") from None

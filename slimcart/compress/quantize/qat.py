@@ -3,36 +3,42 @@ backward pass, activation scales learned with LSQ (Esser et al., 2020), trained 
 the fp32 model on calibration texts (or with a caller-supplied loss).
 
 After training the fake-quant wrappers are removed: the model keeps its fine-tuned float weights, and
-the learned activation ranges go to `state.extra["act_ranges"]`, which the following `static_int8`
+the learned activation ranges go to `ModelState.act_ranges`, which the following `static_int8`
 step uses instead of calibrating — so the exported int8 model computes what was trained.
 """
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field
 
+from ...arch import LayerSelect, run_batch
 from ...errors import SlimcartError
 from ...recipe import Step, register_step
-from .fake_quant import FakeQuantConfig, FakeQuantLinear, LayerOverride, calibrate_, dequantize_, quantize_
+from ..train import train
+from .fake_quant import (
+    FakeQuantConfig,
+    FakeQuantLinear,
+    calibrate_,
+    dequantize_,
+    quantize_,
+)
 from .schemes import QuantScheme
 
 Forward = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
-class QATConfig(BaseModel):
-    """max_steps / max_minutes bound the run (whichever comes first); lr for weights, scale_lr for LSQ scales."""
+class QATConfig(LayerSelect):
+    """max_steps / max_minutes bound the run (whichever comes first); lr for weights, scale_lr for LSQ scales;
+    Linears outside `targets` / in `exclude` stay fp32."""
 
-    model_config = ConfigDict(extra="forbid")
-    max_steps: int = 200
-    max_minutes: float = 3.0
-    lr: float = 2e-5
-    scale_lr: float = 1e-3  # on log(scale): ~0.1% per step
+    max_steps: int = Field(200, ge=1)
+    max_minutes: float = Field(3.0, gt=0)
+    lr: float = Field(2e-5, gt=0)
+    scale_lr: float = Field(1e-3, gt=0)  # on log(scale): ~0.1% per step
     learn_scales: bool = True
-    skip: list[str] = []  # fnmatch patterns of Linears kept fp32
     seed: int = 0
 
 
@@ -66,9 +72,8 @@ def qat_(model: torch.nn.Module, batches: list, forward: Forward, config: QATCon
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    fq = FakeQuantConfig(weight=QuantScheme(bits=8), activation=QuantScheme(bits=8, symmetric=False, granularity="per_tensor"),
-                         overrides=[LayerOverride(pattern=p, skip=True) for p in cfg.skip])
-    wrapped = quantize_(model, fq)
+    fq = FakeQuantConfig(weight=QuantScheme(bits=8), activation=QuantScheme(bits=8, symmetric=False, granularity="per_tensor"))
+    wrapped = quantize_(model, fq, filter_fn=lambda name, _m: cfg.selects(name))
     if not wrapped:
         raise SlimcartError("QAT found no nn.Linear layers to quantize")
     calibrate_(model, lambda: [forward(model, b) for b in batches])
@@ -80,35 +85,23 @@ def qat_(model: torch.nn.Module, batches: list, forward: Forward, config: QATCon
     groups = [{"params": weights, "lr": cfg.lr}]
     if scales:
         groups.append({"params": scales, "lr": cfg.scale_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     with torch.no_grad():
         targets = [forward(teacher, b).detach() for b in batches]
+
+    def step_loss(m, pair):
+        b, t = pair
+        return loss_fn(forward(m, b), t, b) if loss_fn else distill_loss(forward(m, b), t)
+
     def mean_loss() -> float:
         with torch.no_grad():
-            return float(sum((loss_fn(forward(model, b), t, b) if loss_fn else distill_loss(forward(model, b), t))
-                             for b, t in zip(batches, targets)) / len(batches))
+            return float(sum(step_loss(model, pair) for pair in zip(batches, targets)) / len(batches))
 
     before = mean_loss()
     model.eval()  # no dropout: the student should match the teacher's deterministic function
     for m in layers:
         m.train()  # ...but fake-quant recomputes weight codes every step
-    deadline = time.monotonic() + cfg.max_minutes * 60
-    first = last = float("nan")
-    step = 0
-    while step < cfg.max_steps and time.monotonic() < deadline:
-        i = step % len(batches)
-        out = forward(model, batches[i])
-        loss = loss_fn(out, targets[i], batches[i]) if loss_fn else distill_loss(out, targets[i])
-        if not torch.isfinite(loss):
-            raise SlimcartError("QAT loss became NaN/inf (lower lr)")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        first = float(loss.detach()) if step == 0 else first
-        last = float(loss.detach())
-        step += 1
-        if step % 20 == 0:
-            progress(f"QAT step {step}: loss {last:.2e}")
+    rep = train(model, list(zip(batches, targets)), step_loss, cfg.max_steps, cfg.max_minutes, groups, "constant",
+                progress=progress, label="QAT")
     model.eval()
     after = mean_loss()
     ranges = {}
@@ -121,35 +114,26 @@ def qat_(model: torch.nn.Module, batches: list, forward: Forward, config: QATCon
     dequantize_(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    return {"act_ranges": ranges, "steps": step, "loss_before": before, "loss_after": after,
-            "loss_first": first, "loss_last": last}
+    return {"act_ranges": ranges, "steps": rep["steps"], "loss_before": before, "loss_after": after,
+            "loss_first": rep["loss_first"], "loss_last": rep["loss_last"]}
 
 
 @register_step
-class QAT(Step):
+class QAT(QATConfig, Step):
     """W8A8 quantization-aware fine-tuning (STE + LSQ scales, distilled from fp32); follow with static_int8."""
 
     kind: Literal["qat"] = "qat"
     workloads = ("search",)
-    max_steps: int = 200
-    max_minutes: float = 3.0
-    lr: float = 2e-5
-    scale_lr: float = 1e-3
-    learn_scales: bool = True
-    calibration_batches: int = 64
+    calibration_batches: int = Field(64, ge=1)
 
     def apply(self, state, ctx):
-        from .smoothquant import _torch_forward
-
-        if state.runtime != "torch":
-            raise SlimcartError("qat trains the PyTorch model: put it before static_int8")
+        module = state.torch_module(self.kind)
         batches = ctx.calibration(state.bundle, self.calibration_batches)
-        cfg = QATConfig(max_steps=self.max_steps, max_minutes=self.max_minutes, lr=self.lr, scale_lr=self.scale_lr,
-                        learn_scales=self.learn_scales, skip=[f"{n}*" for n in state.extra.get("keep_fp32", [])])
+        cfg = self.model_copy(update={"exclude": self.exclude + [f"{n}*" for n in state.keep_fp32]})
         ctx.progress("quantization-aware training (distillation from fp32)")
         with torch.enable_grad():
-            info = qat_(state.bundle.module, batches, _torch_forward, cfg, progress=ctx.progress)
-        state.extra["act_ranges"] = info["act_ranges"]
+            info = qat_(module, batches, run_batch, cfg, progress=ctx.progress)
+        state.act_ranges.update(info["act_ranges"])
         state.notes.append(f"QAT: {info['steps']} steps on {len(batches)} calibration batches, distillation loss "
                            f"{info['loss_before']:.2e} -> {info['loss_after']:.2e} (mean over the batches); learned activation ranges exported")
         return state

@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from ...errors import SlimcartError
+from ...runtime.packed_llm import pack_int4, unpack_int4  # noqa: F401  (re-exported: the 4-bit packing every format shares)
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -220,31 +220,3 @@ def fake_quantize(x: torch.Tensor, scheme: QuantScheme, clip: float = 1.0) -> to
 
 
 # ---------------------------------------------------------------- int4 packing (two codes per byte)
-
-def pack_int4(codes: torch.Tensor | np.ndarray, signed: bool = False) -> torch.Tensor:
-    """Pack 4-bit codes two per byte along the last dim: element 2i in the low nibble, 2i+1 in the high
-    nibble (the ONNX Runtime MatMulNBits / GGUF order). Codes are 0..15, or -8..7 with `signed`."""
-    c = torch.as_tensor(codes)
-    if c.dtype.is_floating_point or c.dtype == torch.bool:
-        raise SlimcartError(f"pack_int4 needs integer codes, got {c.dtype}")
-    if c.dim() == 0 or c.shape[-1] % 2:
-        raise SlimcartError(f"pack_int4 needs an even last dimension, got shape {tuple(c.shape)}")
-    c = c.to(torch.int16)
-    lo_ok, hi_ok = (-8, 7) if signed else (0, 15)
-    if c.numel() and (int(c.min()) < lo_ok or int(c.max()) > hi_ok):
-        raise SlimcartError(f"int4 codes must lie in [{lo_ok}, {hi_ok}], got [{int(c.min())}, {int(c.max())}]")
-    u = (c & 0xF).to(torch.uint8)  # two's complement nibble for signed codes
-    return u[..., 0::2] | (u[..., 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor | np.ndarray, signed: bool = False) -> torch.Tensor:
-    """Inverse of `pack_int4`: [..., n] uint8 -> [..., 2n] codes (uint8, or int8 with `signed`)."""
-    p = torch.as_tensor(packed)
-    if p.dtype != torch.uint8:
-        raise SlimcartError(f"unpack_int4 needs uint8 bytes, got {p.dtype}")
-    lo, hi = p & 0xF, p >> 4
-    out = torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
-    if signed:
-        out = out.to(torch.int8)
-        out = torch.where(out > 7, out - 16, out)
-    return out

@@ -17,28 +17,33 @@ as the original (see tests).
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field
 
+from ...arch import LayerSelect, run_batch
 from ...errors import SlimcartError
 from ...recipe import Step, register_step
-from .fake_quant import FakeQuantConfig, calibrate_, dequantize_, quantize_, spread_batches
+from .fake_quant import (
+    FakeQuantConfig,
+    calibrate_,
+    dequantize_,
+    quantize_,
+    spread_batches,
+)
 from .schemes import QuantScheme
 
 
-class SmoothQuantConfig(BaseModel):
+class SmoothQuantConfig(LayerSelect):
     """alpha: migration strength (0 = none, 1 = all onto weights); `alphas` is the search grid used when
-    alpha is "auto", each scored on `score_batches` batches spread over the calibration list. `skip` lists
-    fnmatch patterns of Linear names to leave untouched."""
+    alpha is "auto", each scored on `score_batches` batches spread over the calibration list. Linears
+    outside `targets` / in `exclude` are left untouched."""
 
-    model_config = ConfigDict(extra="forbid")
-    alpha: float | Literal["auto"] = "auto"
-    alphas: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9]
+    alpha: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = "auto"
+    alphas: list[Annotated[float, Field(ge=0, le=1)]] = Field([0.5, 0.6, 0.7, 0.8, 0.9], min_length=1)
     pow2: bool = True
-    skip: list[str] = []
-    score_batches: int = 8
+    score_batches: int = Field(8, ge=1)
 
 
 class SmoothedLinear(torch.nn.Module):
@@ -53,11 +58,8 @@ class SmoothedLinear(torch.nn.Module):
         return self.linear(x * self.inv_scale)
 
 
-def _linear_names(model: torch.nn.Module, skip: list[str]) -> list[str]:
-    import fnmatch
-
-    return [n for n, m in model.named_modules()
-            if type(m) is torch.nn.Linear and not any(fnmatch.fnmatchcase(n, p) for p in skip)]
+def _linear_names(model: torch.nn.Module, select: LayerSelect) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and select.selects(n)]
 
 
 def collect_input_stats(model: torch.nn.Module, run: Callable[[], Any], names: list[str]) -> tuple[dict, list[list[str]]]:
@@ -128,7 +130,7 @@ def smoothquant_(model: torch.nn.Module, batches: list, forward: Callable[[torch
     cfg = config or SmoothQuantConfig()
     if not batches:
         raise SlimcartError("SmoothQuant needs calibration data (got no batches)")
-    names = _linear_names(model, cfg.skip)
+    names = _linear_names(model, cfg)
     if not names:
         raise SlimcartError("SmoothQuant found no nn.Linear layers to smooth")
     run = lambda m=model: [forward(m, b) for b in batches]  # noqa: E731
@@ -158,31 +160,20 @@ def smoothquant_(model: torch.nn.Module, batches: list, forward: Callable[[torch
 
 
 @register_step
-class SmoothQuantStep(Step):
+class SmoothQuantStep(SmoothQuantConfig, Step):
     """SmoothQuant scale migration on the PyTorch model (function unchanged); follow with `static_int8`
     for the real W8A8 kernels."""
 
     kind: Literal["smoothquant"] = "smoothquant"
     workloads = ("search",)  # the W8A8 execution path (static_int8) is wired for encoders
-    alpha: float | Literal["auto"] = "auto"
-    alphas: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9]
-    skip: list[str] = []
-    calibration_batches: int = 32  # channel maxima need the same coverage as the int8 step's ranges
-    score_batches: int = 8
+    calibration_batches: int = Field(32, ge=1)  # channel maxima need the same coverage as the int8 step's ranges
 
     def apply(self, state, ctx):
-        if state.runtime != "torch":
-            raise SlimcartError("smoothquant works on the PyTorch model: put it before export_onnx / static_int8")
-        cfg = SmoothQuantConfig(alpha=self.alpha, alphas=self.alphas, skip=self.skip, score_batches=self.score_batches)
+        module = state.torch_module(self.kind)
         batches = ctx.calibration(state.bundle, self.calibration_batches)
         ctx.progress("SmoothQuant: searching the migration strength alpha" if self.alpha == "auto" else "SmoothQuant")
-        info = smoothquant_(state.bundle.module, batches, _torch_forward, cfg)
+        info = smoothquant_(module, batches, run_batch, self)
         state.notes.append(f"SmoothQuant alpha={info['alpha']} on {info['linears']} Linear layers "
                            f"({info['groups']} shared-input groups, power-of-two scales)")
-        state.extra["smoothquant"] = info
+        state.reports[self.kind] = info
         return state
-
-
-def _torch_forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    out = model(**{k: torch.as_tensor(v) for k, v in batch.items()})
-    return out[0] if isinstance(out, (tuple, list)) else out

@@ -8,22 +8,26 @@ stored int8 per row and dequantized after the Gather (only the looked-up rows). 
 ONNX Runtime (fused into QLinearMatMul / MatMulIntegerToFloat) or OpenVINO (FakeQuantize -> int8
 MatMul); `runtime: auto` times both on calibration batches and keeps the faster.
 
-Layers named by `exclude` (fnmatch on the PyTorch module name, e.g. "*.layer.5.output.dense") stay
-fp32: that is how mixed precision keeps its most sensitive layers.
+Layers chosen by `targets` / `exclude` (fnmatch on the PyTorch module name, e.g. "*.layer.5.output.dense")
+and those a `mixed_precision` step hands over (`ModelState.keep_fp32`) stay fp32.
 """
 from __future__ import annotations
 
-import fnmatch
-import time
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from pydantic import Field, model_validator
 
+from ...arch import LayerSelect
+from ...bench import measure_interleaved
+from ...contracts import BenchInputs
 from ...errors import SlimcartError
 from ...recipe import Step, register_step
+from ...runtime.onnx_runtime import OnnxFile, OnnxRunner, export_onnx
+from ...runtime.openvino_runtime import OpenVinoIR, OpenVinoRunner
 from .observers import ObserverKind, make_observer
 
 MIN_EMBEDDING_NUMEL = 16384  # smaller tables (token types) are not worth the extra ops
@@ -173,53 +177,43 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
 
 def time_runners(runners: dict, batches: list[dict], rounds: int = 3) -> dict[str, float]:
     """Median seconds per pass over `batches` for each runner, rounds interleaved (same-run comparison)."""
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for r in runners.values():
-        r(batches[0])  # warm-up
-    for i in range(rounds):
-        for k in (list(runners) if i % 2 == 0 else list(runners)[::-1]):
-            t0 = time.perf_counter()
-            for b in batches:
-                runners[k](b)
-            times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    timing = measure_interleaved(runners, BenchInputs([], batches, 1, "batches"), repeats=rounds, warmup=1)
+    return {k: len(batches) / float(np.median(t.throughput_per_s)) for k, t in timing.items()}
 
 
 @register_step
-class StaticInt8(Step):
+class StaticInt8(LayerSelect, Step):
     """Static W8A8 int8 on ONNX Runtime or OpenVINO, with activation ranges from slimcart's observers."""
 
     kind: Literal["static_int8"] = "static_int8"
     workloads = ("search",)
+    # auto: time both on calibration batches, keep the faster (ties within 3% go to ONNX Runtime)
     runtime: Literal["auto", "onnxruntime", "openvino"] = "auto"
-    calibration_batches: int = 32
+    calibration_batches: int = Field(32, ge=1)
     # min-max: BERT's outlier channels carry signal; clipping them (percentile 99.99) cost 0.08 of cosine on MiniLM
     observer: ObserverKind = "minmax"
     observer_args: dict = {}
     symmetric_activations: bool = False
-    exclude: list[str] = []
     quantize_embeddings: bool = True
 
-    def apply(self, state, ctx):
-        from ...runtime.onnx_runtime import export_onnx
+    @model_validator(mode="after")
+    def _observer(self):
+        make_observer(self.observer, **self.observer_args)  # unknown observer settings fail here, before any model loads
+        return self
 
-        if state.runtime != "torch":
-            raise SlimcartError("static_int8 exports the PyTorch model itself: remove the export_onnx step before it")
-        if self.calibration_batches < 1:
-            raise SlimcartError("static_int8: calibration_batches must be at least 1")
+    def apply(self, state, ctx):
+        module = state.torch_module(self.kind)
         batches = ctx.calibration(state.bundle, self.calibration_batches)
-        spec = ctx.workload.onnx_spec(state.bundle)
+        spec = ctx.workload.export_spec(state.bundle)
         fp32 = ctx.workdir / "model.fp32.onnx"
         ctx.progress("exporting to ONNX for static int8")
-        export_onnx(state.bundle.module, spec["example"], fp32, spec["dynamic_axes"], spec["output_name"])
+        export_onnx(module, spec["example"], fp32, spec["dynamic_axes"], spec["output_name"])
         model = onnx.load(str(fp32))
         linears = linear_matmuls(model)
-        exclude = self.exclude + state.extra.get("keep_fp32", [])  # mixed_precision's choice, if it ran
-        chosen = [(n, name) for n, name in linears if not any(fnmatch.fnmatchcase(name, p) for p in exclude)]
+        chosen = [(n, name) for n, name in linears if self.selects(name) and name not in state.keep_fp32]
         if not chosen:
-            raise SlimcartError("static_int8: no Linear layer left to quantize (check `exclude`)")
-        learned = state.extra.get("act_ranges", {})  # from a qat step: use what was trained
-        node_ranges = {n.name: learned[name] for n, name in chosen if name in learned}
+            raise SlimcartError("static_int8: no Linear layer left to quantize (check targets / exclude)")
+        node_ranges = {n.name: state.act_ranges[name] for n, name in chosen if name in state.act_ranges}  # QAT's
         todo = sorted({n.input[0] for n, _ in chosen if n.name not in node_ranges})
         ranges = {}
         if todo:
@@ -231,35 +225,33 @@ class StaticInt8(Step):
         onnx.save(model, str(qdq))
         fp32.unlink()
         kept = [name for _, name in linears if name not in {c for _, c in chosen}]
-        state.extra["static_int8"] = {"quantized": [c for _, c in chosen], "kept_fp32": kept, "embeddings_int8": tables}
+        state.reports[self.kind] = {"quantized": [c for _, c in chosen], "kept_fp32": kept, "embeddings_int8": tables}
         how = f"{len(node_ranges)} QAT-learned, {len(chosen) - len(node_ranges)} {self.observer}-calibrated"
         state.notes.append(f"static int8: {len(chosen)} Linear layers W8A8 (per-channel weights; activation ranges "
                            f"{how}); kept fp32: {', '.join(kept) or 'none'}; int8 embedding tables: {len(tables)}")
         return finish_runtime(state, ctx, qdq, self.runtime, batches)
 
 
-def finish_runtime(state, ctx, qdq: Path, runtime: str, batches: list[dict]):
-    """Point the state at the QDQ model on the chosen runtime (timing both when `runtime` is auto)."""
-    from ...bench import default_threads
-    from ...runtime.onnx_runtime import OnnxRunner
-    from ...runtime.openvino_runtime import OpenVinoRunner, _copy_tree, save_openvino
+TIE = 0.03  # relative timing difference below which `auto` keeps ONNX Runtime (the more widely deployed)
 
+
+def finish_runtime(state, ctx, qdq: Path, runtime: str, batches: list[dict]):
+    """Make the QDQ model the artifact on the chosen runtime (timing both when `runtime` is auto)."""
     choice, note = runtime, ""
     if runtime == "auto":
         ctx.progress("timing ONNX Runtime vs OpenVINO on the int8 model")
         # the first calibration batches are the short texts (queries), closest to serving traffic
-        t = time_runners({"onnxruntime": OnnxRunner(qdq, threads=default_threads()),
-                          "openvino": OpenVinoRunner(qdq, threads=default_threads())}, batches[:8])
-        choice = min(t, key=t.get)
-        note = f" (chosen by timing on calibration batches: onnxruntime {t['onnxruntime']*1e3:.0f} ms, openvino {t['openvino']*1e3:.0f} ms)"
-        state.extra["runtime_timing_s"] = t
+        t = time_runners({"onnxruntime": OnnxRunner(qdq, ctx.threads), "openvino": OpenVinoRunner(qdq, ctx.threads)},
+                         batches[:8])
+        choice = "openvino" if t["openvino"] < t["onnxruntime"] * (1 - TIE) else "onnxruntime"
+        note = (f" (chosen by timing on calibration batches: onnxruntime {t['onnxruntime']*1e3:.0f} ms, openvino "
+                f"{t['openvino']*1e3:.0f} ms; within {TIE:.0%} counts as a tie, kept by onnxruntime)")
+        state.reports["runtime_timing_s"] = t
+    state.reports.setdefault("static_int8", {})["runtime"] = choice
     if choice == "openvino":
-        ov_dir = ctx.workdir / "openvino"
-        xml = save_openvino(qdq, ov_dir)
-        state.runtime, state.openvino_path, state.onnx_path = "openvino", xml, None
-        state.saver = lambda folder, src=ov_dir: _copy_tree(src, folder)
+        state.artifact = OpenVinoIR(qdq)
         state.kernels.append("OpenVINO int8 (FakeQuantize -> int8 MatMul, VNNI)" + note)
     else:
-        state.runtime, state.onnx_path = "onnxruntime", qdq
+        state.artifact = OnnxFile(qdq)
         state.kernels.append("onnxruntime static int8 QDQ (QLinearMatMul / MatMulIntegerToFloat, VNNI)" + note)
     return state

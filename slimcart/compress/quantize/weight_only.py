@@ -13,83 +13,16 @@ MatMulNBits does; otherwise it is an error.
 """
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass
 from typing import Callable, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import model_validator
 
+from ...arch import LayerSelect, causal_lm, first_match
 from ...errors import SlimcartError
 from ...recipe import Step, register_step
-
-SUPPORTED_BITS = (2, 3, 4, 8)
-
-
-class WeightSpec(BaseModel):
-    """Bits and grouping of weight-only quantization."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    bits: int = 4
-    group_size: int | None = 128  # None: per output channel
-    symmetric: bool = False
-    zero_point: Literal["int", "float"] = "int"  # asymmetric only
-    partial_last_group: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _check(cls, v):
-        if isinstance(v, dict):
-            bits, g = v.get("bits", 4), v.get("group_size", 128)
-            if bits not in SUPPORTED_BITS or isinstance(bits, bool):
-                raise SlimcartError(f"weight-only bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-            if g is not None and (not isinstance(g, int) or g < 16 or g & (g - 1)):
-                raise SlimcartError(f"group_size must be a power of two >= 16 (or null for per-channel), got {g!r}")
-        return v
-
-    @property
-    def maxq(self) -> int:
-        return 2**self.bits - 1
-
-    def groups(self, in_features: int, name: str = "weight") -> list[tuple[int, int]]:
-        """[(start, end)] column ranges of the groups of a row of `in_features` columns."""
-        g = self.group_size or in_features
-        if in_features % g and not self.partial_last_group:
-            raise SlimcartError(
-                f"group_size {g} does not divide in_features {in_features} of {name} "
-                "(set partial_last_group: true to allow a shorter last group)")
-        return [(s, min(s + g, in_features)) for s in range(0, in_features, g)]
-
-
-@dataclass
-class QuantizedWeight:
-    """Codes [out, in] uint8; scale [out, n_groups] float16; zero [out, n_groups] uint8 (zero_point int)
-    or offset [out, n_groups] float16 (zero_point float); neither when symmetric."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-    spec: WeightSpec
-    offset: torch.Tensor | None = None
-    codebook: torch.Tensor | None = None  # [out, 2**bits] float16: k-means levels (codes index them)
-
-    def offsets(self) -> torch.Tensor:
-        """m per (row, group) in float32: W = codes * scale + m."""
-        if self.offset is not None:
-            return self.offset.float()
-        z = self.zero.float() if self.zero is not None else torch.full_like(self.scale, 2 ** (self.spec.bits - 1), dtype=torch.float32)
-        return -z * self.scale.float()
-
-    def per_column(self, t: torch.Tensor) -> torch.Tensor:
-        """Expand a per-(row, group) tensor to [out, in]."""
-        idx = torch.cat([torch.full((e - s,), i) for i, (s, e) in enumerate(self.spec.groups(self.codes.shape[1]))])
-        return t[:, idx]
-
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weight the kernels compute with."""
-        if self.codebook is not None:
-            return torch.gather(self.codebook.float(), 1, self.codes.long())
-        return self.codes.float() * self.per_column(self.scale.float()) + self.per_column(self.offsets())
+from ...runtime.llm_kernels import ACCURACY_LEVEL, PackedLLMFolder
+from ...runtime.packed_llm import QuantizedWeight, WeightSpec
 
 
 def check_weight(w: torch.Tensor, name: str) -> None:
@@ -172,18 +105,6 @@ DEFAULT_TARGETS = ["*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_pr
                    "*.mlp.gate_proj", "*.mlp.up_proj", "*.mlp.down_proj"]
 
 
-def causal_lm(module: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face *ForCausalLM inside the workload's wrapper (or the module itself)."""
-    for m in (module, getattr(module, "model", None)):
-        if m is not None and hasattr(getattr(m, "model", None), "layers") and hasattr(m, "lm_head"):
-            return m
-    raise SlimcartError("weight-only LLM quantization needs a decoder LM with model.layers (e.g. Llama)")
-
-
-def match(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 class Catcher(Exception):
     """Raised by a hook to stop the forward pass once the first decoder layer's inputs are captured."""
 
@@ -234,51 +155,78 @@ def layerwise(lm: torch.nn.Module, batches: list[dict], quantize_layer: Callable
         hidden = run_layer(layer, hidden, kwargs)
 
 
-def quantize_linear_set(lm: torch.nn.Module, targets: list[str]) -> list[tuple[str, torch.nn.Linear]]:
-    named = [(n, m) for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and match(n, targets)]
-    if not named:
-        raise SlimcartError(f"no Linear layer matches {targets}")
-    for n, m in named:
-        check_weight(m.weight, n)
-    return named
+# ---------------------------------------------------------------- the shared step fields and the RTN step
 
-
-# ---------------------------------------------------------------- the RTN step
-
-class WeightOnlyBase(Step):
-    """Shared fields of the weight-only steps (RTN, GPTQ, AWQ)."""
+class WeightOnlyBase(LayerSelect, Step):
+    """Shared fields of the weight-only steps (RTN, GPTQ, AWQ, k-means). Layers: `targets` / `exclude`;
+    `overrides` maps a pattern to WeightSpec fields, e.g. {"*.down_proj": {"bits": 8}}."""
 
     workloads: ClassVar[tuple[str, ...] | None] = ("llm",)
+    targets: list[str] = DEFAULT_TARGETS
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
     zero_point: Literal["int", "float"] = "int"
     partial_last_group: bool = True
-    targets: list[str] = DEFAULT_TARGETS
-    overrides: dict[str, dict] = {}  # fnmatch pattern -> {bits/group_size/symmetric}, e.g. keep one layer int8
-    embedding_bits: Literal[8, 16] = 8  # tied embedding / lm_head: int8 per row, or float16
+    # tied embedding / lm_head (SmolLM2: 28M weights, the largest matrix decode reads): int8 per row,
+    # 4-bit symmetric groups of `embedding_group_size` (group 32 = GGUF Q4_0's blocks), or float16
+    embedding_bits: Literal[4, 8, 16] = 8
+    embedding_group_size: int = 32
     # MatMulNBits arithmetic: int8 dot products on VNNI (activations quantized per block, fast) or fp32
     # (the weights' own error only, ~1% lower perplexity on SmolLM2, but ORT's fp32 path decoded 13x
     # slower here: docs/bench-quantization-llm.md)
     compute: Literal["int8", "fp32"] = "int8"
+    overrides: dict[str, dict] = {}
+
+    @model_validator(mode="after")
+    def _specs(self):
+        """Bits, group size and every override are checked when the recipe is read, not after the model loads."""
+        self.spec_for("")
+        for pattern, over in self.overrides.items():
+            if not isinstance(over, dict) or set(over) - set(WeightSpec.model_fields):
+                raise SlimcartError(f"override '{pattern}' must map to WeightSpec fields ({', '.join(WeightSpec.model_fields)})")
+            WeightSpec(**{**self._base_spec(), **over})
+        return self
+
+    def _base_spec(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "zero_point": self.zero_point, "partial_last_group": self.partial_last_group}
 
     def spec_for(self, name: str) -> WeightSpec:
-        base = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
-                "zero_point": self.zero_point, "partial_last_group": self.partial_last_group}
-        for pat, over in self.overrides.items():
-            if fnmatch.fnmatchcase(name, pat):
-                base.update(over)
-        return WeightSpec(**base)
+        return WeightSpec(**{**self._base_spec(), **(first_match(name, self.overrides) or {})})
 
-    def finish(self, state, ctx, lm, qweights: dict[str, QuantizedWeight], method: str):
-        """Put the dequantized weights into the model (for torch evaluation) and hand the packed
-        weights to the saver, which writes the int4/int8 artifact run by ONNX Runtime MatMulNBits."""
-        from .int4_kernels import attach_packed
+    def linears(self, lm: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+        """The selected decoder Linears (every weight checked finite)."""
+        named = self.pick(lm)
+        if not named:
+            raise SlimcartError(f"no Linear layer matches targets {self.targets} (exclude {self.exclude})")
+        for n, m in named.items():
+            check_weight(m.weight, n)
+        return named
 
+    def finish(self, state, lm, qweights: dict[str, QuantizedWeight], method: str):
+        """Put the dequantized weights into the model (for torch evaluation) and make the packed
+        weights the artifact (run by ONNX Runtime MatMulNBits)."""
         for name, mod in lm.named_modules():
             if name in qweights:
                 mod.weight.data = qweights[name].dequantize()
-        return attach_packed(state, lm, qweights, method, self.embedding_bits, self.compute)
+        embed_q = None
+        if self.embedding_bits == 4:
+            spec = WeightSpec(bits=4, group_size=self.embedding_group_size, symmetric=True, partial_last_group=True)
+            embed_q = rtn(lm.get_input_embeddings().weight, spec, "embedding")
+            lm.get_input_embeddings().weight.data = embed_q.dequantize()  # the tied lm_head sees it too
+        state.artifact = PackedLLMFolder(lm, qweights, method, self.embedding_bits, self.compute, embed_q)
+        bits = sorted({q.spec.bits for q in qweights.values()})
+        if any(q.codebook is not None for q in qweights.values()):
+            state.size_only.append(f"k-means {bits}-bit codebooks: dequantized to float32 at load (no LUT kernel)")
+        else:
+            state.kernels.append(f"onnxruntime MatMulNBits {'/'.join(map(str, bits))}-bit weights, {self.compute} compute "
+                                 f"(accuracy_level {ACCURACY_LEVEL[self.compute]})")
+        emb = {8: "int8 per row", 4: f"int4 symmetric, groups of {self.embedding_group_size}", 16: "float16"}[self.embedding_bits]
+        if self.embedding_bits < 16:
+            state.kernels.append(f"onnxruntime MatMulNBits {self.embedding_bits}-bit lm_head (embedding {emb})")
+        state.notes.append(f"weight-only {method}: {len(qweights)} decoder Linears; tied embedding/lm_head {emb}")
+        return state
 
 
 @register_step
@@ -288,7 +236,6 @@ class WeightOnlyRTN(WeightOnlyBase):
     kind: Literal["weight_only_rtn"] = "weight_only_rtn"
 
     def apply(self, state, ctx):
-        lm = causal_lm(state.bundle.module)
-        named = quantize_linear_set(lm, self.targets)
-        q = {n: rtn(m.weight, self.spec_for(n), n) for n, m in named}
-        return self.finish(state, ctx, lm, q, "rtn")
+        lm = causal_lm(state.torch_module(self.kind))
+        q = {n: rtn(m.weight, self.spec_for(n), n) for n, m in self.linears(lm).items()}
+        return self.finish(state, lm, q, "rtn")
