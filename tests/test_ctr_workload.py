@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from slimcart.contracts import DistillOptions
 from slimcart.errors import SlimcartError
 from slimcart.models.ctr import DIN, DINConfig, load_din, load_frequencies, parameter_bytes, save_din
 from slimcart.workloads import get_workload
@@ -285,11 +286,12 @@ def test_onnx_export_matches_onnxruntime(tmp_path, synth, workload, kind):
         f.write_text("\n".join(CRITEO_ROWS * 10) + "\n")
         data = workload.load_data(str(f))
         model = tiny_din(data.tables, data.fields, n_dense=13)
+    from slimcart.runtime.onnx_runtime import export_onnx
+
     spec = workload.export_spec(bundle_of(model))
     names = list(spec["example"])
-    torch.onnx.export(model, (), str(tmp_path / "m.onnx"), kwargs={k: torch.as_tensor(v) for k, v in spec["example"].items()},
-                      input_names=names, output_names=[spec["output_name"]], dynamic_axes=spec["dynamic_axes"],
-                      opset_version=17, dynamo=False)
+    # slimcart's exporter passes the inputs by keyword: positionally, Criteo's `dense` would land in `hist`
+    export_onnx(model, spec["example"], tmp_path / "m.onnx", spec["dynamic_axes"], spec["output_name"])
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == names
     rows = data.test if len(data.test) >= 7 else data.train
@@ -335,7 +337,7 @@ def test_model_trained_on_other_data_is_refused(synth, workload):
 
 def test_distill_task_soft_targets(synth, workload):
     teacher = tiny_din(synth.tables, synth.fields, "item", 1)
-    task = workload.distill_task(teacher, copy.deepcopy(teacher), bundle_of(teacher), synth, {"losses": {"soft": 1.0}})
+    task = workload.distill_task(teacher, copy.deepcopy(teacher), bundle_of(teacher), synth, DistillOptions({"soft": 1.0}))
     assert task.n_examples() == 2 * len(synth.train)
     idx = np.arange(0, task.n_examples(), 7)
     loss, parts = task.loss(idx)
@@ -347,20 +349,24 @@ def test_distill_task_soft_targets(synth, workload):
     assert task.score_undistilled(far) < task.score_undistilled(copy.deepcopy(teacher))
     assert 0.0 <= task.validate() <= 1.0
     with pytest.raises(SlimcartError, match="no loss"):
-        workload.distill_task(teacher, far, bundle_of(teacher), synth, {"losses": {"kl": 1.0}})
+        workload.distill_task(teacher, far, bundle_of(teacher), synth, DistillOptions({"kl": 1.0}))
 
 
-def test_training_learns_and_resumes(workload, synth, tmp_path):
+def test_training_learns_and_resumes_exactly(workload, synth, tmp_path):
     full = workload.train(synth, tmp_path / "full", epochs=3, **TINY)
     bundle = workload.load_model(str(full))
     cfg = bundle.extra["config"]
-    assert cfg["training"]["val_auc"] > 0.55 and cfg["synthetic"] is True  # synthetic data has learnable structure
-    platt = cfg["training"]["platt"]  # (1, 0) is feasible, so the fitted scaling cannot be worse on validation
+    training = cfg["training"]
+    assert training["val_auc"] > 0.55 and cfg["synthetic"] is True  # synthetic data has learnable structure
+    assert training["epochs"] == 3 and len(training["history"]) == 4  # the initial model + one validation per epoch
+    platt = training["platt"]  # (1, 0) is feasible, so the fitted scaling cannot be worse on validation
     assert platt["scale"] > 0 and platt["val_logloss_after"] <= platt["val_logloss_before"] + 1e-9
     assert set(load_frequencies(full)) == {"emb_user", "emb_item"}
+    assert not (tmp_path / "full.partial").exists()  # checkpoints go once the model is saved
+    steps_per_epoch = training["history"][1]["step"]
 
-    def crash_after_epoch_2(msg):
-        if msg.startswith("epoch 2"):
+    def crash_after_epoch_2(msg):  # the trainer reports after writing each validation's checkpoint
+        if f"step {2 * steps_per_epoch}/" in msg:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -368,11 +374,33 @@ def test_training_learns_and_resumes(workload, synth, tmp_path):
     assert (tmp_path / "cut.partial" / "state.json").exists() and not (tmp_path / "cut").exists()
     messages = []
     cut = workload.train(synth, tmp_path / "cut", epochs=3, progress=messages.append, **TINY)
-    assert messages[0].startswith("resuming after epoch 2") and messages[1].startswith("epoch 3")
+    assert messages[0].startswith(f"resuming DIN at step {2 * steps_per_epoch}")
     a, b = load_din(full)[0].state_dict(), load_din(cut)[0].state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same weights as the uninterrupted run, bit for bit
     with pytest.raises(SlimcartError, match="unknown training option"):
         workload.train(synth, tmp_path / "x", epochs=1, layers=3)
+
+
+def test_training_negatives_are_fresh_unseen_items_per_step(synth):
+    from slimcart.models.ctr_train import DINTask
+    from slimcart.workloads.ctr_data import sample_unseen
+
+    model = tiny_din(synth.tables, synth.fields, "item", 1)
+    task = DINTask(model, synth, 1, 0.0, lambda m: 0.5, {}, lambda u, rng: sample_unseen(synth, u, rng))
+    n = len(synth.train)
+    assert task.n_examples() == 2 * n
+    idx = np.array([0, 5, n, n + 5])  # positives 0 and 5, and one negative of each
+    torch.manual_seed(1)
+    rows = task.rows(idx)
+    assert rows.label.tolist() == [1, 1, 0, 0] and (rows.user[2:] == rows.user[:2]).all()
+    assert (rows.end[2:] == rows.end[:2]).all()  # same history as the positive
+    stops = np.r_[synth.offsets[1:], len(synth.flat)]
+    for u, item in zip(rows.user[2:], rows.sparse[2:, 1]):  # an item the user never touched
+        assert item not in synth.flat[synth.offsets[u]:stops[u]] and 1 <= item < synth.tables["item"]
+    torch.manual_seed(1)
+    assert np.array_equal(task.rows(idx).sparse, rows.sparse)  # a function of the step's seed
+    torch.manual_seed(2)
+    assert not np.array_equal(task.rows(np.arange(n, 2 * n)).sparse, task.rows(np.arange(n, 2 * n)).sparse)
 
 
 def test_bad_model_specs(tmp_path, workload, monkeypatch):
@@ -406,11 +434,11 @@ def test_cli_train_bad_data_is_one_line(tmp_path):
 
 
 def test_distill_task_runs_in_the_shared_trainer(synth, workload, tmp_path):
-    from slimcart.compress.distill.trainer import TrainConfig, fit
+    from slimcart.training import TrainConfig, fit
 
     teacher = load_din(workload.train(synth, tmp_path / "teacher", epochs=2, **TINY))[0]
     student = DIN(DINConfig.from_dict(teacher.config.to_dict()))  # a fresh student of the same shape
-    task = workload.distill_task(teacher, student, bundle_of(teacher), synth, None)
+    task = workload.distill_task(teacher, student, bundle_of(teacher), synth, DistillOptions())
     before, val_before = task.score_undistilled(student), task.validate()
     res = fit(task, TrainConfig(max_steps=60, batch_size=64, lr=3e-3, eval_every=20, max_minutes=None))
     assert res.steps == 60 and res.best_step > 0 and res.best_score > val_before

@@ -1,15 +1,19 @@
-"""Training a DIN: Adam on binary cross-entropy, early stopping on validation AUC, resumable,
-then Platt scaling on the validation split.
+"""Training a DIN through slimcart's one trainer (slimcart.training.fit), then Platt scaling on the
+validation split.
 
     loss = BCE(sigmoid(logit), label) + emb_l2 * mean over the batch of ||looked-up rows||^2
     calibrated logit = a * logit + c,  (a, c) = argmin validation logloss   (Platt, 1999)
 
 The L2 term only touches the rows a batch looks up (DIN's "mini-batch aware" regularisation in its
-simplest form): a global weight decay would shrink millions of rows the batch never saw.
-Each epoch draws its batches (and, for behaviour data, its sampled negatives) from (seed, epoch),
-and the model, best model and optimizer are checkpointed after every epoch to `<out>.partial`, so a
-resumed run continues exactly as an uninterrupted one. Stops after `patience` epochs without a
-better validation AUC, at `epochs`, or when the next epoch would pass `max_minutes`.
+simplest form): a global weight decay would shrink millions of rows the batch never saw, so the
+trainer's weight decay is 0 (AdamW with no decay is Adam).
+
+Examples: for behaviour data, example i < P is training positive i and example P*k + i (k >= 1) a
+negative of positive i whose item is drawn inside the step from the trainer's per-step seed, so every
+epoch meets fresh negatives and a resumed run draws the ones an uninterrupted run would. Field data
+(iPinYou, Criteo) are the labelled rows as they are. Batches hold examples of similar history length.
+One validation (AUC on the validation split) per epoch; early stop after `patience` epochs without a
+better one, or at `epochs` / `max_minutes`.
 
 Why the calibration: the best-AUC epoch is over-confident (on Video Games its validation logloss
 was above that of always predicting the base rate); a shop bids and ranks on the predicted CTR, so the
@@ -18,20 +22,17 @@ so the saved model is still a plain DIN and the AUC is unchanged (a > 0 keeps th
 """
 from __future__ import annotations
 
-import json
-import os
+import math
 import shutil
-import time
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..outputs import atomic_dir
 from .ctr import DIN, DINConfig, fold_into_output, save_din
-# Checkpoint helpers are shared with SASRec's trainer (same partial-folder layout).
-from .sasrec import _load_partial, _save_partial, _swap_in
-
 
 
 def _logloss(labels, logits) -> float:
@@ -73,83 +74,113 @@ def batch_loss(model: DIN, batch: dict, emb_l2: float = 0.0) -> torch.Tensor:
     return loss
 
 
-def fit(config: DINConfig, epoch_batches: Callable[[np.random.Generator], Iterable[dict]],
-        validation: Callable[[DIN], tuple[float, np.ndarray, np.ndarray]], out, hp: dict, epochs: int, seed: int,
-        progress: Callable[[str], None], resume: bool, meta: dict, frequencies: dict | None = None):
-    """Train, keep the epoch with the best validation score, calibrate it (hp["calibrate"]), write `out`
-    (config, weights, frequencies). `validation(model)` gives (score to maximise, e.g. AUC; labels; logits)
-    on the validation split."""
-    threads = torch.get_num_threads()
-    # One thread by default: batches are small, and on a shared 2-core machine two OpenMP threads
-    # waiting on each other slowed SASRec's steps ~10x (see models/sasrec.py).
-    torch.set_num_threads(int(hp.get("threads", 1)))
-    try:
-        return _fit(config, epoch_batches, validation, out, hp, epochs, seed, progress, resume, meta, frequencies)
-    finally:
-        torch.set_num_threads(threads)
+class DINTask:
+    """A DIN's click-prediction training as a task for slimcart.training.fit.
+
+    `data` is the ctr workload's CTRData (its `train` rows and `batch`); `negative_items(users, rng)`
+    draws, per user, an item that user never touched (None for field data, which carries its own
+    non-clicks); `validate(model)` returns the validation AUC."""
+
+    def __init__(self, model: DIN, data: Any, negatives: int, emb_l2: float, validate: Callable[[DIN], float],
+                 fingerprint: dict, negative_items: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None):
+        self.model, self.data, self.emb_l2, self._validate, self._fp = model, data, emb_l2, validate, fingerprint
+        self.pos, self.negative_items = data.train, negative_items
+        self.k = int(negatives) if negative_items is not None else 0
+        ends = self.pos.end if self.pos.end is not None else np.zeros(len(self.pos), np.int64)
+        self.lengths = np.tile(np.minimum(ends, model.config.max_len), 1 + self.k)
+
+    def trainable(self) -> DIN:
+        return self.model
+
+    def student(self) -> DIN:
+        return self.model
+
+    def n_examples(self) -> int:
+        return len(self.pos) * (1 + self.k)
+
+    def fingerprint(self) -> dict:
+        return self._fp
+
+    def arrange(self, order: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+        """Batches of similar history length (far less padding), in shuffled order."""
+        if self.pos.end is None:
+            return order
+        from ..training import length_bucketed
+
+        return length_bucketed(order, self.lengths, batch_size, rng)
+
+    def rows(self, idx: np.ndarray):
+        """The labelled rows of examples `idx`: positives as stored, negatives with a freshly drawn item
+        (from the trainer's per-step torch seed, so a resumed run draws the same ones)."""
+        idx = np.asarray(idx)
+        n = len(self.pos)
+        rows = self.pos.take(idx % n)
+        neg = idx >= n
+        if neg.any():
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+            rows.sparse[neg, self.model.config.target_field] = self.negative_items(rows.user[neg], rng)
+            rows.label[neg] = 0.0
+        return rows
+
+    def loss(self, idx):
+        rows = self.rows(idx)
+        batch = self.data.batch(rows, np.arange(len(rows)), self.model.config.max_len, labels=True)
+        loss = batch_loss(self.model, batch, self.emb_l2)
+        return loss, {}
+
+    def validate(self) -> float:
+        with torch.inference_mode():
+            return self._validate(self.model)
+
+    def score_undistilled(self, model) -> float:
+        with torch.inference_mode():
+            return self._validate(model)
 
 
-def _fit(config, epoch_batches, validation, out, hp, epochs, seed, progress, resume, meta, frequencies):
-    partial = out.with_name(out.name + ".partial")
-    fingerprint = {"config": config.to_dict(), "seed": seed, **meta,
-                   **{k: hp[k] for k in ("lr", "batch", "emb_l2", "negatives") if k in hp}}
+def fit(config: DINConfig, data: Any, validation: Callable[[DIN], tuple[float, np.ndarray, np.ndarray]], out: Path,
+        hp: dict, epochs: int, seed: int, progress: Callable[[str], None], resume: bool, meta: dict,
+        negative_items: Callable | None = None, frequencies: dict | None = None) -> Path:
+    """Train with slimcart.training.fit (checkpoints in `<out>.partial`, resumed when `resume` and the
+    data and settings match), keep the best-validated epoch, calibrate it (hp["calibrate"]), write `out`
+    atomically (config, weights, frequencies). `validation(model)` gives (validation AUC, labels, logits)."""
+    from ..training import TrainConfig
+    from ..training import fit as train
+
     torch.manual_seed(seed)
     model = DIN(config)
-    opt = torch.optim.Adam(model.parameters(), lr=hp["lr"])
-    state = {"fingerprint": fingerprint, "epoch": 0, "best": -1.0, "best_epoch": 0, "seconds": 0.0,
-             "cpu_seconds": 0.0, "history": []}
-    best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    found = partial  # killed mid-swap: the last checkpoint is still under its "old" name
-    if not found.exists():
-        found = max(partial.parent.glob(f".{partial.name}.old-*"), key=os.path.getmtime, default=partial)
-    if resume and (found / "state.json").exists():
-        if json.loads((found / "state.json").read_text()).get("fingerprint") == fingerprint:
-            state, best_state = _load_partial(found, model, opt)
-            progress(f"resuming after epoch {state['epoch']} from {found}")
-        else:
-            progress(f"ignoring {found}: it was made with other data or settings")
-    while state["epoch"] < epochs and state["epoch"] - state["best_epoch"] < hp["patience"]:
-        epoch, t0, c0 = state["epoch"], time.perf_counter(), time.process_time()
-        torch.manual_seed(seed * 1_000_003 + epoch)  # dropout masks
-        model.train()
-        losses = []
-        for batch in epoch_batches(np.random.default_rng([seed, epoch])):
-            loss = batch_loss(model, batch, hp["emb_l2"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+    fingerprint = {"config": config.to_dict(), "seed": seed, **meta,
+                   **{k: hp[k] for k in ("lr", "batch", "emb_l2", "negatives") if k in hp}}
+    task = DINTask(model, data, int(hp.get("negatives", 1)), float(hp.get("emb_l2", 0.0)),
+                   lambda m: validation(m)[0], fingerprint, negative_items)
+    per_epoch = max(1, math.ceil(task.n_examples() / hp["batch"]))
+    cfg = TrainConfig(max_steps=per_epoch * epochs, epochs=epochs, max_minutes=hp["max_minutes"], batch_size=hp["batch"],
+                      lr=hp["lr"], weight_decay=0.0, warmup=0.0, schedule="constant", grad_clip=None,
+                      eval_every=per_epoch, patience=hp["patience"], seed=seed, dropout=True)
+    partial = out.with_name(out.name + ".partial")
+    if not resume:
+        shutil.rmtree(partial, ignore_errors=True)
+    # One intra-op thread by default: batches are small, and on a shared 2-core machine two OpenMP
+    # threads waiting on each other slowed SASRec's steps ~10x (see models/sasrec.py).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(hp.get("threads", 1)))
+    try:
+        res = train(task, cfg, partial, progress, label="DIN")
         model.eval()
-        with torch.inference_mode():
-            score = validation(model)[0]
-        if score > state["best"]:
-            state["best"], state["best_epoch"] = score, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        # CPU seconds beside wall seconds: on a shared machine they show the standalone cost.
-        took, cpu = time.perf_counter() - t0, time.process_time() - c0
-        state["epoch"], state["seconds"], state["cpu_seconds"] = epoch + 1, state["seconds"] + took, state["cpu_seconds"] + cpu
-        state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_auc": score,
-                                 "seconds": took, "cpu_seconds": cpu, "loadavg": os.getloadavg()[0]})
-        _swap_in(partial, lambda f: _save_partial(f, model, best_state, opt, state))
-        progress(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}, val AUC {score:.4f} ({took:.0f}s, {cpu:.0f}s CPU)")
-        if state["seconds"] + took > hp["max_minutes"] * 60 and state["epoch"] < epochs:
-            progress(f"stopping: the next epoch would pass the {hp['max_minutes']:g} min budget")
-            break
-    model.load_state_dict(best_state)
-    training = {k: state[k] for k in ("epoch", "best_epoch", "seconds", "cpu_seconds", "history")}
-    training.update(val_auc=state["best"], seed=seed, **hp)
-    if hp.get("calibrate", True):
-        model.eval()
-        with torch.inference_mode():
-            _, labels, logits = validation(model)
-        a, c = platt_scaling(labels, logits)
-        fold_into_output(model, a, c)
-        with torch.inference_mode():
-            _, _, calibrated = validation(model)
-        before, after = _logloss(labels, logits), _logloss(labels, calibrated)
-        training["platt"] = {"scale": a, "shift": c, "val_logloss_before": before, "val_logloss_after": after}
-        progress(f"calibrated on validation: logit * {a:.3f} + {c:.3f}, logloss {before:.4f} -> {after:.4f}")
-    extra = {**meta, "training": training}
-    _swap_in(out, lambda f: save_din(model.eval(), f, extra, frequencies))
+        training = {"epochs": round(res.steps / per_epoch, 2), "best_epoch": round(res.best_step / per_epoch, 2),
+                    "seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "stopped": res.stopped,
+                    "history": res.history, "val_auc": res.best_score, "seed": seed, **hp}
+        if hp.get("calibrate", True):
+            with torch.inference_mode():
+                _, labels, logits = validation(model)
+            a, c = platt_scaling(labels, logits)
+            fold_into_output(model, a, c)
+            with torch.inference_mode():
+                _, _, calibrated = validation(model)
+            before, after = _logloss(labels, logits), _logloss(labels, calibrated)
+            training["platt"] = {"scale": a, "shift": c, "val_logloss_before": before, "val_logloss_after": after}
+            progress(f"calibrated on validation: logit * {a:.3f} + {c:.3f}, logloss {before:.4f} -> {after:.4f}")
+    finally:
+        torch.set_num_threads(threads)
+    atomic_dir(out, lambda f: save_din(model.eval(), f, {**meta, "training": training}, frequencies))
     shutil.rmtree(partial, ignore_errors=True)
     return out

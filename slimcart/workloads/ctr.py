@@ -21,7 +21,6 @@ int64/float arrays passed by keyword, and the weights are one safetensors file.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -29,10 +28,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..contracts import BenchInputs, DataInfo, EvalResult, ModelBundle
+from ..contracts import BenchInputs, DataInfo, DistillOptions, EvalResult, ModelBundle
 from ..errors import SlimcartError
-from ..models.ctr import DIN, DINConfig, FREQUENCIES_FILE, load_din, save_din
-from ..paths import data_root, resolve_dataset
+from ..models.ctr import DIN, DINConfig, FREQUENCIES_FILE, load_din, load_frequencies, save_din
+from ..paths import data_root, home, resolve_dataset
+from ..runtime.torch_runtime import TorchRunner
 from . import ctr_data, synthetic
 from .ctr_data import CTRData
 from .ctr_metrics import bootstrap_auc, ctr_quality
@@ -51,13 +51,9 @@ TRAIN_DEFAULTS = {"dim": 32, "lr": 1e-3, "batch": 256, "emb_l2": 0.0, "dropout":
                   "max_minutes": 9.0, "threads": 1, "max_len": 50, "negatives": 1, "calibrate": True}
 
 
-def _home() -> Path:
-    return Path(os.environ.get("SLIMCART_HOME") or "~/.cache/slimcart").expanduser()
-
-
 def checkpoint_dir(dataset: str) -> Path:
     """$SLIMCART_HOME (or ~/.cache/slimcart) / ctr / <dataset name>."""
-    return _home() / "ctr" / dataset
+    return home() / "ctr" / dataset
 
 
 def _resolve(data: str | None) -> Path | None:
@@ -71,20 +67,6 @@ def _resolve(data: str | None) -> Path | None:
 
 def _features(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "label"}
-
-
-class CTRRunner:
-    """The DIN in eager PyTorch: batch dict of numpy arrays -> logits (B,) as float32 numpy."""
-
-    runtime = "torch"
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module.eval()
-
-    def __call__(self, batch: dict) -> np.ndarray:
-        with torch.inference_mode():
-            out = self.module(**{k: torch.as_tensor(v) for k, v in _features(batch).items()})
-        return out.float().numpy()
 
 
 class CTRWorkload:
@@ -148,21 +130,26 @@ class CTRWorkload:
                 cfg["model"] = bundle.module.config.to_dict()
             (folder / "config.json").write_text(json.dumps(cfg, indent=2))
 
-    # The pre-contracts names the current api/formats still call; drop once they use contracts.load_saved.
-    def save_extras(self, bundle: ModelBundle, folder: Path) -> None:
-        self.save_companions(bundle, folder)
+    def torch_runner(self, bundle: ModelBundle) -> TorchRunner:
+        """Eager PyTorch: batch dict of numpy arrays -> logits (B,) float32 (a batch's `label` is ignored)."""
+        return TorchRunner(bundle.module)
 
-    def load_artifact(self, folder: Path):
-        folder = Path(folder)
-        if (folder / "model.onnx").exists():
-            from ..runtime.onnx_runtime import OnnxRunner
-
-            return OnnxRunner(folder / "model.onnx"), self.load_companions(folder)
-        bundle = self.load_model(str(folder))
-        return self.torch_runner(bundle), bundle
-
-    def torch_runner(self, bundle: ModelBundle) -> CTRRunner:
-        return CTRRunner(bundle.module)
+    def table_frequencies(self, bundle: ModelBundle, data: CTRData) -> dict[str, np.ndarray]:
+        """Training-set count of every row of every table, keyed by module name (`emb_<table>`): what
+        frequency-aware embedding compression ranks rows by. Read from the counts saved beside the
+        trained checkpoint (`frequencies.safetensors`), else counted on this data's training split
+        (the same counts when the model was trained on it; `_check` makes sure the tables match)."""
+        self._check(bundle, data)
+        path = bundle.extra.get("frequencies")
+        saved = load_frequencies(Path(path).parent) if path else {}
+        counts = {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v, np.float64) for k, v in
+                  (saved or data.frequencies).items()}
+        for name, rows in self.model_config(bundle)["tables"].items():
+            got = counts.get(f"emb_{name}")
+            if got is None or len(got) != rows:
+                raise SlimcartError(f"training-set counts for table '{name}' are missing or have {None if got is None else len(got)} "
+                                    f"entries for {rows} rows ({path or 'the data'})")
+        return counts
 
     @staticmethod
     def model_config(bundle: ModelBundle) -> dict:
@@ -187,8 +174,6 @@ class CTRWorkload:
         return {"example": example, "dynamic_axes": {k: v for k, v in axes.items() if k in example or k == "logit"},
                 "output_name": "logit", "model_type": None}
 
-    onnx_spec = export_spec  # the name the current api/runtime still call
-
     def task_loss(self, bundle: ModelBundle) -> Callable:
         """BCE of the logits against batch["label"]: calibration_batches carry the labels in the same dict,
         the features go to the model and the label only to this loss (DIN.forward ignores it)."""
@@ -200,15 +185,12 @@ class CTRWorkload:
                 logits.float(), torch.as_tensor(batch["label"], dtype=torch.float32))
         return bce
 
-    def distill_task(self, teacher, student, bundle: ModelBundle, data: CTRData, options: Any = None):
-        """Soft targets (teacher's probabilities) + BCE on labels over the training split."""
+    def distill_task(self, teacher, student, bundle: ModelBundle, data: CTRData, options: DistillOptions):
+        """Soft targets (teacher's probabilities) + BCE on labels over the training split (ctr_distill.py)."""
         from .ctr_distill import CTRDistillTask
 
-        get = (lambda k, d: options.get(k, d)) if isinstance(options, dict) else (lambda k, d: getattr(options, k, d))
-        train = get("train", None)
-        seed = train.get("seed", 0) if isinstance(train, dict) else getattr(train, "seed", 0)
-        return CTRDistillTask(teacher, student, data, get("losses", None), get("temperature", 1.0), seed,
-                              int(self.model_config(bundle).get("max_len", 50)))
+        return CTRDistillTask(teacher, student, data, options.losses, options.temperature, options.seed,
+                              self._check(bundle, data))
 
     # ---------------------------------------------------------------- data
     def load_data(self, data: str | None) -> CTRData:
@@ -220,14 +202,18 @@ class CTRWorkload:
         if path.is_dir() and (path / "train.fm.txt").exists():
             if not (path / "test.fm.txt").exists():
                 raise SlimcartError(f"{path}: a libFM folder needs test.fm.txt beside train.fm.txt")
-            return ctr_data.libfm_data(path)
-        criteo = next((path / f"train{s}" for s in (".csv", ".tsv", ".txt") if (path / f"train{s}").is_file()),
-                      path) if path.is_dir() else path
-        if criteo.is_file() and ctr_data.is_criteo_file(criteo):
-            return ctr_data.criteo_data(path)
-        from .recsys import read_interactions  # the `user item` log reader shared with the recsys workload
+            d = ctr_data.libfm_data(path)
+        else:
+            criteo = next((path / f"train{s}" for s in (".csv", ".tsv", ".txt") if (path / f"train{s}").is_file()),
+                          path) if path.is_dir() else path
+            if criteo.is_file() and ctr_data.is_criteo_file(criteo):
+                d = ctr_data.criteo_data(path)
+            else:
+                from .recsys import read_interactions  # the `user item` log reader shared with the recsys workload
 
-        return self._behaviour(read_interactions(path), path.name if path.is_dir() else path.stem)
+                d = self._behaviour(read_interactions(path), path.name if path.is_dir() else path.stem)
+        d.info.source = path  # part of a resumed run's identity
+        return d
 
     @staticmethod
     def _behaviour(df, name: str, synthetic_data: bool = False) -> CTRData:
@@ -263,7 +249,7 @@ class CTRWorkload:
                    for a in range(0, min(len(order), 8 * SERVING_BATCH), SERVING_BATCH)]
         serving = [b for b in serving if len(b["sparse"]) == SERVING_BATCH] or serving[:1]
         return BenchInputs(single=single, serving=serving, items_per_serving_batch=len(serving[0]["sparse"]),
-                           unit="rows", single_label="batch 1 (one row)")
+                           unit="rows")
 
     def calibration_batches(self, bundle: ModelBundle, data: CTRData, n: int) -> list[dict]:
         """`n` labelled batches of 256 training rows (behaviour data: with sampled negatives); never test."""
@@ -306,10 +292,12 @@ class CTRWorkload:
         """Train a DIN on the training split; early stopping on validation AUC, then Platt scaling fitted
         on the validation split (calibrate=False skips it); returns the model folder.
 
-        Checkpointed every epoch to `<out>.partial` (resumed when data and settings match); the final
-        folder is written under a temporary name and renamed into place.
+        Trained by slimcart.training.fit (one validation per epoch), checkpointed to `<out>.partial` at
+        every validation and resumed exactly when data and settings match; the final folder is written
+        under a temporary name and renamed into place.
         """
         from ..models.ctr_train import fit
+        from .ctr_metrics import auc
 
         hp = {**TRAIN_DEFAULTS, **overrides}
         if set(hp) != set(TRAIN_DEFAULTS):
@@ -319,28 +307,19 @@ class CTRWorkload:
         config = DINConfig(tables=dict(d.tables), fields=list(d.fields), dim=int(hp["dim"]), history_table=d.history_table,
                            target_field=d.target_field, n_dense=d.n_dense, max_len=int(hp["max_len"]),
                            dropout=float(hp["dropout"]))
-        window = hp["batch"] * 32
-
-        def epoch_batches(rng):
-            rows = d.epoch_rows(rng, int(hp["negatives"]))
-            order = rng.permutation(len(rows))
-            if rows.end is not None:  # similar history lengths per batch: far less padding
-                order = np.concatenate([c[np.argsort(rows.end[c], kind="stable")]
-                                        for c in np.split(order, range(window, len(order), window))])
-            batches = np.split(order, range(hp["batch"], len(order), hp["batch"]))
-            for j in rng.permutation(len(batches)):
-                yield d.batch(rows, batches[j], config.max_len, labels=True)
 
         def validation(model) -> tuple[float, np.ndarray, np.ndarray]:
-            from .ctr_metrics import auc
-
-            logits = self.predict(CTRRunner(model), d, d.valid, config.max_len)
+            logits = self.predict(TorchRunner(model), d, d.valid, config.max_len)
             return auc(d.valid.label, logits), d.valid.label, logits
+
+        def negative_items(users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+            return ctr_data.sample_unseen(d, users, rng)
 
         meta = {"dataset": d.name, "synthetic": d.info.synthetic, "split": d.info.split,
                 "frequencies": d.frequency_note}
-        return fit(config, epoch_batches, validation, out, hp, epochs=epochs, seed=seed,
-                   progress=progress or (lambda m: None), resume=resume, meta=meta, frequencies=d.frequencies)
+        return fit(config, d, validation, out, hp, epochs=epochs, seed=seed, progress=progress or (lambda m: None),
+                   resume=resume, meta=meta, negative_items=negative_items if d.history_table else None,
+                   frequencies=d.frequencies)
 
 
 WORKLOAD_CLASS = CTRWorkload

@@ -6,7 +6,7 @@ Three sources, each split into train / validation (carved from the training data
   n >= 3 interactions s_0..s_{n-1}, the positives are (history s_<t, target s_t) for t = 1..n-3
   (train), t = n-2 (validation) and t = n-1 (test); every positive is paired with one item the user
   never interacted with as a negative. Validation and test negatives are drawn once (seed 0);
-  training negatives are redrawn every epoch. Tables: `user`, `item` (the history looks up `item`).
+  training negatives are redrawn for every training batch. Tables: `user`, `item` (the history looks up `item`).
   No item categories: the SOURCE of Video.txt has none, so DIN runs on item ids alone.
 - libFM field data (iPinYou: train.fm.txt / test.fm.txt / featindex.fm.txt): one table per field
   (named from featindex), validation = a seeded, label-stratified 20% of train.fm.txt.
@@ -152,7 +152,7 @@ def behaviour_data(histories: list[np.ndarray], n_items: int, name: str, synthet
     data.info = DataInfo(
         name=name, synthetic=synthetic, n=len(data.test),
         split=f"DIN protocol: each of {len(ev)} users' last item vs 1 sampled unseen item (test, seed 0); "
-              f"second-last = validation; {len(u_train)} earlier positions train (negatives redrawn per epoch)")
+              f"second-last = validation; {len(u_train)} earlier positions train (negatives redrawn at every training step)")
     return data
 
 

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SlimcartError
+from ..training import TeacherStudentTask, length_bucketed
 from .ctr_data import CTRData
 from .ctr_metrics import auc
 
-LOSSES = ("soft", "task")
-DEFAULT_WEIGHTS = {"soft": 1.0, "task": 1.0}
 CLOSENESS_ROWS = 4096  # training rows on which an undistilled student is compared with the teacher
 EVAL_BATCH = 4096
 
@@ -28,61 +27,42 @@ def _features(batch: dict) -> dict:
     return {k: torch.as_tensor(v) for k, v in batch.items() if k != "label"}
 
 
-class CTRDistillTask:
+class CTRDistillTask(TeacherStudentTask):
     """DistillTask (slimcart.contracts) for DIN teacher/student pairs over the same tables' ids."""
+
+    LOSSES = ("soft", "task")
+    DEFAULTS = {"soft": 1.0, "task": 1.0}
+    what = "ctr distillation"
 
     def __init__(self, teacher, student, data: CTRData, weights: dict[str, float] | None = None,
                  temperature: float = 1.0, seed: int = 0, max_len: int = 50):
-        w = dict(DEFAULT_WEIGHTS if weights is None else weights)
-        unknown = sorted(set(w) - set(LOSSES))
-        if unknown:
-            raise SlimcartError(f"ctr distillation has no loss {unknown} (choose from {', '.join(LOSSES)})")
-        self.w = {k: float(v) for k, v in w.items() if v}
-        if not self.w:
-            raise SlimcartError("all distillation loss weights are zero")
         if temperature <= 0:
             raise SlimcartError(f"distillation temperature must be > 0, got {temperature}")
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.setup(teacher, weights)
         self.data, self.T, self.max_len = data, float(temperature), max_len
         self.rows = data.epoch_rows(np.random.default_rng([seed, 7]))
         if not len(self.rows):
             raise SlimcartError("distillation transfer data (the training split) is empty")
-        self._student = None
+        self.lengths = self.rows.end if self.rows.end is not None else None
         self.set_student(student)
         self._fp = {"name": data.name, "rows": int(len(self.rows)), "weights": self.w, "T": self.T, "seed": seed}
 
-    def trainable(self):
-        return self._student
-
-    def student(self):
-        return self._student
-
     def set_student(self, student) -> None:
-        student.requires_grad_(True)  # a copy of the frozen teacher must train
-        self._student = student
+        self.attach(student)
 
     def n_examples(self) -> int:
         return len(self.rows)
 
-    def fingerprint(self) -> dict:
-        return self._fp
-
     def arrange(self, order: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
         """Batches of similar history length (less padding); batch order shuffled."""
-        if self.rows.end is None:
+        if self.lengths is None:
             return order
-        window = batch_size * 32
-        chunks = [c[np.argsort(self.rows.end[c], kind="stable")] for c in np.split(order, range(window, len(order), window))]
-        flat = np.concatenate(chunks)
-        batches = np.split(flat, range(batch_size, len(flat), batch_size))
-        return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+        return length_bucketed(order, np.minimum(self.lengths, self.max_len), batch_size, rng)
 
     def loss(self, idx):
         batch = self.data.batch(self.rows, np.asarray(idx), self.max_len, labels=True)
         feats = _features(batch)
-        s = self._student(**feats).float()
+        s = self.student()(**feats).float()
         parts = {}
         if "soft" in self.w:
             with torch.no_grad():
@@ -90,19 +70,22 @@ class CTRDistillTask:
             parts["soft"] = F.binary_cross_entropy_with_logits(s / self.T, target) * self.T ** 2
         if "task" in self.w:
             parts["task"] = F.binary_cross_entropy_with_logits(s, torch.as_tensor(batch["label"], dtype=s.dtype))
-        total = sum(self.w[k] * v for k, v in parts.items())
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return self.combine(parts)
 
     @torch.no_grad()
     def logits(self, model, rows) -> np.ndarray:
+        """Logits of every row in row order, scored in batches of similar history length."""
         model.eval()
-        out = [model(**_features(self.data.batch(rows, np.arange(a, min(a + EVAL_BATCH, len(rows))), self.max_len)))
-               for a in range(0, len(rows), EVAL_BATCH)]
-        return torch.cat(out).float().numpy()
+        order = np.argsort(rows.end, kind="stable") if rows.end is not None else np.arange(len(rows))
+        out = np.empty(len(rows), np.float32)
+        for a in range(0, len(rows), EVAL_BATCH):
+            idx = order[a:a + EVAL_BATCH]
+            out[idx] = model(**_features(self.data.batch(rows, idx, self.max_len))).float().numpy()
+        return out
 
     def validate(self) -> float:
         """AUC of the student on the validation split."""
-        return auc(self.data.valid.label, self.logits(self._student, self.data.valid))
+        return auc(self.data.valid.label, self.logits(self.student(), self.data.valid))
 
     def score_undistilled(self, student) -> float:
         """Minus the soft-label BCE to the teacher on a fixed slice of training rows (higher = closer)."""
