@@ -15,6 +15,7 @@ from .config import EmbeddingCompressConfig, chosen_patterns, parse_embedding_co
 from .hashed import HashedEmbedding
 from .mixed_dim import MixedDimEmbedding
 from .mixed_precision import MixedPrecisionEmbedding
+from .pq import ProductQuantizedEmbedding
 from .pruned import PrunedRowsEmbedding
 from .qr import QREmbedding
 from .rowwise import RowwiseQuantEmbedding
@@ -22,7 +23,7 @@ from .tt import TTEmbedding
 
 BUILDERS = {"rowwise": RowwiseQuantEmbedding, "mixed_precision": MixedPrecisionEmbedding, "qr": QREmbedding,
             "hash": HashedEmbedding, "mixed_dim": MixedDimEmbedding, "tt": TTEmbedding,
-            "prune_rows": PrunedRowsEmbedding}
+            "prune_rows": PrunedRowsEmbedding, "pq": ProductQuantizedEmbedding}
 NEEDS_FREQUENCIES = ("mixed_precision", "mixed_dim", "prune_rows")
 
 

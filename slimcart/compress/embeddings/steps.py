@@ -28,7 +28,8 @@ KERNELS = {"rowwise": "torch quantized embedding_bag row-wise int{bits} lookups 
 @register_step
 class CompressEmbeddings(Step):
     """Compress embedding tables: row-wise int8/int4/int2, frequency-aware mixed precision, QR, hashing,
-    mixed dimensions, tensor-train cores or pruned rows (follow the trainable ones with `recover`)."""
+    mixed dimensions, tensor-train cores, product quantization or pruned rows (follow the trainable ones with
+    `recover`)."""
 
     kind: Literal["compress_embeddings"] = "compress_embeddings"
     targets: list[str] | None = None
