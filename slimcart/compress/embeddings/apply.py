@@ -31,7 +31,7 @@ def plan_tables(model: nn.Module, config: EmbeddingCompressConfig) -> list[tuple
     """(module name, table, technique config) for every table the config chooses."""
     plan, patterns = [], chosen_patterns(config)
     for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+        if not isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) or mod.num_embeddings < config.min_rows:
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
             continue
@@ -74,7 +74,7 @@ def compress_embeddings_(model: nn.Module, config, frequencies: dict | None = No
     plan = plan_tables(model, cfg)
     if not plan:
         raise SlimcartError(f"no nn.Embedding / nn.EmbeddingBag module matches tables={chosen_patterns(cfg)} "
-                            f"per_table={list(cfg.per_table)}")
+                            f"per_table={list(cfg.per_table)}" + (f" with at least {cfg.min_rows} rows" if cfg.min_rows else ""))
     names = {n for n, _, _ in plan}
     unknown = sorted(set(frequencies) - names)
     if unknown:

@@ -6,7 +6,8 @@
 
 Tables are chosen by fnmatch patterns on module names (`tables`, minus `exclude`); a table matching a
 `per_table` pattern (first match, in the order written) gets that technique, every other chosen table
-`technique`. Patterns of `per_table` also choose their tables. Without `tables`, every table is chosen,
+`technique`. Patterns of `per_table` also choose their tables. Tables of fewer than `min_rows` rows
+are never chosen. Without `tables`, every table is chosen,
 unless only `per_table` is given (no technique): then only its tables. A model that reads some table's
 `.weight` directly (SASRec's position table) must not have that table compressed.
 """
@@ -188,6 +189,7 @@ class EmbeddingCompressConfig(BaseModel):
     exclude: list[str] = Field(default_factory=list)
     technique: Technique = Field(default_factory=RowwiseConfig)
     per_table: dict[str, Technique] = Field(default_factory=dict)
+    min_rows: int = Field(0, ge=0)  # smaller tables are left as they are (a codebook would outweigh them)
 
     @model_validator(mode="before")
     @classmethod

@@ -36,6 +36,7 @@ class CompressEmbeddings(Step):
     exclude: list[str] = []
     technique: Technique = Field(default_factory=RowwiseConfig)
     overrides: dict[str, Technique] = {}
+    min_rows: int = Field(0, ge=0)  # tables with fewer rows stay as they are
 
     @model_validator(mode="before")
     @classmethod
@@ -48,7 +49,7 @@ class CompressEmbeddings(Step):
 
     def config(self) -> EmbeddingCompressConfig:
         return EmbeddingCompressConfig(tables=self.targets, exclude=self.exclude, technique=self.technique,
-                                       per_table=self.overrides)
+                                       per_table=self.overrides, min_rows=self.min_rows)
 
     def apply(self, state, ctx):
         module = state.torch_module(self.kind)
