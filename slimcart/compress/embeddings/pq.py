@@ -17,8 +17,9 @@ instead of 8 at d = 32: 10.7x at best there, where this reaches 16x less the cod
 
 Lookup: gather the requested rows' codes, then one F.embedding over the M codebooks stacked as
 (M K) x s rows at index c_m + m K, reshaped to (n, d) (times R); tiers overwrite their rows.
-Scoring every row (asymmetric distance computation): h E^T = sum_m ((h R^T)_m C_m^T)[:, c_m], M small
-products B x K and gathers, never the (N, d) table.
+Scoring every row: for a few queries, asymmetric distance computation h E^T = sum_m ((h R^T)_m C_m^T)[:, c_m]
+(M small products B x K and gathers, no row decoded); for a batch, rows decoded a tile at a time for
+one GEMM each (the GEMM's cost dominates there, and gathers would cost B N M).
 k-means runs in faiss (a well-kept, fast implementation, seeded); only the layout and the lookup are
 written here.
 """
@@ -42,6 +43,8 @@ from .packed_rows import PackedRows
 from .rowwise import bag_mode, source_weight
 
 CODE_BITS = (8, 4)
+ADC_MAX_BATCH = 8  # scoring: up to this batch gather centroid products (ADC); above, decode row tiles for one GEMM
+SCORE_TILE = 8192
 WEIGHTINGS = ("count", "sqrt_count", "none")
 
 
@@ -175,16 +178,32 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
         return out
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
-        codes = unpack_codes(self.codes, self.code_bits)
-        s = self.codebooks.shape[-1]
-        hr = h if self.rotation is None else h @ self.rotation.t()  # h (PQ R)^T = (h R^T) PQ^T
-        out = h.new_zeros(h.shape[0], self.num_embeddings)
-        for m in range(self.subvectors):
-            out += (hr[:, m * s:(m + 1) * s] @ self.codebooks[m].t())[:, codes[:, m]]
+        if h.shape[0] <= ADC_MAX_BATCH:
+            out = self._scores_adc(h)
+        else:
+            out = h.new_empty(h.shape[0], self.num_embeddings)
+            for a in range(0, self.num_embeddings, SCORE_TILE):
+                e = min(self.num_embeddings, a + SCORE_TILE)
+                out[:, a:e] = h @ self._decode(a, e).t()
         for held, rows in zip(self.tier_ids, self.tier_rows):
             if len(held):
                 out[:, held.ids.long()] = rows.scores_tiled(h)
         return self._zero_padding_column(out)
+
+    def _decode(self, start: int, end: int) -> torch.Tensor:
+        """Rows start..end-1 from their codes (before tier overrides), float32 (end - start, d)."""
+        c = unpack_codes(self.codes[start:end], self.code_bits) + self._shift
+        rows = F.embedding(c, self.codebooks.reshape(-1, self.codebooks.shape[-1])).reshape(end - start, -1)
+        return rows if self.rotation is None else rows @ self.rotation
+
+    def _scores_adc(self, h: torch.Tensor) -> torch.Tensor:
+        """Asymmetric distance computation: one (B, M K) table of h's sub-vector products with every
+        centroid, then M gathers per row, summed: no row is decoded."""
+        b, (m, k, s) = h.shape[0], self.codebooks.shape
+        hr = h if self.rotation is None else h @ self.rotation.t()  # h (PQ R)^T = (h R^T) PQ^T
+        table = torch.einsum("bms,mks->bmk", hr.reshape(b, m, s), self.codebooks).reshape(b, m * k)
+        idx = unpack_codes(self.codes, self.code_bits).to(torch.int32) + self._shift.to(torch.int32)
+        return table.index_select(1, idx.reshape(-1)).reshape(b, self.num_embeddings, m).sum(-1)
 
     def state_for_save(self):
         tensors = {"codes": self.codes, "codebooks": self.codebooks.detach()}
