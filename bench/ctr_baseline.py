@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from slimcart.bench import environment, measure_interleaved, set_threads  # noqa: E402
 from slimcart.models.ctr import parameter_bytes  # noqa: E402
@@ -40,15 +39,9 @@ def load() -> list[float]:
 
 
 def onnx_runner(wl, bundle, folder: Path, threads: int):
-    from slimcart.runtime.onnx_runtime import OnnxRunner
+    from slimcart.runtime.onnx_runtime import OnnxRunner, export_model
 
-    spec = wl.export_spec(bundle)
-    path = folder / "model.onnx"
-    with torch.inference_mode():  # keyword inputs: DIN's hist/dense are both optional (see export_spec)
-        torch.onnx.export(bundle.module, (), str(path), kwargs={k: torch.as_tensor(v) for k, v in spec["example"].items()},
-                          input_names=list(spec["example"]), output_names=[spec["output_name"]],
-                          dynamic_axes=spec["dynamic_axes"], opset_version=17, dynamo=False)
-    return OnnxRunner(path, threads=threads)
+    return OnnxRunner(export_model(wl, bundle, bundle.module, folder)[0], threads=threads)
 
 
 def run(dataset: str, threads: int, repeats: int, progress) -> dict:
@@ -65,9 +58,12 @@ def run(dataset: str, threads: int, repeats: int, progress) -> dict:
     bundle = wl.load_model(spec)
     cfg = bundle.extra["config"]
     tr = cfg["training"]
-    row["training"] = {k: tr[k] for k in ("epoch", "best_epoch", "seconds", "cpu_seconds", "val_auc")}
-    row["training"]["loadavg_per_epoch"] = [h.get("loadavg") for h in tr["history"]]
-    row["training"]["val_auc_per_epoch"] = [round(h["val_auc"], 5) for h in tr["history"]]
+    # checkpoints from slimcart.training.fit (epochs, history of {"step", "val"}) or from the loop before it (epoch)
+    row["training"] = {"epoch": tr.get("epochs", tr.get("epoch")), **{k: tr[k] for k in ("best_epoch", "seconds",
+                                                                                          "cpu_seconds", "val_auc")}}
+    row["training"]["stopped"] = tr.get("stopped")
+    row["training"]["loadavg_per_epoch"] = [h["loadavg"] for h in tr["history"] if "loadavg" in h]
+    row["training"]["val_auc_per_epoch"] = [round(h.get("val", h.get("val_auc")), 5) for h in tr["history"]]
     row["hyperparameters"] = {k: tr[k] for k in ("dim", "lr", "batch", "emb_l2", "dropout", "patience", "max_minutes",
                                                    "max_len", "negatives", "calibrate")}
     row["training"]["platt"] = tr.get("platt")
@@ -162,10 +158,11 @@ def render(result: dict) -> str:
     row("validation AUC / logloss", lambda r: f"{r['valid']['auc']:.4f} / {r['valid']['logloss']:.4f}")
     row("Platt scaling (validation logloss before -> after)", lambda r: "off" if not r["training"].get("platt") else
         "logit x {scale:.3f} + {shift:.3f} ({val_logloss_before:.4f} -> {val_logloss_after:.4f})".format(**r["training"]["platt"]))
-    row("validation AUC per epoch", lambda r: ", ".join(f"{v:.4f}" for v in r["training"]["val_auc_per_epoch"]))
+    row("validation AUC per epoch (from the initial model when the first entry is step 0)",
+        lambda r: ", ".join(f"{v:.4f}" for v in r["training"]["val_auc_per_epoch"]))
     row("epochs run (best)", lambda r: f"{r['training']['epoch']} ({r['training']['best_epoch']})")
     row("training wall / CPU seconds", lambda r: f"{r['training']['seconds']:.0f} / {r['training']['cpu_seconds']:.0f}")
-    row("load average during training", lambda r: ", ".join(f"{x:.1f}" for x in r["training"]["loadavg_per_epoch"]))
+    row("load average during training", lambda r: ", ".join(f"{x:.1f}" for x in r["training"]["loadavg_per_epoch"]) or "n/a")
     row("embedding bytes (fp32)", lambda r: f"{r['bytes']['embedding']:,}")
     row("dense bytes (attention + MLP)", lambda r: f"{r['bytes']['dense']:,}")
     row("embedding share", lambda r: f"{r['bytes']['embedding_share']:.1%}")

@@ -90,7 +90,10 @@ def test_table_frequencies_come_from_the_saved_counts(data, din_folder):
 
 
 def test_ctr_int8_runs_int8_kernels_and_reloads(data, din_folder, tmp_path):
-    from slimcart.compress.quantize.torch_dynamic_int8 import DynamicInt8Linear, int8_linears
+    from slimcart.compress.quantize.torch_dynamic_int8 import (
+        DynamicInt8Linear,
+        int8_linears,
+    )
 
     wl = get_workload("ctr")
     bundle = wl.load_model(str(din_folder))

@@ -11,11 +11,25 @@ import torch
 
 from slimcart.contracts import DistillOptions
 from slimcart.errors import SlimcartError
-from slimcart.models.ctr import DIN, DINConfig, load_din, load_frequencies, parameter_bytes, save_din
+from slimcart.models.ctr import (
+    DIN,
+    DINConfig,
+    load_din,
+    load_frequencies,
+    parameter_bytes,
+    save_din,
+)
 from slimcart.workloads import get_workload
 from slimcart.workloads.ctr_data import behaviour_data, stratified_holdout
 from slimcart.workloads.ctr_metrics import (
-    _resample_weights, auc, bootstrap_auc, calibration, ece, logloss, paired_bootstrap_auc, weighted_auc,
+    _resample_weights,
+    auc,
+    bootstrap_auc,
+    calibration,
+    ece,
+    logloss,
+    paired_bootstrap_auc,
+    weighted_auc,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -454,3 +468,17 @@ def test_config_that_disagrees_with_the_weights_is_refused(tmp_path, synth, work
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SlimcartError, match="weights do not match config.json at emb_item.weight"):
         workload.load_model(str(tmp_path))
+
+
+def test_cli_train_ctr_writes_a_loadable_checkpoint(tmp_path, monkeypatch, workload):
+    from typer.testing import CliRunner
+
+    from slimcart.cli import app
+
+    monkeypatch.delenv("SLIMCART_DATA", raising=False)
+    res = CliRunner().invoke(app, ["train", "-w", "ctr", "-o", str(tmp_path / "din"), "--epochs", "1", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "SYNTHETIC" in res.output and str(tmp_path / "din") in res.output.replace("\n", "")
+    bundle = workload.load_model(str(tmp_path / "din"))
+    assert bundle.extra["config"]["training"]["epochs"] == 1 and bundle.extra["frequencies"].is_file()
+    assert not (tmp_path / "din.partial").exists()

@@ -9,7 +9,12 @@ import torch
 from test_embeddings_frequency import hottest
 from test_embeddings_rowwise import numpy_dequant
 
-from slimcart.compress.embeddings import PQConfig, ProductQuantizedEmbedding, compress_embeddings_, load_table
+from slimcart.compress.embeddings import (
+    PQConfig,
+    ProductQuantizedEmbedding,
+    compress_embeddings_,
+    load_table,
+)
 from slimcart.compress.embeddings.pq import pack_codes, unpack_codes
 from slimcart.errors import SlimcartError
 

@@ -30,7 +30,14 @@ import torch
 
 from ..contracts import BenchInputs, DataInfo, DistillOptions, EvalResult, ModelBundle
 from ..errors import SlimcartError
-from ..models.ctr import DIN, DINConfig, FREQUENCIES_FILE, load_din, load_frequencies, save_din
+from ..models.ctr import (
+    DIN,
+    FREQUENCIES_FILE,
+    DINConfig,
+    load_din,
+    load_frequencies,
+    save_din,
+)
 from ..paths import data_root, home, resolve_dataset
 from ..runtime.torch_runtime import TorchRunner
 from . import ctr_data, synthetic
@@ -209,7 +216,9 @@ class CTRWorkload:
             if criteo.is_file() and ctr_data.is_criteo_file(criteo):
                 d = ctr_data.criteo_data(path)
             else:
-                from .recsys import read_interactions  # the `user item` log reader shared with the recsys workload
+                from .recsys import (
+                    read_interactions,  # the `user item` log reader shared with the recsys workload
+                )
 
                 d = self._behaviour(read_interactions(path), path.name if path.is_dir() else path.stem)
         d.info.source = path  # part of a resumed run's identity

@@ -18,8 +18,9 @@ instead of 8 at d = 32: 10.7x at best there, where this reaches 16x less the cod
 Lookup: gather the requested rows' codes, then one F.embedding over the M codebooks stacked as
 (M K) x s rows at index c_m + m K, reshaped to (n, d) (times R); tiers overwrite their rows.
 Scoring every row: for a few queries, asymmetric distance computation h E^T = sum_m ((h R^T)_m C_m^T)[:, c_m]
-(M small products B x K and gathers, no row decoded); for a batch, rows decoded a tile at a time for
-one GEMM each (the GEMM's cost dominates there, and gathers would cost B N M).
+(M small products B x K and gathers, no row decoded; tier columns overwritten); for a batch, rows
+(tiers included) decoded a tile at a time for one GEMM each (the GEMM's cost dominates there, and
+gathers would cost B N M).
 k-means runs in faiss (a well-kept, fast implementation, seeded); only the layout and the lookup are
 written here.
 """
@@ -77,6 +78,7 @@ def fit_rotation(w: np.ndarray, subvectors: int, bits: int, fit_rows: np.ndarray
     d = w.shape[1]
     opq = faiss.OPQMatrix(d, subvectors)
     pq = faiss.ProductQuantizer(d, subvectors, bits)  # kept referenced while opq uses it
+    pq.cp.min_points_per_centroid = 1  # small tables: fit on every row, without faiss's warning
     opq.pq, opq.niter, opq.verbose = pq, iters, False
     opq.train(np.ascontiguousarray(w[fit_rows], dtype=np.float32))
     return faiss.vector_to_array(opq.A).reshape(d, d).astype(np.float32)
@@ -178,23 +180,17 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
         return out
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
-        if h.shape[0] <= ADC_MAX_BATCH:
-            out = self._scores_adc(h)
-        else:
+        if h.shape[0] > ADC_MAX_BATCH:  # decoded tiles (tier rows included) for one GEMM each
             out = h.new_empty(h.shape[0], self.num_embeddings)
             for a in range(0, self.num_embeddings, SCORE_TILE):
                 e = min(self.num_embeddings, a + SCORE_TILE)
-                out[:, a:e] = h @ self._decode(a, e).t()
+                out[:, a:e] = h @ self.lookup(torch.arange(a, e)).t()
+            return self._zero_padding_column(out)
+        out = self._scores_adc(h)
         for held, rows in zip(self.tier_ids, self.tier_rows):
             if len(held):
                 out[:, held.ids.long()] = rows.scores_tiled(h)
         return self._zero_padding_column(out)
-
-    def _decode(self, start: int, end: int) -> torch.Tensor:
-        """Rows start..end-1 from their codes (before tier overrides), float32 (end - start, d)."""
-        c = unpack_codes(self.codes[start:end], self.code_bits) + self._shift
-        rows = F.embedding(c, self.codebooks.reshape(-1, self.codebooks.shape[-1])).reshape(end - start, -1)
-        return rows if self.rotation is None else rows @ self.rotation
 
     def _scores_adc(self, h: torch.Tensor) -> torch.Tensor:
         """Asymmetric distance computation: one (B, M K) table of h's sub-vector products with every

@@ -32,7 +32,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...arch import LayerSelect
-from ...contracts import Artifact, inside, load_saved, register_artifact, saved_format, write_format
+from ...contracts import (
+    Artifact,
+    inside,
+    load_saved,
+    register_artifact,
+    saved_format,
+    write_format,
+)
 from ...errors import SlimcartError
 from ...outputs import copy_files
 from ...recipe import Step, register_step
