@@ -53,6 +53,14 @@ def ctr_section(sec: dict, title: str, cores: int, targets: bool) -> str:
         lines += [f"`ctr-int8`: on disk {r['disk_bytes'] / 1e3:,.0f} KB vs {r['fp32_disk_bytes'] / 1e3:,.0f} KB fp32 "
                   f"(tables int4 + int8 attention/MLP layers); kernels: "
                   + "; ".join(f"{k}" + (f" ({n} tables)" if n > 1 else "") for k, n in kinds.items()) + ".", ""]
+    if targets:
+        lines += ["How 16x is reached: 16x of fp32 is 8 bytes per 32-value row. Row-wise int2 needs 4 more bytes a row "
+                  "for its float16 scale and offset (12 bytes: 10.7x at best), and dropping rows is costly here: DIN's "
+                  "rows all carry signal (see the row-wise and QR/hash points under 'Techniques at equal bytes'). "
+                  "`emb-pq` stores one 8-bit code per 4 values (product quantization; codebooks fitted by count-weighted "
+                  "k-means after an OPQ rotation, faiss), keeps the 7% most frequent item rows int8, and gives the user "
+                  "table, which carried little of the AUC on validation, 4-bit codes (16 centroids per 4 values). No "
+                  "retraining: the fp32 model's calibration is kept.", ""]
     if "selection_valid" in sec:
         lines += ["Choosing the 16x setting (VALIDATION split only; the test column above was read once, afterwards):", "",
                   "| candidate | x smaller | valid ΔAUC [95% CI] | valid Δlogloss |", "|---|---:|---|---:|"]

@@ -108,10 +108,18 @@ class DIN(nn.Module):
         return {f"emb_{name}": getattr(self, f"emb_{name}") for name in self.config.tables}
 
     def lookup(self, sparse: torch.Tensor, hist: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Embedding rows only: one (B, dim) per field, and (B, L, dim) for the history (or None)."""
-        rows = [getattr(self, f"emb_{name}")(sparse[:, i]) for i, name in enumerate(self.config.fields)]
-        h = getattr(self, f"emb_{self.config.history_table}")(hist) if hist is not None else None
-        return rows, h
+        """Embedding rows only: one (B, dim) per field, and (B, L, dim) for the history (or None). The
+        candidate and its history share a table and are looked up in one call (one kernel launch, not
+        two: at batch 1 a compressed table's lookup costs several small ops)."""
+        c = self.config
+        if hist is None:
+            return [getattr(self, f"emb_{name}")(sparse[:, i]) for i, name in enumerate(c.fields)], None
+        rows = [getattr(self, f"emb_{name}")(sparse[:, i]) if i != c.target_field else None
+                for i, name in enumerate(c.fields)]
+        b, length = hist.shape
+        both = getattr(self, f"emb_{c.history_table}")(torch.cat([sparse[:, c.target_field], hist.reshape(-1)]))
+        rows[c.target_field] = both[:b]
+        return rows, both[b:].view(b, length, -1)
 
     def interest(self, h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """DIN's weighted sum pooling: sum_j a(h_j, t) h_j over non-padding positions (B, dim)."""
