@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True)
 console = Console(stderr=True)
 out_console = Console()
 
-WorkloadOpt = typer.Option(..., "--workload", "-w", help="search | llm | recsys | vision | session")
+WorkloadOpt = typer.Option(..., "--workload", "-w", help="search | llm | recsys | vision | session | ctr")
 DataOpt = typer.Option(None, "--data", help="dataset folder or file (default: $SLIMCART_DATA, else synthetic data)")
 ThreadsOpt = typer.Option(None, "--threads", help="intra-op threads for every runtime (default: all cores, max 8)")
 
@@ -206,10 +206,11 @@ def bench(workload: str = WorkloadOpt, model: str = typer.Option(..., "--model",
 def train(workload: str = WorkloadOpt, data: Optional[str] = DataOpt,
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="checkpoint folder (default: the alias location)"),
           epochs: int = typer.Option(30, "--epochs", help="maximum epochs (early stopping on the validation metric: "
-                                                          "NDCG@10 for recsys, accuracy for vision, HR@20 for session)"),
+                                                          "NDCG@10 for recsys, accuracy for vision, HR@20 for session, AUC for ctr)"),
           seed: int = typer.Option(0, "--seed"), threads: Optional[int] = ThreadsOpt) -> None:
     """Train the workload's own model (recsys: SASRec on the interaction log; vision: the product-photo ResNet
-    from scratch; session: GRU4Rec on the browsing sessions). Resumes an interrupted run."""
+    from scratch; session: GRU4Rec on the browsing sessions;
+    ctr: DIN on a click or interaction log). Resumes an interrupted run."""
     from .bench import resolve_threads, set_threads
     from .workloads import get_workload
 
@@ -217,7 +218,7 @@ def train(workload: str = WorkloadOpt, data: Optional[str] = DataOpt,
         set_threads(resolve_threads(threads))
         wl = get_workload(workload)
         if not hasattr(wl, "train"):
-            raise SlimcartError(f"workload '{workload}' has no trainable model of its own (recsys, vision and session have one)")
+            raise SlimcartError(f"workload '{workload}' has no trainable model of its own (recsys, vision, session and ctr have one)")
         dataset = wl.load_data(data)
         if wl.data_info(dataset).synthetic:
             console.print("[bold yellow]WARNING: no real data found — training on SYNTHETIC data[/]")

@@ -197,7 +197,11 @@ ARTIFACTS: dict[str, type[Artifact]] = {}
 
 
 def register_artifact(cls: type[Artifact]) -> type[Artifact]:
-    """Class decorator: make a format loadable by name."""
+    """Class decorator: make a format loadable by name (one class per name)."""
+    old = ARTIFACTS.get(cls.format)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise TypeError(f"saved format '{cls.format}' is defined twice: {old.__module__}.{old.__qualname__} and "
+                        f"{cls.__module__}.{cls.__qualname__}")
     ARTIFACTS[cls.format] = cls
     return cls
 

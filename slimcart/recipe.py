@@ -41,6 +41,10 @@ def register_step(cls: type[Step]) -> type[Step]:
     kind = cls.model_fields["kind"].default
     if not isinstance(kind, str):
         raise TypeError(f"{cls.__name__} needs a default string `kind`")
+    old = STEP_TYPES.get(kind)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise TypeError(f"step kind '{kind}' is defined twice: {old.__module__}.{old.__qualname__} and "
+                        f"{cls.__module__}.{cls.__qualname__}")  # else the import order would pick one silently
     STEP_TYPES[kind] = cls
     return cls
 

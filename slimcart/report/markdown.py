@@ -22,12 +22,19 @@ def fmt_bytes(n: int | None) -> str:
 
 
 def comparison_rows(m: dict, higher_is_better: dict[str, bool]) -> list[tuple[str, str, str, str]]:
-    """(metric, baseline, compressed, change) rows shared by the report and the CLI table."""
+    """(metric, baseline, compressed, change) rows shared by the report and the CLI table. A metric the
+    workload gives no direction (absent from `higher_is_better`, e.g. CTR's predicted/observed ratio,
+    best at 1.0) gets its plain difference, said to be neither better nor worse."""
     b, c = m["baseline"], m["compressed"]
     rows = []
     for k, bv in b["quality"].items():
         cv = c["quality"].get(k)
-        change = f"{(cv - bv) / abs(bv) * 100:+.2f}%" if cv is not None and bv else ""
+        if cv is None:
+            change = ""
+        elif k not in higher_is_better:
+            change = f"{cv - bv:+.4f} (no better direction)"
+        else:
+            change = f"{(cv - bv) / abs(bv) * 100:+.2f}%" if bv else ""
         rows.append((k, f"{bv:.4f}", f"{cv:.4f}" if cv is not None else "n/a", change))
     rows.append(("size on disk", fmt_bytes(b["size_bytes"]), fmt_bytes(c["size_bytes"]), f"{m['ratios']['size']:.2f}x"))
     rows.append(("latency p50 (batch 1)", f"{b['latency_ms']['p50']:.2f} ms", f"{c['latency_ms']['p50']:.2f} ms",

@@ -54,19 +54,23 @@ class OnnxRunner:
 
 
 def export_onnx(module: torch.nn.Module, example: dict[str, Any], path: Path, dynamic_axes: dict, output_name: str) -> Path:
-    """Export `module(**example)` to ONNX with the given dynamic axes; weights in one file."""
+    """Export `module(**example)` to ONNX with the given dynamic axes; weights in one file.
+
+    The example goes in as keyword arguments, so a model whose forward has optional inputs (DIN's
+    `hist` and `dense`) gets each one in its own parameter; graph inputs are ordered as forward()
+    declares them, not as the tokenizer returned them."""
     import inspect
 
     module = module.eval()
-    # Positional export: order inputs as forward() declares them, not as the tokenizer returned them.
     params = list(inspect.signature(module.forward).parameters)
     names = sorted(example, key=lambda k: params.index(k) if k in params else len(params))
-    args = tuple(torch.as_tensor(example[k]) for k in names)
+    kwargs = {k: torch.as_tensor(example[k]) for k in names}
     with torch.inference_mode():
         torch.onnx.export(
             module,
-            args,
+            (),
             str(path),
+            kwargs=kwargs,
             input_names=names,
             output_names=[output_name],
             dynamic_axes=dynamic_axes,

@@ -1,5 +1,5 @@
-"""Workload registry: `get_workload("search" | "llm" | "recsys" | "vision" | "session")`, or any object that
-follows the `slimcart.contracts.Workload` protocol (a user's own workload needs no file here)."""
+"""Workload registry: `get_workload("search" | "llm" | "recsys" | "vision" | "session" | "ctr")`, or any
+object that follows the `slimcart.contracts.Workload` protocol (a user's own workload needs no file here)."""
 from __future__ import annotations
 
 import importlib
@@ -9,7 +9,8 @@ from ..contracts import Workload
 from ..errors import SlimcartError
 
 _MODULES = {"search": "slimcart.workloads.search", "llm": "slimcart.workloads.llm", "recsys": "slimcart.workloads.recsys",
-            "vision": "slimcart.workloads.vision", "session": "slimcart.workloads.session"}
+            "vision": "slimcart.workloads.vision", "session": "slimcart.workloads.session",
+            "ctr": "slimcart.workloads.ctr"}
 WORKLOADS = tuple(_MODULES)
 
 

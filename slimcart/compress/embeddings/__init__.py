@@ -5,8 +5,9 @@
 
 Techniques (one file each, maths in the docstrings): rowwise (int8/int4/int2 on torch's fused FBGEMM
 lookup kernels), mixed_precision (hot rows at more bits), qr (quotient-remainder), hash (hashing
-trick), mixed_dim (frequency blocks at smaller widths), tt (tensor-train cores), prune_rows (rare rows
-share a fallback). Saving: `state_for_save()` -> (tensors, JSON-able dict); `load_table` rebuilds.
+trick), mixed_dim (frequency blocks at smaller widths), tt (tensor-train cores), pq (product
+quantization, hot rows at more bits), prune_rows (rare rows share a fallback). Saving:
+`state_for_save()` -> (tensors, JSON-able dict); `load_table` rebuilds.
 """
 from .apply import compress_embeddings_, plan_tables
 from .artifact import EmbeddingsCompressedArtifact  # registers the saved format
@@ -17,6 +18,7 @@ from .config import (
     HashConfig,
     MixedDimConfig,
     MixedPrecisionConfig,
+    PQConfig,
     PruneRowsConfig,
     QRConfig,
     RowwiseConfig,
@@ -27,6 +29,7 @@ from .config import (
 from .hashed import HashedEmbedding
 from .mixed_dim import MixedDimEmbedding
 from .mixed_precision import MixedPrecisionEmbedding
+from .pq import ProductQuantizedEmbedding
 from .pruned import PrunedRowsEmbedding
 from .qr import QREmbedding
 from .rowwise import RowwiseQuantEmbedding
@@ -44,6 +47,8 @@ __all__ = [
                      "MixedPrecisionConfig",
                      "MixedPrecisionEmbedding",
                      "PruneRowsConfig",
+                     "PQConfig",
+                     "ProductQuantizedEmbedding",
                      "PrunedRowsEmbedding",
                      "QRConfig",
                      "QREmbedding",

@@ -15,6 +15,7 @@ from .config import EmbeddingCompressConfig, chosen_patterns, parse_embedding_co
 from .hashed import HashedEmbedding
 from .mixed_dim import MixedDimEmbedding
 from .mixed_precision import MixedPrecisionEmbedding
+from .pq import ProductQuantizedEmbedding
 from .pruned import PrunedRowsEmbedding
 from .qr import QREmbedding
 from .rowwise import RowwiseQuantEmbedding
@@ -22,7 +23,7 @@ from .tt import TTEmbedding
 
 BUILDERS = {"rowwise": RowwiseQuantEmbedding, "mixed_precision": MixedPrecisionEmbedding, "qr": QREmbedding,
             "hash": HashedEmbedding, "mixed_dim": MixedDimEmbedding, "tt": TTEmbedding,
-            "prune_rows": PrunedRowsEmbedding}
+            "prune_rows": PrunedRowsEmbedding, "pq": ProductQuantizedEmbedding}
 NEEDS_FREQUENCIES = ("mixed_precision", "mixed_dim", "prune_rows")
 
 
@@ -30,7 +31,7 @@ def plan_tables(model: nn.Module, config: EmbeddingCompressConfig) -> list[tuple
     """(module name, table, technique config) for every table the config chooses."""
     plan, patterns = [], chosen_patterns(config)
     for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+        if not isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) or mod.num_embeddings < config.min_rows:
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
             continue
@@ -73,7 +74,7 @@ def compress_embeddings_(model: nn.Module, config, frequencies: dict | None = No
     plan = plan_tables(model, cfg)
     if not plan:
         raise SlimcartError(f"no nn.Embedding / nn.EmbeddingBag module matches tables={chosen_patterns(cfg)} "
-                            f"per_table={list(cfg.per_table)}")
+                            f"per_table={list(cfg.per_table)}" + (f" with at least {cfg.min_rows} rows" if cfg.min_rows else ""))
     names = {n for n, _, _ in plan}
     unknown = sorted(set(frequencies) - names)
     if unknown:

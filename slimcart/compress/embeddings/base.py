@@ -187,6 +187,13 @@ class RowOverrides(nn.Module):
     def __len__(self) -> int:
         return self.ids.numel()
 
+    def locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(held [n] bool, position [n]) for every entry of `ids` (positions of unheld ids are valid
+        but meaningless): no nonzero(), so a caller can blend with torch.where at any batch size."""
+        q = ids if ids.dtype == self.ids.dtype else ids.to(self.ids.dtype)
+        pos = torch.searchsorted(self.ids, q).clamp_(max=len(self) - 1)
+        return self.ids[pos] == q, pos
+
     def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(where [n_hit], position [n_hit]): which entries of `ids` are held, and their rows here."""
         if len(self) == 0:

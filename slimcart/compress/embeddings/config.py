@@ -6,7 +6,8 @@
 
 Tables are chosen by fnmatch patterns on module names (`tables`, minus `exclude`); a table matching a
 `per_table` pattern (first match, in the order written) gets that technique, every other chosen table
-`technique`. Patterns of `per_table` also choose their tables. Without `tables`, every table is chosen,
+`technique`. Patterns of `per_table` also choose their tables. Tables of fewer than `min_rows` rows
+are never chosen. Without `tables`, every table is chosen,
 unless only `per_table` is given (no technique): then only its tables. A model that reads some table's
 `.weight` directly (SASRec's position table) must not have that table compressed.
 """
@@ -143,6 +144,26 @@ class TTConfig(_Technique):
         return self
 
 
+class PQConfig(_Technique):
+    """Product quantization (pq.py): one `code_bits` code per `subvector_dim` values of a row, k-means
+    codebooks weighted by training counts, the hottest rows optionally kept at more bits (`hot`)."""
+
+    method: Literal["pq"] = "pq"
+    subvector_dim: int = Field(4, ge=1)  # s: must divide the table's width (M = width / s codes a row)
+    code_bits: Literal[8, 4] = 8  # 256 or 16 centroids per sub-space
+    weighting: Literal["count", "sqrt_count", "none"] = "count"
+    rotate: bool = False  # OPQ: an orthonormal rotation fitted first (d x d floats more)
+    hot: list[Tier] = []
+    iters: int = Field(25, ge=1, le=1000)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if sum(t.fraction for t in self.hot) > 1 + 1e-9:
+            raise SlimcartError("pq hot-tier fractions add up to more than 1")
+        return self
+
+
 class PruneRowsConfig(_Technique):
     """Rare rows share one fallback row (pruned.py)."""
 
@@ -153,9 +174,10 @@ class PruneRowsConfig(_Technique):
     bits: Literal[32, 16, 8, 4, 2] = 32
 
 
-TECHNIQUES = (RowwiseConfig, MixedPrecisionConfig, QRConfig, HashConfig, MixedDimConfig, TTConfig, PruneRowsConfig)
+TECHNIQUES = (RowwiseConfig, MixedPrecisionConfig, QRConfig, HashConfig, MixedDimConfig, TTConfig, PQConfig,
+              PruneRowsConfig)
 Technique = Annotated[
-    RowwiseConfig | MixedPrecisionConfig | QRConfig | HashConfig | MixedDimConfig | TTConfig | PruneRowsConfig,
+    RowwiseConfig | MixedPrecisionConfig | QRConfig | HashConfig | MixedDimConfig | TTConfig | PQConfig | PruneRowsConfig,
     Field(discriminator="method"),
 ]
 TECHNIQUE_FIELDS = set().union(*(c.model_fields for c in TECHNIQUES))
@@ -167,6 +189,7 @@ class EmbeddingCompressConfig(BaseModel):
     exclude: list[str] = Field(default_factory=list)
     technique: Technique = Field(default_factory=RowwiseConfig)
     per_table: dict[str, Technique] = Field(default_factory=dict)
+    min_rows: int = Field(0, ge=0)  # smaller tables are left as they are (a codebook would outweigh them)
 
     @model_validator(mode="before")
     @classmethod

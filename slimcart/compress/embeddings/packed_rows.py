@@ -126,7 +126,8 @@ class PackedRows(nn.Module):
             return F.embedding(ids, self.data)
         if self.bits == 16:
             return F.embedding(ids, self.data).float()
-        out = self._op(self.data, ids, self._bag_offsets(ids.numel()), False, 0, False, None, None, False)
+        # the fused kernels need contiguous ids; a column sliced out of a batch (DIN's `sparse[:, i]`) is strided
+        out = self._op(self.data, ids.contiguous(), self._bag_offsets(ids.numel()), False, 0, False, None, None, False)
         return out if self.pdim == self.dim else out[:, : self.dim]
 
     def bag(self, ids: torch.Tensor, offsets: torch.Tensor, mode: str,
@@ -138,7 +139,7 @@ class PackedRows(nn.Module):
         if per_sample_weights is not None and mode != "sum":
             raise SlimcartError("per_sample_weights only work with mode 'sum' (as in nn.EmbeddingBag)")
         psw = None if per_sample_weights is None else per_sample_weights.float()
-        out = self._op(self.data, ids, offsets, False, 0, False, psw, None, False)
+        out = self._op(self.data, ids.contiguous(), offsets.contiguous(), False, 0, False, psw, None, False)
         if mode == "mean":  # these ops accept mode=1 but sum anyway (torch 2.13): divide by bag sizes here
             sizes = torch.diff(offsets, append=torch.tensor([ids.numel()], dtype=offsets.dtype))
             out = out / sizes.clamp_min(1).unsqueeze(1).to(out.dtype)

@@ -97,7 +97,7 @@ class RowwiseQuantEmbedding(CompressedEmbedding):
             n, off = len(ids), self._offsets  # one-id bags 0..n-1, rebuilt only when the batch size changes
             if len(off) != n:
                 off = self._offsets = torch.arange(n)  # one attribute, so concurrent callers never mix sizes
-            return fast[0](fast[1], ids, off, False, 0, False, None, None, False)
+            return fast[0](fast[1], ids.contiguous(), off, False, 0, False, None, None, False)  # kernel needs contiguous ids
         if self.mode is None and offsets is None and per_sample_weights is None:
             return self.rows.lookup(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
         if self.mode is not None and self.padding_idx is None and ids.dim() == 1 and offsets is not None:

@@ -28,13 +28,15 @@ KERNELS = {"rowwise": "torch quantized embedding_bag row-wise int{bits} lookups 
 @register_step
 class CompressEmbeddings(Step):
     """Compress embedding tables: row-wise int8/int4/int2, frequency-aware mixed precision, QR, hashing,
-    mixed dimensions, tensor-train cores or pruned rows (follow the trainable ones with `recover`)."""
+    mixed dimensions, tensor-train cores, product quantization or pruned rows (follow the trainable ones with
+    `recover`)."""
 
     kind: Literal["compress_embeddings"] = "compress_embeddings"
     targets: list[str] | None = None
     exclude: list[str] = []
     technique: Technique = Field(default_factory=RowwiseConfig)
     overrides: dict[str, Technique] = {}
+    min_rows: int = Field(0, ge=0)  # tables with fewer rows stay as they are
 
     @model_validator(mode="before")
     @classmethod
@@ -47,7 +49,7 @@ class CompressEmbeddings(Step):
 
     def config(self) -> EmbeddingCompressConfig:
         return EmbeddingCompressConfig(tables=self.targets, exclude=self.exclude, technique=self.technique,
-                                       per_table=self.overrides)
+                                       per_table=self.overrides, min_rows=self.min_rows)
 
     def apply(self, state, ctx):
         module = state.torch_module(self.kind)

@@ -1,5 +1,6 @@
 """Dynamic int8 of recurrent (GRU, LSTM) and Linear layers on PyTorch's own int8 kernels, and the
-`torch_dynamic_int8` step.
+`torch_dynamic_int8` step. The model stays in PyTorch, so the int8 layers compose with anything else
+that does (e.g. a DIN's row-wise int4 embedding tables on FBGEMM's fused lookups: no second runtime).
 
 Each chosen layer becomes its torch.ao.nn.quantized.dynamic counterpart. Weights are int8, symmetric,
 per output row (or per tensor):
@@ -189,6 +190,7 @@ class TorchDynamicInt8(LayerSelect, Step):
     kind: Literal["torch_dynamic_int8"] = "torch_dynamic_int8"
     layers: list[Literal["gru", "lstm", "linear"]] = Field(default_factory=lambda: ["gru", "lstm"])
     per_channel: bool = True  # one scale per output row (False: one per weight matrix)
+    min_features: int = Field(1, ge=1)  # Linear layers with fewer outputs stay float (a 1-output head gains nothing)
 
     def apply(self, state, ctx):
         from .dynamic_int8_artifact import DynamicInt8Artifact
@@ -197,7 +199,8 @@ class TorchDynamicInt8(LayerSelect, Step):
         if ctx.later_steps:
             raise SlimcartError(f"torch_dynamic_int8 must be the recipe's last step (found {', '.join(ctx.later_steps)} "
                                 "after it): its int8 modules can no longer be trained, pruned or exported")
-        chosen = self.pick(module, tuple(FLOAT_TYPES[k] for k in self.layers))
+        chosen = {n: m for n, m in self.pick(module, tuple(FLOAT_TYPES[k] for k in self.layers)).items()
+                  if not isinstance(m, nn.Linear) or m.out_features >= self.min_features}
         if not chosen:
             raise SlimcartError(f"torch_dynamic_int8: no {'/'.join(self.layers)} layer matches targets {self.targets} "
                                 f"(exclude {self.exclude})")

@@ -1,0 +1,236 @@
+"""Product quantization (Jégou, Douze & Schmid 2011) of an embedding table, frequency-aware.
+
+Each row e in R^d is cut into M sub-vectors of width s = d / M; sub-space m has a codebook C_m of
+K = 2^b centroids (b = 8 or 4 bits), and the row is stored as its M centroid indices:
+    e ~= [C_1[c_1] | C_2[c_2] | ... | C_M[c_M]],      c_m = argmin_k ||e_m - C_m[k]||^2.
+The codebooks are k-means centroids in each sub-space, every row weighted by its training-set count
+(`weighting`: count + 1, its square root, or 1), so the rows the model meets most are reproduced
+best; rows the `hot` tiers hold (the most frequent ones, at 32/16/8/4 bits as in mixed_precision.py:
+sorted ids + their rows, found by binary search) take no part in the fit, since they are never read
+from the codes.
+With `rotate` (OPQ, Ge et al. 2013) the rows are first turned by an orthonormal R fitted in faiss, so
+their variance spreads over the sub-spaces: e ~= [C_1[c_1] | ... | C_M[c_M]] R (R costs d^2 floats).
+Bytes = N * M * b / 8 (codes) + M * K * s * 4 (float32 codebooks, trainable by a following `recover`)
++ sum_t K_t (row_bytes(b_t) + 4). At b = 8 and s = 4 a row costs 1 byte per 4 values: 2 bits per
+value with no per-row scale and offset, which row-wise int2 pays 4 more bytes a row for (12 bytes
+instead of 8 at d = 32: 10.7x at best there, where this reaches 16x less the codebooks).
+
+Lookup: gather the requested rows' codes, then one F.embedding over the M codebooks stacked as
+(M K) x s rows at index c_m + m K, reshaped to (n, d) (times R); tiers overwrite their rows.
+Scoring every row: for a few queries, asymmetric distance computation h E^T = sum_m ((h R^T)_m C_m^T)[:, c_m]
+(M small products B x K and gathers, no row decoded; tier columns overwritten); for a batch, rows
+(tiers included) decoded a tile at a time for one GEMM each (the GEMM's cost dominates there, and
+gathers would cost B N M).
+k-means runs in faiss (a well-kept, fast implementation, seeded); only the layout and the lookup are
+written here.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import SlimcartError
+from .base import (
+    CompressedEmbedding,
+    RowOverrides,
+    check_frequencies,
+    register_table,
+    table_shape,
+    tensor,
+)
+from .packed_rows import PackedRows
+from .rowwise import bag_mode, source_weight
+
+CODE_BITS = (8, 4)
+ADC_MAX_BATCH = 8  # scoring: up to this batch gather centroid products (ADC); above, decode row tiles for one GEMM
+SCORE_TILE = 8192
+WEIGHTINGS = ("count", "sqrt_count", "none")
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, M) codes in [0, 2^bits) -> uint8 (N, M * bits / 8); at 4 bits the even sub-space is the low nibble."""
+    codes = codes.to(torch.uint8)
+    return codes if bits == 8 else (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack_codes`, as int64 (N, M)."""
+    if bits == 8:
+        return packed.long()
+    return torch.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1).long()
+
+
+def weights_of(frequencies, n: int, weighting: str) -> np.ndarray | None:
+    if weighting == "none":
+        return None
+    f = check_frequencies(frequencies, n).numpy() + 1.0  # unseen rows still count (test ids may be unseen)
+    return (f if weighting == "count" else np.sqrt(f)).astype(np.float32)
+
+
+def fit_rotation(w: np.ndarray, subvectors: int, bits: int, fit_rows: np.ndarray, iters: int) -> np.ndarray:
+    """OPQ's orthonormal R (d, d) (Ge et al. 2013, faiss.OPQMatrix alternating a Procrustes rotation and
+    a PQ of `bits`-bit codes): rows rotated as w R^T spread their variance over the sub-spaces, so PQ of
+    the rotated rows loses less; w ~= PQ(w R^T) R."""
+    import faiss
+
+    d = w.shape[1]
+    opq = faiss.OPQMatrix(d, subvectors)
+    pq = faiss.ProductQuantizer(d, subvectors, bits)  # kept referenced while opq uses it
+    pq.cp.min_points_per_centroid = 1  # small tables: fit on every row, without faiss's warning
+    opq.pq, opq.niter, opq.verbose = pq, iters, False
+    opq.train(np.ascontiguousarray(w[fit_rows], dtype=np.float32))
+    return faiss.vector_to_array(opq.A).reshape(d, d).astype(np.float32)
+
+
+def fit_codebooks(w: np.ndarray, subvectors: int, bits: int, weights: np.ndarray | None, fit_rows: np.ndarray,
+                  iters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codebooks (M, K, s) float32, codes (N, M) int64): weighted k-means on `fit_rows` per sub-space,
+    then every row's nearest centroid."""
+    import faiss
+
+    n, d = w.shape
+    k, s = 1 << bits, d // subvectors
+    if len(fit_rows) < k:
+        raise SlimcartError(f"product quantization with {k} centroids needs at least {k} rows to fit, got {len(fit_rows)}")
+    books, codes = np.empty((subvectors, k, s), np.float32), np.empty((n, subvectors), np.int64)
+    for m in range(subvectors):
+        x = np.ascontiguousarray(w[:, m * s:(m + 1) * s], dtype=np.float32)
+        # every fitted row takes part (faiss would subsample beyond 256 points a centroid and warn below 39)
+        km = faiss.Kmeans(s, k, niter=iters, seed=seed + m, verbose=False, min_points_per_centroid=1,
+                          max_points_per_centroid=-(-len(fit_rows) // k) + 1)
+        km.train(np.ascontiguousarray(x[fit_rows]), weights=None if weights is None else np.ascontiguousarray(weights[fit_rows]))
+        books[m] = km.centroids
+        codes[:, m] = km.index.search(x, 1)[1][:, 0]
+    return books, codes
+
+
+@register_table
+class ProductQuantizedEmbedding(CompressedEmbedding):
+    """M codes per row into M codebooks, plus optional hot-row tiers."""
+
+    kind = "pq"
+
+    def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor, code_bits: int,
+                 tiers: list[tuple[RowOverrides, PackedRows]] = (), padding_idx=None, mode=None,
+                 rotation: torch.Tensor | None = None):
+        m, k, s = codebooks.shape
+        super().__init__(codes.shape[0], m * s, padding_idx, mode)
+        if code_bits not in CODE_BITS or k != 1 << code_bits:
+            raise SlimcartError(f"product quantization takes {CODE_BITS}-bit codes with 2^bits centroids, got {code_bits} "
+                                f"bits and {k} centroids")
+        if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.shape[1] * 8 != m * code_bits:
+            raise SlimcartError(f"codes must be uint8 [n, {m * code_bits // 8}] for {m} sub-spaces at {code_bits} bits")
+        self.code_bits, self.subvectors, self.centroids = code_bits, m, k
+        self.register_buffer("codes", codes.contiguous())
+        self.codebooks = nn.Parameter(codebooks.float().contiguous())
+        self._shift = torch.arange(m) * k  # scratch (sub-space m's rows start at m K), not storage
+        if code_bits == 4:  # scratch: byte value of byte column j -> its two shifted codes, one gather instead of
+            byte = torch.arange(256)  # mask, shift, stack and add (each a separate op at batch 1)
+            pair = torch.arange(m // 2)[:, None]
+            self._lut = torch.stack([(byte & 15) + 2 * pair * k, (byte >> 4) + (2 * pair + 1) * k], -1).reshape(-1, 2)
+            self._byte_base = torch.arange(m // 2) * 256
+        if rotation is not None and tuple(rotation.shape) != (m * s, m * s):
+            raise SlimcartError(f"a product-quantized table's rotation must be {m * s} x {m * s}")
+        self.register_buffer("rotation", None if rotation is None else rotation.float().contiguous())
+        self.tier_ids = nn.ModuleList(t[0] for t in tiers)
+        self.tier_rows = nn.ModuleList(t[1] for t in tiers)
+        for ids, rows in tiers:
+            if len(ids) != len(rows) or rows.dim != self.embedding_dim:
+                raise SlimcartError("a product-quantized table's tier needs one row of the table's width per id")
+            if len(ids) and int(ids.ids[-1]) >= self.num_embeddings:
+                raise SlimcartError("a product-quantized table's tier holds an id beyond the table")
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Module, config, frequencies=None) -> ProductQuantizedEmbedding:
+        w = source_weight(emb).float()
+        n, d = w.shape
+        if d % config.subvector_dim:
+            raise SlimcartError(f"sub-vector width {config.subvector_dim} must divide the table's width {d}")
+        subvectors = d // config.subvector_dim
+        if config.code_bits == 4 and subvectors % 2:
+            raise SlimcartError(f"4-bit codes pack two a byte: {d} / {config.subvector_dim} = {subvectors} sub-vectors must be even")
+        weights = weights_of(frequencies, n, config.weighting)
+        hot = torch.zeros(n, dtype=torch.bool)
+        tiers = []
+        if config.hot:
+            freq = check_frequencies(frequencies, n)
+            order, start = torch.sort(freq, descending=True, stable=True).indices, 0
+            for tier in config.hot:
+                k = min(n - start, round(tier.fraction * n))
+                ids = torch.sort(order[start: start + k]).values
+                ids = ids[freq[ids] > 0]  # rows never seen in training gain nothing from precision
+                start += k
+                hot[ids] = True
+                tiers.append((RowOverrides(ids), PackedRows.pack(w[ids], tier.bits, tier.bits in (4, 2),
+                                                                 trainable=tier.bits == 32, copy=False)))
+        fit_rows, x, rotation = np.flatnonzero(~hot.numpy()), w.numpy(), None
+        if config.rotate:
+            rotation = fit_rotation(x, subvectors, config.code_bits, fit_rows, config.iters)
+            x = x @ rotation.T
+        books, codes = fit_codebooks(x, subvectors, config.code_bits, weights, fit_rows, config.iters, config.seed)
+        return cls(pack_codes(torch.from_numpy(codes), config.code_bits), torch.from_numpy(books), config.code_bits,
+                   tiers, emb.padding_idx, bag_mode(emb), None if rotation is None else torch.from_numpy(rotation))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        # As few torch calls as possible: at batch 1 each costs microseconds against an nn.Embedding's one.
+        c = self.codes[ids].long()
+        c = c + self._shift if self.code_bits == 8 else self._lut[c + self._byte_base]
+        out = F.embedding(c, self.codebooks.view(-1, self.codebooks.shape[-1])).view(len(ids), self.embedding_dim)
+        if self.rotation is not None:
+            out = torch.mm(out, self.rotation)
+        for held, rows in zip(self.tier_ids, self.tier_rows):
+            if len(held):
+                hit, pos = held.locate(ids)
+                out = torch.where(hit.unsqueeze(1), rows.lookup(pos), out)
+        return out
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        if h.shape[0] > ADC_MAX_BATCH:  # decoded tiles (tier rows included) for one GEMM each
+            out = h.new_empty(h.shape[0], self.num_embeddings)
+            for a in range(0, self.num_embeddings, SCORE_TILE):
+                e = min(self.num_embeddings, a + SCORE_TILE)
+                out[:, a:e] = h @ self.lookup(torch.arange(a, e)).t()
+            return self._zero_padding_column(out)
+        out = self._scores_adc(h)
+        for held, rows in zip(self.tier_ids, self.tier_rows):
+            if len(held):
+                out[:, held.ids.long()] = rows.scores_tiled(h)
+        return self._zero_padding_column(out)
+
+    def _scores_adc(self, h: torch.Tensor) -> torch.Tensor:
+        """Asymmetric distance computation: one (B, M K) table of h's sub-vector products with every
+        centroid, then M gathers per row, summed: no row is decoded."""
+        b, (m, k, s) = h.shape[0], self.codebooks.shape
+        hr = h if self.rotation is None else h @ self.rotation.t()  # h (PQ R)^T = (h R^T) PQ^T
+        table = torch.einsum("bms,mks->bmk", hr.reshape(b, m, s), self.codebooks).reshape(b, m * k)
+        idx = unpack_codes(self.codes, self.code_bits).to(torch.int32) + self._shift.to(torch.int32)
+        return table.index_select(1, idx.reshape(-1)).reshape(b, self.num_embeddings, m).sum(-1)
+
+    def state_for_save(self):
+        tensors = {"codes": self.codes, "codebooks": self.codebooks.detach()}
+        if self.rotation is not None:
+            tensors["rotation"] = self.rotation
+        for t, (held, rows) in enumerate(zip(self.tier_ids, self.tier_rows)):
+            tensors[f"tier{t}.ids"] = held.ids
+            tensors.update(rows.state(f"tier{t}."))
+        return tensors, self._meta(code_bits=self.code_bits, tier_bits=[r.bits for r in self.tier_rows])
+
+    @classmethod
+    def from_saved(cls, tensors, meta):
+        n, d, pad, mode = table_shape(meta)
+        bits = int(meta.get("code_bits", 0))
+        books = tensor(tensors, "codebooks", torch.float32)
+        if books.dim() != 3 or books.shape[0] * books.shape[2] != d:
+            raise SlimcartError(f"saved codebooks have shape {tuple(books.shape)} for a table of width {d}")
+        codes = tensor(tensors, "codes", torch.uint8)
+        if codes.shape[0] != n:
+            raise SlimcartError(f"saved codes have {codes.shape[0]} rows for a table of {n}")
+        tiers = []
+        for t, tb in enumerate(meta.get("tier_bits", [])):
+            ids = tensor(tensors, f"tier{t}.ids")
+            tiers.append((RowOverrides(ids.clone()), PackedRows.from_state(tensors, f"tier{t}.", int(tb), d,
+                                                                         trainable=int(tb) == 32)))
+        rotation = tensor(tensors, "rotation", torch.float32, (d, d)).clone() if "rotation" in tensors else None
+        return cls(codes, books.clone(), bits, tiers, pad, mode, rotation)
