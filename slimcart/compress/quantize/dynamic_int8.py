@@ -1,5 +1,5 @@
 """Dynamic int8 of recurrent (GRU, LSTM) and Linear layers on PyTorch's own int8 kernels, and the
-`torch_dynamic_int8` step. The model stays in PyTorch, so the int8 layers compose with anything else
+`torch_dynamic_int8` step (in dynamic_int8_artifact.py, beside the format it saves as). The model stays in PyTorch, so the int8 layers compose with anything else
 that does (e.g. a DIN's row-wise int4 embedding tables on FBGEMM's fused lookups: no second runtime).
 
 Each chosen layer becomes its torch.ao.nn.quantized.dynamic counterpart. Weights are int8, symmetric,
@@ -19,20 +19,16 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 import torch.ao.nn.quantized.dynamic as nnqd
-from pydantic import Field
 from torch import nn
 from torch.ao.quantization.qconfig import (
     default_dynamic_qconfig,
     per_channel_dynamic_qconfig,
 )
 
-from ...arch import LayerSelect
 from ...errors import SlimcartError
-from ...recipe import Step, register_step
 
 FLOAT_TYPES = {"gru": nn.GRU, "lstm": nn.LSTM, "linear": nn.Linear}
 QUANT_TYPES = {"gru": nnqd.GRU, "lstm": nnqd.LSTM, "linear": nnqd.Linear}
@@ -179,41 +175,3 @@ def float_stand_in(m: nn.Module) -> nn.Module:
         for p in new.parameters():
             p.zero_()
     return new.eval()
-
-
-# ---------------------------------------------------------------- the step
-@register_step
-class TorchDynamicInt8(LayerSelect, Step):
-    """int8 GRU / LSTM (and optionally Linear) layers on PyTorch's dynamic quantized kernels (FBGEMM);
-    weights int8 per output row, activations quantized per call. Must be the recipe's last step."""
-
-    kind: Literal["torch_dynamic_int8"] = "torch_dynamic_int8"
-    layers: list[Literal["gru", "lstm", "linear"]] = Field(default_factory=lambda: ["gru", "lstm"])
-    per_channel: bool = True  # one scale per output row (False: one per weight matrix)
-    min_features: int = Field(1, ge=1)  # Linear layers with fewer outputs stay float (a 1-output head gains nothing)
-
-    def apply(self, state, ctx):
-        from .dynamic_int8_artifact import DynamicInt8Artifact
-
-        module = state.torch_module(self.kind)
-        if ctx.later_steps:
-            raise SlimcartError(f"torch_dynamic_int8 must be the recipe's last step (found {', '.join(ctx.later_steps)} "
-                                "after it): its int8 modules can no longer be trained, pruned or exported")
-        chosen = {n: m for n, m in self.pick(module, tuple(FLOAT_TYPES[k] for k in self.layers)).items()
-                  if not isinstance(m, nn.Linear) or m.out_features >= self.min_features}
-        if not chosen:
-            raise SlimcartError(f"torch_dynamic_int8: no {'/'.join(self.layers)} layer matches targets {self.targets} "
-                                f"(exclude {self.exclude})")
-        built = {name: quantize_module(m, self.per_channel) for name, m in chosen.items()}  # all built before any swap
-        before = sum(p.numel() * p.element_size() for m in chosen.values() for p in m.parameters())
-        for name, q in built.items():
-            module.set_submodule(name, q)
-        after = sum(t.numel() * t.element_size() for q in built.values() for t in module_state(q)[0].values())
-        kinds = sorted({kind_of(q) for q in built.values()})
-        state.kernels.append(f"torch dynamic int8 {'/'.join(kinds).upper()} (FBGEMM int8 GEMM, activations quantized "
-                             f"per call, weights per {'row' if self.per_channel else 'tensor'})")
-        state.notes.append(f"dynamic int8: {len(built)} layer(s) ({', '.join(built)}): {before / 1e6:.3f} -> "
-                           f"{after / 1e6:.3f} MB of weights")
-        state.reports[self.kind] = {"layers": list(built), "bytes_before": before, "bytes_after": after}
-        state.artifact = DynamicInt8Artifact(state.artifact)
-        return state

@@ -1,5 +1,6 @@
 """Saved format "torch-dynamic-int8": a model whose GRU / LSTM / Linear layers run PyTorch's dynamic
-int8 kernels (dynamic_int8.py), without pickling a quantized module.
+int8 kernels (dynamic_int8.py), without pickling a quantized module, and the `torch_dynamic_int8`
+step that produces it.
 
     folder/
       slimcart-format.json        {"format": "torch-dynamic-int8", "modules": {name: description},
@@ -23,16 +24,27 @@ import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ...arch import LayerSelect
 from ...contracts import Artifact, inside, load_saved, register_artifact, write_format
 from ...errors import SlimcartError
 from ...outputs import copy_files
-from .dynamic_int8 import float_stand_in, kind_of, module_from_state, module_state
+from ...recipe import Step, register_step
+from .dynamic_int8 import (
+    FLOAT_TYPES,
+    float_stand_in,
+    kind_of,
+    module_from_state,
+    module_state,
+    quantize_module,
+)
 
 QUANT_FILE = "dynamic_int8.safetensors"
 
@@ -159,3 +171,39 @@ class DynamicInt8Artifact(Artifact):
 
     def describe(self) -> str:
         return "torch dynamic int8 layers" + (f" + {self.inner.describe()}" if self.inner is not None else "")
+
+
+# ---------------------------------------------------------------- the step
+@register_step
+class TorchDynamicInt8(LayerSelect, Step):
+    """int8 GRU / LSTM (and optionally Linear) layers on PyTorch's dynamic quantized kernels (FBGEMM);
+    weights int8 per output row, activations quantized per call. Must be the recipe's last step."""
+
+    kind: Literal["torch_dynamic_int8"] = "torch_dynamic_int8"
+    layers: list[Literal["gru", "lstm", "linear"]] = Field(default_factory=lambda: ["gru", "lstm"])
+    per_channel: bool = True  # one scale per output row (False: one per weight matrix)
+    min_features: int = Field(1, ge=1)  # Linear layers with fewer outputs stay float (a 1-output head gains nothing)
+
+    def apply(self, state, ctx):
+        module = state.torch_module(self.kind)
+        if ctx.later_steps:
+            raise SlimcartError(f"torch_dynamic_int8 must be the recipe's last step (found {', '.join(ctx.later_steps)} "
+                                "after it): its int8 modules can no longer be trained, pruned or exported")
+        chosen = {n: m for n, m in self.pick(module, tuple(FLOAT_TYPES[k] for k in self.layers)).items()
+                  if not isinstance(m, nn.Linear) or m.out_features >= self.min_features}
+        if not chosen:
+            raise SlimcartError(f"torch_dynamic_int8: no {'/'.join(self.layers)} layer matches targets {self.targets} "
+                                f"(exclude {self.exclude})")
+        built = {name: quantize_module(m, self.per_channel) for name, m in chosen.items()}  # all built before any swap
+        before = sum(p.numel() * p.element_size() for m in chosen.values() for p in m.parameters())
+        for name, q in built.items():
+            module.set_submodule(name, q)
+        after = sum(t.numel() * t.element_size() for q in built.values() for t in module_state(q)[0].values())
+        kinds = sorted({kind_of(q) for q in built.values()})
+        state.kernels.append(f"torch dynamic int8 {'/'.join(kinds).upper()} (FBGEMM int8 GEMM, activations quantized "
+                             f"per call, weights per {'row' if self.per_channel else 'tensor'})")
+        state.notes.append(f"dynamic int8: {len(built)} layer(s) ({', '.join(built)}): {before / 1e6:.3f} -> "
+                           f"{after / 1e6:.3f} MB of weights")
+        state.reports[self.kind] = {"layers": list(built), "bytes_before": before, "bytes_after": after}
+        state.artifact = DynamicInt8Artifact(state.artifact)
+        return state
