@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SRC = Path(os.environ.get("SLIMCART_DATA", "/work/shared/data")) / "categories-pricerunner" / "pricerunner_aggregate.csv"
+SRC = Path(os.environ.get("SLIMCART_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))) / "categories-pricerunner" / "pricerunner_aggregate.csv"
 
 
 def cli(*args: str) -> list[str]:

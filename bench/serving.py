@@ -329,7 +329,7 @@ def main() -> None:
     for p in (s, g):
         p.add_argument("--out", type=Path)
     args = ap.parse_args()
-    os.environ.setdefault("SLIMCART_DATA", "/work/shared/data")
+    os.environ.setdefault("SLIMCART_DATA", str(ROOT.parent / "shared" / "data"))  # the data beside the repo
     env = {"loadavg_before": os.getloadavg(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
     t0 = time.time()
     result = bench_search(args) if args.what == "search" else bench_generate(args)

@@ -22,6 +22,7 @@ import yaml
 
 from . import outputs
 from .bench import (
+    CpuCompetition,
     environment,
     measure_interleaved,
     paired_ratio,
@@ -246,8 +247,9 @@ def measure(workload: str | Workload, data: Any, sides: dict[str, tuple[Runner, 
             ref_out = res.outputs
     progress("timing " + ", ".join(sides) + " interleaved")
     inputs = wl.bench_inputs(sides[order[0]][1], data)
+    competition = CpuCompetition()
     timing = measure_interleaved({k: r for k, (r, _) in sides.items()}, inputs, repeats=repeats, progress=progress)
-    return {"quality": results, "timing": timing, "inputs": inputs}
+    return {"quality": results, "timing": timing, "inputs": inputs, "others_cpus": competition.others_cpus()}
 
 
 def _side(runtime: str, quality: dict, size: int, timing: dict, rss: int | None) -> dict:
@@ -375,13 +377,15 @@ def _compress_locked(wl, model, rec, out, data, threads, repeats, measure_rss, o
                                              timing["baseline"].throughput_per_s)
         detail["compression_gain"] = ratio_stats(timing["compressed"].throughput_per_s,
                                                  timing["baseline_same_runtime"].throughput_per_s)
-    trust = reliability(env_before["load_average"], env_after["load_average"], env_before["logical_cpus"], detail, threads)
+    trust = reliability(env_before["load_average"], env_after["load_average"], env_before["logical_cpus"], detail, threads,
+                        m["others_cpus"])
     metrics = {
         "workload": wl.name,
         "model": model,
         "recipe": build_info.get("recipe", {}).get("name", rec.name),
         "data": info.as_dict(),
-        "environment": {**env_before, "load_average_after": env_after["load_average"]},
+        "environment": {**env_before, "load_average_after": env_after["load_average"],
+                        "other_processes_cpus_while_timing": m["others_cpus"]},
         "baseline": _side("torch-fp32-eager", m["quality"]["baseline"], base_size, summaries["baseline"], base_rss),
         "compressed": _side(cand[0].runtime, m["quality"]["compressed"], cand_size, summaries["compressed"], cand_rss),
         "ratios": {

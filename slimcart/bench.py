@@ -111,6 +111,32 @@ def _timed(fn: Callable[[Any], Any], x: Any) -> float:
     return time.perf_counter() - t0
 
 
+class CpuCompetition:
+    """How many CPUs other processes kept busy while this one timed: (system busy CPU time - this
+    process's CPU time) / wall time, from /proc/stat. Unlike the load average (a one-minute moving
+    mean) it sees a competitor that started a few seconds ago. None where /proc/stat is missing."""
+
+    def __init__(self):
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        ticks = [int(x) for x in fields]
+        busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)  # all but idle and iowait
+        return busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.perf_counter()
+
+    def others_cpus(self) -> float | None:
+        end = self._sample()
+        if self._start is None or end is None or end[2] - self._start[2] <= 0:
+            return None
+        others = (end[0] - self._start[0]) - (end[1] - self._start[1])
+        return max(0.0, others / (end[2] - self._start[2]))
+
+
 def measure_interleaved(
     sides: dict[str, Callable[[Any], Any]],
     inputs: BenchInputs,
@@ -170,12 +196,15 @@ def ratio_stats(candidate: list[float], baseline: list[float], resamples: int = 
 
 
 BUSY_LOAD = 1.5  # load average per logical CPU above which other work competes with the measurement
+BUSY_OTHERS = 0.5  # CPUs kept busy by other processes while timing above which the figures are not trusted
 WIDE_CI = 0.25  # a ratio's 95% interval wider than this share of the ratio itself
 
 
-def reliability(load_before: float, load_after: float, cpus: int, ratios: dict[str, dict], threads: int) -> dict:
+def reliability(load_before: float, load_after: float, cpus: int, ratios: dict[str, dict], threads: int,
+                others_cpus: float | None = None) -> dict:
     """Whether speed figures measured now can be trusted, and why not: too few rounds, a machine busier
-    than its cores (the measurement's own threads counted), or per-round ratios spread widely."""
+    than its cores (the measurement's own threads counted), other processes using CPUs while timing
+    (`CpuCompetition`), or per-round ratios spread widely."""
     reasons = []
     rounds = min((len(r["rounds"]) for r in ratios.values()), default=0)
     if rounds < 3:
@@ -183,6 +212,8 @@ def reliability(load_before: float, load_after: float, cpus: int, ratios: dict[s
     load = max(load_before, load_after)
     if load > max(cpus, threads) * BUSY_LOAD:
         reasons.append(f"the machine was busy: load average {load:.1f} on {cpus} CPUs while timing")
+    if others_cpus is not None and others_cpus > BUSY_OTHERS:
+        reasons.append(f"other processes kept {others_cpus:.1f} of {cpus} CPUs busy while timing")
     for name, r in ratios.items():
         lo, hi = r["ci95"]
         if rounds >= 3 and hi - lo > WIDE_CI * r["median"]:

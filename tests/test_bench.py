@@ -1,9 +1,15 @@
 """Timing harness behaviour, checked with functions of known cost."""
+import os
 import time
 
 import pytest
 
-from slimcart.bench import environment, measure_interleaved, paired_bootstrap, paired_ratio
+from slimcart.bench import (
+    environment,
+    measure_interleaved,
+    paired_bootstrap,
+    paired_ratio,
+)
 from slimcart.contracts import BenchInputs
 
 
@@ -80,3 +86,29 @@ def test_reliability_marks_busy_machines_few_rounds_and_wide_spread():
     assert not few["reliable"] and "only 1 timing round" in few["reasons"][0]
     wide = reliability(1.0, 1.0, 2, {"throughput": {"median": 3.0, "ci95": [2.0, 12.0], "rounds": [2, 3, 12]}}, threads=2)
     assert not wide["reliable"] and "varies from round to round" in wide["reasons"][0]
+
+
+def test_cpu_competition_sees_a_busy_process_started_seconds_ago():
+    """The load average needs a minute to notice a competitor; the /proc/stat meter sees it at once."""
+    import subprocess
+    import sys
+    import time
+
+    from slimcart.bench import BUSY_OTHERS, CpuCompetition, reliability
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat")
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
+    try:
+        time.sleep(0.3)
+        meter = CpuCompetition()
+        time.sleep(1.5)  # this process idles; the hog spins one CPU
+        others = meter.others_cpus()
+    finally:
+        hog.kill()
+        hog.wait()
+    assert 0.6 < others <= (os.cpu_count() or 1) + 0.1
+    steady = {"throughput": {"median": 3.0, "ci95": [2.9, 3.1], "rounds": [3.0] * 5}}
+    flagged = reliability(0.2, 0.3, 2, steady, threads=2, others_cpus=others)
+    assert not flagged["reliable"] and "other processes kept" in flagged["reasons"][0]
+    assert reliability(0.2, 0.3, 2, steady, threads=2, others_cpus=BUSY_OTHERS / 2)["reliable"]

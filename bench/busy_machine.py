@@ -1,0 +1,116 @@
+"""Benchmark: does `slimcart compress` stay honest when other work competes for the CPUs?
+
+For each recipe, the same `slimcart compress` command (the CLI, as a user runs it) twice: on the idle
+machine, then with one busy-loop process pinned to each logical CPU, started a few seconds before (so
+the one-minute load average has barely moved: the case it misses). Recorded per run: the throughput
+ratio with its 95% interval, what metrics.json says about reliability and why, whether the terminal
+said "speed figures unreliable", the load average and the CPUs other processes used while timing.
+
+The issue's check: the busy ratio stays within +-25% of the idle one, or the busy run is marked
+unreliable (metrics.json and terminal) with its reason; the idle run is not marked.
+
+    SLIMCART_DATA=../shared/data python bench/busy_machine.py [--recipes int8-dynamic,int8-static]
+
+Writes bench/results/busy_machine.json and docs/bench-busy-machine.md. Run it on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from slimcart import outputs  # noqa: E402
+
+HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {msg}", flush=True)
+
+
+def compress(recipe: str, out: Path, args) -> dict:
+    cmd = [sys.executable, "-m", "slimcart.cli", "compress", "-w", "search", "-m", args.model, "-r", recipe, "-o", str(out),
+           "--repeats", str(args.repeats), "--threads", str(args.threads), "--no-rss"]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if p.returncode != 0:
+        raise SystemExit(f"compress failed: {p.stderr[-2000:]}")
+    m = json.loads((out / "metrics.json").read_text())
+    thr = m["ratio_detail"]["throughput"]
+    return {"throughput_ratio": thr["median"], "ci95": thr["ci95"], "rounds": thr["rounds"],
+            "reliable": m["speed_reliability"]["reliable"], "reasons": m["speed_reliability"]["reasons"],
+            "terminal_says_unreliable": "speed figures unreliable" in (p.stdout + p.stderr),
+            "load_average": [m["environment"]["load_average"], m["environment"]["load_average_after"]],
+            "other_processes_cpus": m["environment"].get("other_processes_cpus_while_timing"),
+            "runtime": m["compressed"]["runtime"], "wall_s": round(time.time() - t0)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--recipes", default="int8-dynamic,int8-static")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--settle", type=float, default=5.0, help="seconds between starting the busy loops and compress")
+    args = p.parse_args()
+    cpus = os.cpu_count() or 1
+    res = {"load_before": list(os.getloadavg()), "cpus": cpus, "threads": args.threads, "repeats": args.repeats,
+           "measured_at": time.strftime("%Y-%m-%d %H:%M"), "recipes": {}}
+    with tempfile.TemporaryDirectory(prefix="slimcart-busy-") as tmp:
+        for recipe in args.recipes.split(","):
+            log(f"{recipe}: idle run")
+            idle = compress(recipe, Path(tmp) / f"{recipe}-idle", args)
+            log(f"{recipe}: idle ratio {idle['throughput_ratio']:.2f}x; starting {cpus} busy loops")
+            hogs = [subprocess.Popen([sys.executable, "-c", HOG, str(c)]) for c in range(cpus)]
+            try:
+                time.sleep(args.settle)
+                busy = compress(recipe, Path(tmp) / f"{recipe}-busy", args)
+            finally:
+                for h in hogs:
+                    h.kill()
+                    h.wait()
+            change = busy["throughput_ratio"] / idle["throughput_ratio"] - 1
+            flagged = not busy["reliable"] and busy["terminal_says_unreliable"]
+            ok = idle["reliable"] and (abs(change) <= 0.25 or flagged)
+            res["recipes"][recipe] = {"idle": idle, "busy": busy, "busy_vs_idle": change,
+                                      "idle_marked": not idle["reliable"], "check_passes": ok}
+            log(f"{recipe}: busy ratio {busy['throughput_ratio']:.2f}x ({change:+.0%}), marked unreliable: "
+                f"{not busy['reliable']} ({'; '.join(busy['reasons'])})")
+            time.sleep(60)  # let the load average fall back before the next idle run
+    res["load_after"] = list(os.getloadavg())
+    outputs.write_json(ROOT / "bench" / "results" / "busy_machine.json", res)
+    (ROOT / "docs" / "bench-busy-machine.md").write_text(markdown(res))
+
+
+def markdown(r: dict) -> str:
+    lines = ["# Benchmark: speed figures on a busy machine", "",
+             f"Generated by `bench/busy_machine.py` ({r['measured_at']}): the same `slimcart compress -w search -m minilm` "
+             f"command idle, then with {r['cpus']} busy loops (one pinned to each CPU, started seconds before). "
+             f"{r['threads']} threads, {r['repeats']} rounds. Load average before the benchmark: {r['load_before'][0]:.2f}.", "",
+             "| recipe | run | throughput ratio [95% CI] | load avg (before/after) | other processes' CPUs while timing | "
+             "marked unreliable (reason) | terminal warns |", "|---|---|---|---|---|---|---|"]
+    for name, x in r["recipes"].items():
+        for run in ("idle", "busy"):
+            s = x[run]
+            lines.append(f"| `{name}` | {run} | {s['throughput_ratio']:.2f}x [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] | "
+                         f"{s['load_average'][0]:.1f} / {s['load_average'][1]:.1f} | "
+                         f"{'–' if s['other_processes_cpus'] is None else format(s['other_processes_cpus'], '.2f')} | "
+                         f"{'yes: ' + '; '.join(s['reasons']) if not s['reliable'] else 'no'} | "
+                         f"{'yes' if s['terminal_says_unreliable'] else 'no'} |")
+    lines += ["", "Check (busy ratio within ±25% of idle, or the busy run marked unreliable in metrics.json and on the "
+              "terminal; the idle run not marked): " + "; ".join(
+                  f"`{n}` busy vs idle {x['busy_vs_idle']:+.0%}: {'passes' if x['check_passes'] else 'FAILS'}"
+                  for n, x in r["recipes"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""docs/bench-serving.md from the serving benchmarks' JSON: `bench/serving.py search|generate` and
+`bench/batch_embed.py` (whichever results exist). Every figure is read from the JSON; nothing is typed in.
+
+    python bench/serving_report.py [--search bench/results/serving_search.json] [--generate ...] [--embed ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BUSY_PER_CPU = 0.5  # load average per CPU (before the run) above which figures are marked not final
+
+
+def _load_note(env: dict) -> str:
+    before, after, cpus = env["loadavg_before"][0], env["loadavg_after"][0], env["cpu_count"]
+    final = "" if before <= BUSY_PER_CPU * cpus else " **NOT FINAL: the machine was busy before the run.**"
+    return f"load average {before:.2f} before / {after:.2f} after on {cpus} CPUs.{final}"
+
+
+def _f(x, spec=".1f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def search_md(r: dict) -> list[str]:
+    s = r["settings"]
+    lines = ["## Search encoder served by `slimcart serve` (`POST /embed`, one query per request)", "",
+             f"`python bench/serving.py search --fp32 {s['fp32']} --compressed {s['compressed']}`: {s['threads']} model "
+             f"thread(s) per server, micro-batching up to {s['max_batch']} with {s['max_wait_ms']:g} ms wait, p99 objective "
+             f"{s['objective_ms']:g} ms, open-loop Poisson arrivals, {s['step_s']:g} s per rate step; queries from the "
+             f"CrowdFlower test split; {_load_note(r['environment'])}", "",
+             "| model | runtime | model only p50 ms | tokenizer + model p50 ms | HTTP end to end p50 / p99 ms (1 in flight) | "
+             "sustainable req/s at p99 ≤ objective |", "|---|---|---|---|---|---|"]
+    for side in ("fp32", "compressed"):
+        x = r[side]
+        e = x["end_to_end_batch1"]
+        lines.append(f"| {side} (`{Path(str(x['model'])).name}`) | {x['runtime']} | {_f(x['model_p50_ms'], '.2f')} | "
+                     f"{_f(x['tokenizer_model_p50_ms'], '.2f')} | {_f(e['p50_ms'], '.2f')} / {_f(e['p99_ms'], '.2f')} | "
+                     f"{_f(x['sustainable_per_s'])} |")
+    ratio = r.get("sustainable_ratio")
+    lines += ["", f"Sustainable rate, compressed vs fp32 served the same way: **{_f(ratio, '.2f')}×**" +
+              (" (fp32 never met the objective in the ladder)" if r["fp32"]["sustainable_per_s"] is None else ""), ""]
+    for side in ("fp32", "compressed"):
+        ladder = r[side]["ladder"]
+        lines += [f"Rate ladder, {side}:", "", "| offered req/s | answered/s | p50 ms | p99 ms | refused | 5xx |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {x['offered_per_s']:.1f} | {x['throughput_per_s']:.1f} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | "
+                  f"{x['refused_share']:.1%} | {x['server_errors_5xx']} |" for x in ladder]
+        lines.append("")
+        for phase in ("overload_3x", "recovery_0.5x"):
+            if phase in r[side]:
+                x = r[side][phase]
+                rss = (f", server RSS {x['server_rss_before_mb']:.0f} -> peak {x['server_rss_peak_mb']:.0f} MB"
+                       if "server_rss_peak_mb" in x else "")
+                lines.append(f"- {phase.replace('_', ' at ')}: offered {x['offered_per_s']:.1f}/s, answered "
+                             f"{x['throughput_per_s']:.1f}/s, p99 of answered {x['p99_ms']:.1f} ms, refused "
+                             f"{x['refused_share']:.1%}, 5xx {x['server_errors_5xx']}{rss}")
+        lines.append("")
+    return lines
+
+
+def generate_md(r: dict) -> list[str]:
+    lines = ["## LLM `POST /generate` (token streaming)", "",
+             f"`python bench/serving.py generate --model {r['settings']['model']}`: greedy, {r['new_tokens']} new tokens, "
+             f"{r['settings']['threads']} threads; {_load_note(r['environment'])} Server peak RSS "
+             f"{r['server_rss_peak_mb']:.0f} MB.", "",
+             "| concurrent streams | time to first token p50 ms | decode tokens/s per stream | aggregate tokens/s |",
+             "|---|---|---|---|"]
+    for n, x in r["streams"].items():
+        lines.append(f"| {n} | {x['ttft_p50_ms']:.0f} | {x['decode_tokens_per_s_per_stream_median']:.1f} | "
+                     f"{x['aggregate_tokens_per_s']:.1f} |")
+    return lines + [""]
+
+
+def embed_md(r: dict) -> list[str]:
+    env = {"loadavg_before": r["loadavg_before"], "loadavg_after": r["loadavg_after"], "cpu_count": r["cpu_count"]}
+    lines = ["## `slimcart embed`: data-parallel batch inference", "",
+             f"`python bench/batch_embed.py` over `{Path(r['input']).name}`"
+             + (f" (first {r['settings']['limit']} rows)" if r["settings"].get("limit") else "")
+             + f", model `{r['model']}`, {r['settings']['cores']} cores in every configuration; {_load_note(env)}", "",
+             "| engine | workers × threads | rows | wall s | rows/s |", "|---|---|---|---|---|"]
+    for x in r["runs"].values():
+        lines.append(f"| {x['engine']} | {x['workers']} × {x['threads_per_worker']} | {x['rows']} | {x['wall_s']:.1f} | "
+                     f"{x['rows_per_s_wall']:.1f} |")
+    res = r.get("resume", {})
+    lines += ["", f"- 2 workers vs 1 worker with both threads: **{r['speedup_workers_vs_threads']:.2f}×**; vectors identical "
+              f"(max |diff| {r['max_abs_diff_1x_vs_workers']:.1e})"]
+    if "ray_overhead_vs_local_workers" in r:
+        lines.append(f"- Ray Data engine vs local workers: wall-time overhead {r['ray_overhead_vs_local_workers']:+.1%}, "
+                     f"max |diff| {r['max_abs_diff_ray_vs_local']:.1e}")
+    if res:
+        lines.append(f"- killed and rerun: {res['shards_on_disk_at_kill']} finished shards on disk, "
+                     f"{res['skipped_on_rerun']} skipped, {res['recomputed']} computed; result vs uninterrupted max |diff| "
+                     f"{res['max_abs_diff_vs_uninterrupted']:.1e}")
+    return lines + [""]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--search", type=Path, default=RESULTS / "serving_search.json")
+    p.add_argument("--generate", type=Path, default=RESULTS / "serving_llm.json")
+    p.add_argument("--embed", type=Path, default=RESULTS / "batch_embed.json")
+    args = p.parse_args()
+    args.search, args.generate, args.embed = (x.resolve() for x in (args.search, args.generate, args.embed))
+    lines = ["# Benchmark: serving and batch inference", "",
+             "Generated by `bench/serving_report.py` from the JSON the benchmarks wrote (paths below); client and server on "
+             "one 2-core machine over loopback.", ""]
+    for path, fn in ((args.search, search_md), (args.generate, generate_md), (args.embed, embed_md)):
+        if path.exists():
+            lines += fn(json.loads(path.read_text())) + [f"Raw: `{path.relative_to(ROOT)}`.", ""]
+        else:
+            lines += [f"(`{path.relative_to(ROOT)}` not measured yet)", ""]
+    (ROOT / "docs" / "bench-serving.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
