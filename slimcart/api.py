@@ -268,6 +268,7 @@ def _identity(wl: Workload, model: str, bundle: ModelBundle, dataset: Any, rec: 
 
     info = wl.data_info(dataset)
     return {"workload": wl.name, "model": model, "model_digest": outputs.tree_digest(bundle.source),
+            "weights_digest": bundle.extra.get("weights_digest"),  # a model handed over in memory (no folder)
             "data": info.as_dict(), "data_digest": outputs.tree_digest(info.source),
             "extra_data_digests": [outputs.tree_digest(p) for p in info.extra_sources], "recipe": rec.to_dict(),
             "slimcart": __version__}
