@@ -37,7 +37,7 @@ from slimcart.contracts import ModelState, StepContext  # noqa: E402
 from slimcart.recipe import Recipe  # noqa: E402
 from slimcart.recipe import load_recipe, parse_step  # noqa: E402
 from slimcart.workloads import get_workload  # noqa: E402
-from slimcart.workloads.recsys import ndcg_per_user  # noqa: E402
+from slimcart.workloads.ranking import ndcg_per_user  # noqa: E402
 
 
 def log(msg: str) -> None:
