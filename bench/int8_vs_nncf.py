@@ -26,7 +26,7 @@ from slimcart import api, outputs  # noqa: E402
 from slimcart.bench import environment, measure_interleaved, paired_ratio, set_threads  # noqa: E402
 from slimcart.workloads import get_workload  # noqa: E402
 
-RECIPES = ["int8-static", "w8a8-smoothquant"]
+RECIPES = ["int8-static", "w8a8-smoothquant", "int8-static-nncf"]
 
 
 def log(msg: str) -> None:
