@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from slimcart import api, outputs  # noqa: E402
-from slimcart.bench import environment, measure_interleaved, paired_ratio, set_threads  # noqa: E402
+from slimcart.bench import environment, measure_interleaved, paired_ratio, ratio_stats, set_threads  # noqa: E402
 from slimcart.contracts import ModelState, StepContext  # noqa: E402
 from slimcart.recipe import parse_step  # noqa: E402
 from slimcart.workloads import get_workload  # noqa: E402
 
-SEARCH_RECIPES = ["int8-dynamic", "int8-static", "w8a8-smoothquant", "mixed-int8", "qat-int8"]
+SEARCH_RECIPES = ["int8-dynamic", "int8-static", "w8a8-smoothquant", "mixed-int8", "qat-int8", "int8-static-nncf"]
 
 
 def log(msg: str) -> None:
@@ -195,6 +195,7 @@ def bench_search(args, work: Path) -> dict:
             name: {"throughput_per_s": t[name].summary()["throughput_per_s"],
                    "latency_p50_ms": t[name].summary()["latency_ms"]["p50"],
                    "throughput_ratio": paired_ratio(t[name].throughput_per_s, t[base_name].throughput_per_s),
+                   "throughput_ratio_detail": ratio_stats(t[name].throughput_per_s, t[base_name].throughput_per_s),
                    "latency_ratio": t[name].summary()["latency_ms"]["p50"] / t[base_name].summary()["latency_ms"]["p50"]}
             for name in sides}
         del sides
@@ -202,6 +203,12 @@ def bench_search(args, work: Path) -> dict:
     res["timing"] = res["timing_by_threads"][args.timing_threads.split(",")[0]]
     res["targets"] = {"throughput_ratio": 2.5, "ndcg_rel": -0.005, "recall_rel": -0.01, "size_ratio": 0.30}
     return res
+
+
+def _x(t: dict) -> str:
+    """A throughput ratio with its 95% interval over rounds where the JSON has it (runs after 2026-11-30)."""
+    d = t.get("throughput_ratio_detail")
+    return f"{t['throughput_ratio']:.2f}x" + (f" [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]" if d else "")
 
 
 def _pct(x: float) -> str:
@@ -224,14 +231,14 @@ def markdown_search(s: dict) -> list[str]:
     for name, side in s["sides"].items():
         t, q = tm[name], side["quality"]
         if side["kind"] == "reference":
-            lines.append(f"| {name} | {side['runtime']} | {t['throughput_ratio']:.2f}x | {t['latency_p50_ms']:.1f} ms | "
+            lines.append(f"| {name} | {side['runtime']} | {_x(t)} | {t['latency_p50_ms']:.1f} ms | "
                          f"fp32: same function (max abs diff vs torch {q['max_abs_diff_vs_torch']:.1e}) | | | | "
                          f"{side['size_ratio']:.0%} | |")
             continue
         ok = (t["throughput_ratio"] >= tg["throughput_ratio"] and side["ndcg_rel"] >= tg["ndcg_rel"]
               and side["recall_rel"] >= tg["recall_rel"] and side["size_ratio"] <= tg["size_ratio"])
         label = f"**{name}**" if side["kind"] == "recipe" else name
-        lines.append(f"| {label} | {side['runtime']} | {t['throughput_ratio']:.2f}x | {t['latency_p50_ms']:.1f} ms | "
+        lines.append(f"| {label} | {side['runtime']} | {_x(t)} | {t['latency_p50_ms']:.1f} ms | "
                      f"{q['ndcg@10']:.4f} ({_pct(side['ndcg_rel'])}) | {q['recall@10']:.4f} ({_pct(side['recall_rel'])}) | "
                      + (f"{q['guard_mrr']:.4f} ({_pct(side['guard_rel'])})" if side.get("guard_rel") is not None else "n/a")
                      + f" | {q['cosine']:.4f} | {side['size_ratio']:.0%} | {'yes' if ok else 'no'} |")

@@ -181,7 +181,7 @@ def _data_case(tmp_path: Path, workload: str, case) -> None:
         pass
 
 
-@pytest.mark.parametrize("workload", ["search", "recsys", "llm", "session"])
+@pytest.mark.parametrize("workload", ["search", "recsys", "llm", "session", "ctr"])
 @pytest.mark.parametrize("n", [pytest.param(40, id="fast"), pytest.param(200, id="slow", marks=pytest.mark.slow)])
 def test_data_files(tmp_path, workload, n):
     settings(max_examples=n, **SETTINGS)(given(data_files())(lambda c: _data_case(tmp_path, workload, c)))()
