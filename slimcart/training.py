@@ -11,6 +11,7 @@ sampled negatives), so a resumed run takes the same steps an uninterrupted one w
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import sys
 import time
@@ -331,3 +332,44 @@ class TeacherStudentTask:
     def combine(self, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """(weighted total, each part as a float for the log)."""
         return sum(self.w[k] * v for k, v in parts.items()), {k: float(v.detach()) for k, v in parts.items()}
+
+
+# ---------------------------------------------------------------- a workload's own model, from scratch
+def fit_epochs(task, hp: dict, epochs: int, seed: int, out: Path, resume: bool, progress: Callable[[str], None],
+               label: str, score_key: str) -> tuple[TrainResult, dict]:
+    """Train a workload's own model from scratch (SASRec, GRU4Rec, DIN) with `fit`: constant learning
+    rate `hp["lr"]`, batches of `hp["batch"]`, one validation per epoch, early stopping after
+    `hp["patience"]` epochs without a better score, at most `hp["max_minutes"]`; checkpoints in
+    `<out>.partial` (resumed when `resume`, else started afresh). Returns the result and the training
+    record to save beside the model (its best validation score under `score_key`). Finish with
+    `publish_trained`."""
+    per_epoch = max(1, math.ceil(task.n_examples() / hp["batch"]))
+    cfg = TrainConfig(max_steps=per_epoch * epochs, epochs=epochs, max_minutes=hp["max_minutes"], batch_size=hp["batch"],
+                      lr=hp["lr"], weight_decay=0.0, warmup=0.0, schedule="constant", grad_clip=None,
+                      eval_every=per_epoch, patience=hp["patience"], seed=seed, dropout=True)
+    partial = _partial_of(out)
+    if not resume:
+        shutil.rmtree(partial, ignore_errors=True)
+    # One intra-op thread by default: these batches are small, and on a shared 2-core machine two
+    # OpenMP threads waiting on each other ran SASRec's steps ~10x slower than one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(hp.get("threads", 1)))
+    try:
+        res = fit(task, cfg, partial, progress, label=label)
+    finally:
+        torch.set_num_threads(threads)
+    training = {"epochs": round(res.steps / per_epoch, 2), "best_epoch": round(res.best_step / per_epoch, 2),
+                "seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "stopped": res.stopped, "history": res.history,
+                score_key: res.best_score, "seed": seed, **hp}
+    return res, training
+
+
+def publish_trained(out: Path, save: Callable[[Path], None]) -> Path:
+    """Write the trained model to `out` atomically, then drop the checkpoints `fit_epochs` kept."""
+    atomic_dir(out, save)
+    shutil.rmtree(_partial_of(out), ignore_errors=True)
+    return out
+
+
+def _partial_of(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")

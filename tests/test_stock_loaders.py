@@ -39,7 +39,7 @@ EXPECTED = {  # the formats each recipe may produce (static int8 picks its runti
     "distill-L3": {None}, "prune-layers": {None},
     "int8-dynamic": {"onnx"}, "distill-L3-int8": {"onnx"}, "prune-heads-ffn-40-int8": {"onnx"},
     "int8-static": {"onnx", "openvino-ir"}, "w8a8-smoothquant": {"onnx", "openvino-ir"},
-    "mixed-int8": {"onnx", "openvino-ir"}, "qat-int8": {"onnx", "openvino-ir"},
+    "mixed-int8": {"onnx", "openvino-ir"}, "qat-int8": {"onnx", "openvino-ir"}, "int8-static-nncf": {"openvino-ir"},
     "prune-heads-ffn-40": {"structured-hf"}, "lowrank-50": {"lowrank"},
     "prune-2of4": {"sparse-bitmask"}, "prune-unstructured-50": {"sparse-bitmask"}, "sparsegpt-2of4": {"sparse-bitmask"},
     "sparsegpt-50": {"sparse-bitmask"}, "sparsegpt-50-recover": {"sparse-bitmask"}, "wanda-50": {"sparse-bitmask"},

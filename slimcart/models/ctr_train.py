@@ -22,8 +22,6 @@ so the saved model is still a plain DIN and the AUC is unchanged (a > 0 keeps th
 """
 from __future__ import annotations
 
-import math
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..outputs import atomic_dir
 from .ctr import DIN, DINConfig, fold_into_output, save_din
 
 
@@ -143,8 +140,7 @@ def fit(config: DINConfig, data: Any, validation: Callable[[DIN], tuple[float, n
     """Train with slimcart.training.fit (checkpoints in `<out>.partial`, resumed when `resume` and the
     data and settings match), keep the best-validated epoch, calibrate it (hp["calibrate"]), write `out`
     atomically (config, weights, frequencies). `validation(model)` gives (validation AUC, labels, logits)."""
-    from ..training import TrainConfig
-    from ..training import fit as train
+    from ..training import fit_epochs, publish_trained
 
     torch.manual_seed(seed)
     model = DIN(config)
@@ -152,35 +148,17 @@ def fit(config: DINConfig, data: Any, validation: Callable[[DIN], tuple[float, n
                    **{k: hp[k] for k in ("lr", "batch", "emb_l2", "negatives") if k in hp}}
     task = DINTask(model, data, int(hp.get("negatives", 1)), float(hp.get("emb_l2", 0.0)),
                    lambda m: validation(m)[0], fingerprint, negative_items)
-    per_epoch = max(1, math.ceil(task.n_examples() / hp["batch"]))
-    cfg = TrainConfig(max_steps=per_epoch * epochs, epochs=epochs, max_minutes=hp["max_minutes"], batch_size=hp["batch"],
-                      lr=hp["lr"], weight_decay=0.0, warmup=0.0, schedule="constant", grad_clip=None,
-                      eval_every=per_epoch, patience=hp["patience"], seed=seed, dropout=True)
-    partial = out.with_name(out.name + ".partial")
-    if not resume:
-        shutil.rmtree(partial, ignore_errors=True)
-    # One intra-op thread by default: batches are small, and on a shared 2-core machine two OpenMP
-    # threads waiting on each other slowed SASRec's steps ~10x (see models/sasrec.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(hp.get("threads", 1)))
-    try:
-        res = train(task, cfg, partial, progress, label="DIN")
-        model.eval()
-        training = {"epochs": round(res.steps / per_epoch, 2), "best_epoch": round(res.best_step / per_epoch, 2),
-                    "seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "stopped": res.stopped,
-                    "history": res.history, "val_auc": res.best_score, "seed": seed, **hp}
-        if hp.get("calibrate", True):
-            with torch.inference_mode():
-                _, labels, logits = validation(model)
-            a, c = platt_scaling(labels, logits)
-            fold_into_output(model, a, c)
-            with torch.inference_mode():
-                _, _, calibrated = validation(model)
-            before, after = _logloss(labels, logits), _logloss(labels, calibrated)
-            training["platt"] = {"scale": a, "shift": c, "val_logloss_before": before, "val_logloss_after": after}
-            progress(f"calibrated on validation: logit * {a:.3f} + {c:.3f}, logloss {before:.4f} -> {after:.4f}")
-    finally:
-        torch.set_num_threads(threads)
-    atomic_dir(out, lambda f: save_din(model.eval(), f, {**meta, "training": training}, frequencies))
-    shutil.rmtree(partial, ignore_errors=True)
+    _, training = fit_epochs(task, hp, epochs, seed, out, resume, progress, "DIN", "val_auc")
+    model.eval()
+    if hp.get("calibrate", True):
+        with torch.inference_mode():
+            _, labels, logits = validation(model)
+        a, c = platt_scaling(labels, logits)
+        fold_into_output(model, a, c)
+        with torch.inference_mode():
+            _, _, calibrated = validation(model)
+        before, after = _logloss(labels, logits), _logloss(labels, calibrated)
+        training["platt"] = {"scale": a, "shift": c, "val_logloss_before": before, "val_logloss_after": after}
+        progress(f"calibrated on validation: logit * {a:.3f} + {c:.3f}, logloss {before:.4f} -> {after:.4f}")
+    publish_trained(out, lambda f: save_din(model.eval(), f, {**meta, "training": training}, frequencies))
     return out

@@ -11,15 +11,12 @@ draws the same negatives an uninterrupted one would.
 """
 from __future__ import annotations
 
-import math
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..outputs import atomic_dir
 from .gru4rec import GRU4Rec, GRU4RecConfig, next_item_loss, save_gru4rec
 
 
@@ -89,33 +86,13 @@ def fit(config: GRU4RecConfig, train_sessions: list[np.ndarray], validate: Calla
     is better, e.g. HR@20) after every epoch, early stop after `patience` epochs without a better score or
     at `max_minutes`; the best epoch is saved to `out`. Checkpoints go to `<out>.partial` and a rerun
     with the same data and settings continues from the last one (`resume`)."""
-    from ..training import TrainConfig
-    from ..training import fit as train
+    from ..training import fit_epochs, publish_trained
 
     torch.manual_seed(seed)
     model = GRU4Rec(config)
     fingerprint = {"config": config.to_dict(), "seed": seed, **meta,
                    **{k: hp[k] for k in ("lr", "batch", "negatives", "alpha")}}
     task = GRU4RecTask(model, train_sessions, hp, validate, fingerprint)
-    per_epoch = max(1, math.ceil(task.n_examples() / hp["batch"]))
-    cfg = TrainConfig(max_steps=per_epoch * epochs, epochs=epochs, max_minutes=hp["max_minutes"], batch_size=hp["batch"],
-                      lr=hp["lr"], weight_decay=0.0, warmup=0.0, schedule="constant", grad_clip=None,
-                      eval_every=per_epoch, patience=hp["patience"], seed=seed, dropout=True)
-    partial = out.with_name(out.name + ".partial")
-    if not resume:
-        shutil.rmtree(partial, ignore_errors=True)
-    # One intra-op thread by default: small batches, and on a shared 2-core machine two OpenMP threads
-    # waiting on each other ran each step several times slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(hp.get("threads", 1))
-    try:
-        res = train(task, cfg, partial, progress, label="GRU4Rec")
-    finally:
-        torch.set_num_threads(threads)
-    training = {"epochs": round(res.steps / per_epoch, 2), "best_epoch": round(res.best_step / per_epoch, 2),
-                "seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "stopped": res.stopped, "history": res.history,
-                "val_hr@20": res.best_score, "seed": seed, **hp}
+    res, training = fit_epochs(task, hp, epochs, seed, out, resume, progress, "GRU4Rec", "val_hr@20")
     extra = {"n_items": config.n_items, "dataset": meta.get("dataset"), "training": training}
-    atomic_dir(out, lambda f: save_gru4rec(model.eval(), f, extra))
-    shutil.rmtree(partial, ignore_errors=True)
-    return out
+    return publish_trained(out, lambda f: save_gru4rec(model.eval(), f, extra))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -19,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..outputs import atomic_dir
 
 # Large finite negative rather than -inf: a query whose keys are all padding then gets a uniform
 # (harmless, later zeroed) attention row instead of NaNs that would leak into the gradients.
@@ -271,32 +269,12 @@ def fit(config: SASRecConfig, train_seqs: list[np.ndarray], validate: Callable[[
     """Adam on `sequence_loss` with a constant rate, validation every epoch, early stop after
     `patience` epochs without a better score or at `max_minutes`; the best epoch is saved to `out`.
     Checkpoints go to `<out>.partial` (resumed when `resume` and the data and settings match)."""
-    from ..training import TrainConfig
-    from ..training import fit as train
+    from ..training import fit_epochs, publish_trained
 
     torch.manual_seed(seed)
     model = SASRec(config)
     fingerprint = {"config": config.to_dict(), "seed": seed, **meta, **{k: hp[k] for k in ("lr", "batch", "loss", "negatives")}}
     task = SASRecTask(model, train_seqs, hp, validate, fingerprint)
-    per_epoch = max(1, math.ceil(task.n_examples() / hp["batch"]))
-    cfg = TrainConfig(max_steps=per_epoch * epochs, epochs=epochs, max_minutes=hp["max_minutes"], batch_size=hp["batch"],
-                      lr=hp["lr"], weight_decay=0.0, warmup=0.0, schedule="constant", grad_clip=None,
-                      eval_every=per_epoch, patience=hp["patience"], seed=seed, dropout=True)
-    partial = out.with_name(out.name + ".partial")
-    if not resume:
-        shutil.rmtree(partial, ignore_errors=True)
-    # One intra-op thread by default: these batches are tiny, and on a shared 2-core machine two
-    # OpenMP threads waiting on each other ran each step ~10x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(hp.get("threads", 1))
-    try:
-        res = train(task, cfg, partial, progress, label="SASRec")
-    finally:
-        torch.set_num_threads(threads)
-    training = {"epochs": round(res.steps / per_epoch, 2), "best_epoch": round(res.best_step / per_epoch, 2),
-                "seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "stopped": res.stopped, "history": res.history,
-                "val_ndcg_at_10": res.best_score, "seed": seed, **hp}
+    res, training = fit_epochs(task, hp, epochs, seed, out, resume, progress, "SASRec", "val_ndcg_at_10")
     extra = {"n_items": config.n_items, "dataset": meta.get("dataset"), "training": training}
-    atomic_dir(out, lambda f: save_sasrec(model.eval(), f, extra))
-    shutil.rmtree(partial, ignore_errors=True)
-    return out
+    return publish_trained(out, lambda f: save_sasrec(model.eval(), f, extra))
