@@ -16,8 +16,8 @@ while IFS= read -r cmd; do
   [ -z "$cmd" ] && continue
   while [ -e "$PAUSE_FILE" ]; do sleep 5; done
   waited=0
-  while awk -v l="$(load)" -v t="$IDLE_LOAD" 'BEGIN{exit !(l >= t)}' && [ "$waited" -lt "$IDLE_WAIT" ]; do
-    sleep 10; waited=$((waited + 10))
+  while [ -e "$PAUSE_FILE" ] || { awk -v l="$(load)" -v t="$IDLE_LOAD" 'BEGIN{exit !(l >= t)}' && [ "$waited" -lt "$IDLE_WAIT" ]; }; do
+    sleep 10; waited=$((waited + 10))  # a pause set while waiting for idle holds the start too
   done
   echo "[$(date +%H:%M:%S)] load $(load) (waited ${waited}s): $cmd"
   start=$(date +%s)

@@ -20,20 +20,19 @@ Hugging Face folders do); anything else is refused with one clear error.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...contracts import Artifact, inside, register_artifact, write_format
 from ...errors import SlimcartError
 from ...outputs import copy_files
+from .. import stand_ins as stand_in_files
 from .base import CompressedEmbedding, load_table
 
 TABLES_FILE = "embeddings.safetensors"
@@ -67,34 +66,8 @@ def float_stand_ins(model: nn.Module, tables: dict[str, CompressedEmbedding]):
             _swap(model, name, t)
 
 
-def _matches(key: str, name: str) -> bool:
-    return key == f"{name}.weight" or key.endswith(f".{name}.weight")
-
-
-def strip_stand_ins(folder: Path, tables: dict[str, CompressedEmbedding]) -> list[dict]:
-    """Remove the zero tables from the folder's safetensors files; returns where each one was."""
-    found, left = [], set(tables)
-    for f in sorted(folder.rglob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
-            keys, meta = list(sf.keys()), sf.metadata()
-            drop = [k for k in keys for n in tables if _matches(k, n) and
-                    tuple(sf.get_slice(k).get_shape()) == (tables[n].num_embeddings, tables[n].embedding_dim)]
-        if not drop:
-            continue
-        kept = load_file(str(f))
-        for k in drop:
-            if bool(kept[k].any()):
-                raise SlimcartError(f"{f.name}: '{k}' is not the zero stand-in of a compressed table")
-            name = next(n for n in tables if _matches(k, n))
-            found.append({"file": str(f.relative_to(folder)), "key": k, "shape": list(kept.pop(k).shape)})
-            left.discard(name)
-        tmp = f.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in kept.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, f)
-    if left:
-        raise SlimcartError(f"the workload's saved folder keeps {sorted(left)} where the embeddings-compressed "
-                            "format cannot find them (it needs safetensors keyed by module name)")
-    return found
+def _params(tables: dict[str, CompressedEmbedding]) -> dict[str, dict[str, tuple[int, ...]]]:
+    return {n: {"weight": (t.num_embeddings, t.embedding_dim)} for n, t in tables.items()}
 
 
 @register_artifact
@@ -112,7 +85,7 @@ class EmbeddingsCompressedArtifact(Artifact):
             raise SlimcartError("embeddings-compressed: the model has no compressed embedding table")
         with float_stand_ins(bundle.module, tables):
             workload.save_model(bundle, folder / "model")
-        stand_ins = strip_stand_ins(folder / "model", tables)
+        stand_ins = stand_in_files.strip(folder / "model", _params(tables), "a compressed table")
         tensors, described = {}, {}
         for name, t in tables.items():
             ts, meta = t.state_for_save()
@@ -138,22 +111,7 @@ class EmbeddingsCompressedArtifact(Artifact):
         with tempfile.TemporaryDirectory(prefix="slimcart-emb-load-") as tmp:
             work = Path(tmp) / "model"
             copy_files(model_dir, work)  # regular files only: links in a model folder are never followed
-            by_file: dict[str, list[dict]] = {}
-            for s in stand_ins:
-                if not isinstance(s, dict) or not isinstance(s.get("key"), str) or not isinstance(s.get("shape"), list):
-                    raise SlimcartError(f"{folder}: a stand-in entry in the format file is malformed")
-                owner = next((t for n, t in built.items() if s["key"].startswith(n + ".")), None)
-                if owner is None or [int(x) for x in s["shape"]] != [owner.num_embeddings, owner.embedding_dim]:
-                    raise SlimcartError(f"{folder}: stand-in {s['key']} does not match a compressed table's shape")
-                by_file.setdefault(s.get("file"), []).append(s)
-            for rel, entries in by_file.items():
-                f = inside(work, rel, "stand-in file")
-                with safe_open(str(f), "pt") as sf:
-                    file_meta = sf.metadata()
-                state = load_file(str(f))  # memory-mapped: write a new file, then rename over the old
-                state.update({s["key"]: torch.zeros(*[int(x) for x in s["shape"]]) for s in entries})
-                save_file(state, str(f.with_suffix(".tmp")), metadata=file_meta)
-                os.replace(f.with_suffix(".tmp"), f)
+            stand_in_files.restore(work, stand_ins, _params(built), folder, "a compressed table")
             bundle = workload.load_model(str(work))
         for name, t in built.items():
             _swap(bundle.module, name, t)

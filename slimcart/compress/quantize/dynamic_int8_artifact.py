@@ -20,15 +20,12 @@ tensors in safetensors files keyed by module path; anything else is refused with
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,6 +34,7 @@ from ...contracts import Artifact, inside, load_saved, register_artifact, write_
 from ...errors import SlimcartError
 from ...outputs import copy_files
 from ...recipe import Step, register_step
+from .. import stand_ins as stand_in_files
 from .dynamic_int8 import (
     FLOAT_TYPES,
     float_stand_in,
@@ -52,40 +50,6 @@ QUANT_FILE = "dynamic_int8.safetensors"
 def _swap(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     for name, m in modules.items():
         model.set_submodule(name, m)
-
-
-def _owner(key: str, params: dict[str, dict[str, tuple[int, ...]]]) -> tuple[str, str] | None:
-    """(module name, parameter name) a safetensors key belongs to: the key is `<module>.<param>`,
-    possibly under a prefix (a wrapper's path)."""
-    for name, shapes in params.items():
-        for p in shapes:
-            if key == f"{name}.{p}" or key.endswith(f".{name}.{p}"):
-                return name, p
-    return None
-
-
-def strip_stand_ins(folder: Path, params: dict[str, dict[str, tuple[int, ...]]]) -> list[dict]:
-    """Remove the zero stand-ins' tensors from the folder's safetensors files; returns where each was."""
-    found, left = [], {(n, p) for n, shapes in params.items() for p in shapes}
-    for f in sorted(Path(folder).rglob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
-            keys, file_meta = list(sf.keys()), sf.metadata()
-            drop = [k for k in keys if (o := _owner(k, params)) and tuple(sf.get_slice(k).get_shape()) == params[o[0]][o[1]]]
-        if not drop:
-            continue
-        kept = load_file(str(f))
-        for k in drop:
-            if bool(kept[k].any()):
-                raise SlimcartError(f"{f.name}: '{k}' is not the zero stand-in of an int8 layer")
-            left.discard(_owner(k, params))
-            found.append({"file": str(f.relative_to(folder)), "key": k, "shape": list(kept.pop(k).shape)})
-        tmp = f.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in kept.items()}, str(tmp), metadata=file_meta)
-        os.replace(tmp, f)
-    if left:
-        raise SlimcartError(f"the saved folder keeps {sorted(left)} where the torch-dynamic-int8 format cannot find "
-                            "them (it needs safetensors keyed by module name)")
-    return found
 
 
 @register_artifact
@@ -115,7 +79,7 @@ class DynamicInt8Artifact(Artifact):
         finally:
             _swap(bundle.module, quant)
         shapes = {n: {p: tuple(t.shape) for p, t in m.named_parameters()} for n, m in stand.items()}
-        stand_ins = strip_stand_ins(folder / "model", shapes)
+        stand_ins = stand_in_files.strip(folder / "model", shapes, "an int8 layer")
         tensors, described = {}, {}
         for name, m in quant.items():
             ts, meta = module_state(m)
@@ -140,22 +104,7 @@ class DynamicInt8Artifact(Artifact):
         with tempfile.TemporaryDirectory(prefix="slimcart-int8-load-") as tmp:
             work = Path(tmp) / "model"
             copy_files(model_dir, work)  # regular files only: links in a model folder are never followed
-            by_file: dict[str, list[dict]] = {}
-            for s in stand_ins:
-                if not isinstance(s, dict) or not isinstance(s.get("key"), str) or not isinstance(s.get("shape"), list):
-                    raise SlimcartError(f"{folder}: a stand-in entry in the format file is malformed")
-                owner = _owner(s["key"], shapes)
-                if owner is None or tuple(int(x) for x in s["shape"]) != shapes[owner[0]][owner[1]]:
-                    raise SlimcartError(f"{folder}: stand-in {s['key']} does not match an int8 layer's shape")
-                by_file.setdefault(s.get("file"), []).append(s)
-            for rel, entries in by_file.items():
-                f = inside(work, rel, "stand-in file")
-                with safe_open(str(f), "pt") as sf:
-                    file_meta = sf.metadata()
-                state = load_file(str(f))
-                state.update({s["key"]: torch.zeros(*[int(x) for x in s["shape"]]) for s in entries})
-                save_file(state, str(f.with_suffix(".tmp")), metadata=file_meta)
-                os.replace(f.with_suffix(".tmp"), f)
+            stand_in_files.restore(work, stand_ins, shapes, folder, "an int8 layer")
             _, bundle = load_saved(work, workload, threads)
         for name, m in built.items():
             try:
