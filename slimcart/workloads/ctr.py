@@ -43,6 +43,7 @@ from ..runtime.torch_runtime import TorchRunner
 from . import ctr_data, synthetic
 from .ctr_data import CTRData
 from .ctr_metrics import bootstrap_auc, ctr_quality
+from .io import load_checkpoint, model_folder
 
 DATASET = "recsys-amazon-videogames"
 ALIAS = "din"
@@ -97,15 +98,8 @@ class CTRWorkload:
                 raise SlimcartError(f"no trained DIN at {folder}: run `slimcart train --workload ctr{data_hint}` first "
                                     "(or pass a model folder)")
         else:
-            folder = Path(spec).expanduser()
-            if not folder.is_dir():
-                raise SlimcartError(f"unknown model '{spec}': not the alias '{ALIAS}' / '{ALIAS}@<dataset>' and no such folder")
-        if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
-            raise SlimcartError(f"model folder {folder} needs config.json and model.safetensors")
-        try:
-            module, cfg = load_din(folder)
-        except Exception as e:  # corrupt JSON/safetensors, wrong shapes: one line for the user
-            raise SlimcartError(f"cannot load DIN from {folder}: {str(e).splitlines()[0]}") from None
+            folder = model_folder(spec, f"'{ALIAS}' / '{ALIAS}@<dataset>'")
+        module, cfg = load_checkpoint(folder, load_din, "DIN")
         # Training-set counts per table row stay with the trained checkpoint (not copied into compressed
         # folders, where their bytes would count as model size); techniques read them from this path.
         freq = folder / FREQUENCIES_FILE

@@ -45,3 +45,22 @@ def require_columns(df: pd.DataFrame, path: Path, alternatives: dict[str, tuple[
     if missing:
         raise SlimcartError(f"data file {path} is missing column(s): {'; '.join(missing)}; it has: {', '.join(map(str, df.columns))}")
     return found
+
+
+def model_folder(spec: str, aliases: str) -> Path:
+    """A model spec that is not an alias: an existing folder, else one error naming the aliases."""
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        raise SlimcartError(f"unknown model '{spec}': not the alias {aliases} and no such folder")
+    return folder
+
+
+def load_checkpoint(folder: Path, loader, what: str):
+    """`loader(folder)` on a folder holding config.json + model.safetensors; anything wrong inside it
+    (corrupt JSON or safetensors, shape mismatch) is one line for the user, not a traceback."""
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        raise SlimcartError(f"model folder {folder} needs config.json and model.safetensors")
+    try:
+        return loader(folder)
+    except Exception as e:  # noqa: BLE001 - every failure of an untrusted folder becomes one error line
+        raise SlimcartError(f"cannot load {what} from {folder}: {str(e).splitlines()[0]}") from None

@@ -36,6 +36,7 @@ from ..models.gru4rec import (
     save_gru4rec,
 )
 from ..paths import home, resolve_dataset
+from .io import load_checkpoint, model_folder
 from .session_data import (  # noqa: F401 - re-exported: the workload's data API
     DATASET,
     K,
@@ -105,15 +106,8 @@ class SessionWorkload:
                 raise SlimcartError(f"no trained GRU4Rec at {folder}: run `slimcart train --workload session` first "
                                     "(or pass a model folder)")
         else:
-            folder = Path(spec).expanduser()
-            if not folder.is_dir():
-                raise SlimcartError(f"unknown model '{spec}': not the alias '{ALIAS}' and no such folder")
-        if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
-            raise SlimcartError(f"model folder {folder} needs config.json and model.safetensors")
-        try:
-            module, cfg = load_gru4rec(folder)
-        except Exception as e:  # corrupt JSON/safetensors, shape mismatch: one line, not a traceback
-            raise SlimcartError(f"cannot load GRU4Rec from {folder}: {str(e).splitlines()[0]}") from None
+            folder = model_folder(spec, f"'{ALIAS}'")
+        module, cfg = load_checkpoint(folder, load_gru4rec, "GRU4Rec")
         return ModelBundle(name=spec, module=module, source=folder, extra={"config": cfg})
 
     def load_companions(self, folder: Path) -> ModelBundle:

@@ -30,6 +30,7 @@ from ..models.cnn_train import to_pixels
 from ..paths import home, resolve_dataset
 from . import images as img
 from .images import VisionData, load_folder, load_synthetic, png_bytes
+from .io import load_checkpoint, model_folder
 
 DATASET = "images-clothing"
 ALIAS = "cnn"
@@ -122,15 +123,8 @@ class VisionWorkload:
                 raise SlimcartError(f"no trained vision model at {folder}: run `slimcart train --workload vision` "
                                     "first (or pass a model folder)")
         else:
-            folder = Path(spec).expanduser()
-            if not folder.is_dir():
-                raise SlimcartError(f"unknown model '{spec}': not the alias '{ALIAS}' and no such folder")
-        if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
-            raise SlimcartError(f"model folder {folder} needs config.json and model.safetensors")
-        try:
-            module, cfg = load_cnn(folder)
-        except Exception as e:
-            raise SlimcartError(f"cannot load the vision model from {folder}: {str(e).splitlines()[0]}") from None
+            folder = model_folder(spec, f"'{ALIAS}'")
+        module, cfg = load_checkpoint(folder, load_cnn, "the vision model")
         return ModelBundle(name=spec, module=module, source=folder, extra={"config": cfg})
 
     def load_companions(self, folder: Path) -> ModelBundle:
