@@ -18,7 +18,7 @@ def nncf_quantize(fp32_onnx: Path, batches: list[dict], keep_float_nodes: list[s
     try:
         import nncf
     except ImportError:
-        raise SlimcartError("static_int8 engine 'nncf' needs the nncf package (pip install nncf)") from None
+        raise SlimcartError("static_int8 engine 'nncf' needs the nncf package (pip install 'slimcart[openvino]')") from None
     import openvino as ov
 
     model = ov.convert_model(str(fp32_onnx))
