@@ -41,6 +41,13 @@ def search_recipes() -> list[str]:
     return [n for n in builtin_recipes() if load_recipe(n).workloads is None or "search" in load_recipe(n).workloads]
 
 
+def trained(reports: dict) -> dict:
+    """Steps and seconds of every training step (distill, recover, qat): their budgets are partly wall-clock
+    (`max_minutes`), so how far a student trained depends on the threads and the machine's load."""
+    return {kind: {k: rep[k] for k in ("steps", "seconds", "stopped") if k in rep}
+            for kind, rep in reports.items() if isinstance(rep, dict) and "steps" in rep}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="minilm")
@@ -71,7 +78,8 @@ def main() -> None:
                 q = wl.evaluate(runner, b2, data, reference=base.outputs).quality
             res["recipes"][name] = {"quality": q, "rel": {k: q[k] / base.quality[k] - 1 for k in KEYS},
                                     "build_seconds": round(built.seconds), "wall_seconds": round(time.time() - t0),
-                                    "load_avg_start_end": [load0, os.getloadavg()[0]], "runtime": runner.runtime}
+                                    "load_avg_start_end": [load0, os.getloadavg()[0]], "runtime": runner.runtime,
+                                    "threads": args.threads, "trained": trained(built.state.reports)}
             log(f"{name}: {res['recipes'][name]['rel']}")
             OUT.parent.mkdir(parents=True, exist_ok=True)
             OUT.write_text(json.dumps(res, indent=2, default=float))
@@ -94,8 +102,14 @@ def markdown(r: dict) -> str:
                 else "")
         lines.append(f"| {name} | {s['runtime']} | " + " | ".join(f"{s['quality'][k]:.4f} ({rel[k]:+.2%})" for k in KEYS)
                      + f" | {flag} |")
-    lines += ["", "Load average at start/end of each recipe (shared machine): " + "; ".join(
-        f"{n} {s['load_avg_start_end']}" for n, s in sorted(r["recipes"].items())), ""]
+    lines += ["", "Threads, training steps (steps / seconds per training step; budgets are partly wall-clock, so a"
+              " busier or smaller machine trains less) and load average at start/end of each recipe:", ""]
+    lines += [f"- {n}: {s.get('threads', '?')} thread(s); "
+              + ("; ".join(f"{k} {v.get('steps')} steps / {v.get('seconds')} s{(' (' + v['stopped'] + ')') if v.get('stopped') else ''}" for k, v in s.get("trained", {}).items())
+                 or "no training")
+              + f"; load {s['load_avg_start_end'][0]:.2f} -> {s['load_avg_start_end'][1]:.2f}"
+              for n, s in sorted(r["recipes"].items())]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ def test_interleaved_ratio_recovers_known_speedup():
     calls = []
     sides = {"slow": _sleeper(0.004), "fast": _sleeper(0.002)}
     wrapped = {k: (lambda f, k: (lambda b: (calls.append(k), f(b))))(f, k) for k, f in sides.items()}
-    res = measure_interleaved(wrapped, inputs, repeats=3, warmup=1, latency_samples=4)
+    res = measure_interleaved(wrapped, inputs, repeats=3, warmup=1, latency_samples=4, min_round_s=0)
     ratio = paired_ratio(res["fast"].throughput_per_s, res["slow"].throughput_per_s)
     assert 1.4 < ratio < 2.3  # 2x by construction; sleep overshoot makes it a little less
     s = res["slow"].summary()
@@ -33,6 +33,25 @@ def test_interleaved_ratio_recovers_known_speedup():
     # interleaving: within the latency phase, consecutive calls alternate between the sides
     timed = calls[(1 * (2 + 4)) * 2:]  # skip warm-up calls (2 serving + 4 singles per side)
     assert timed[:4] in (["slow", "fast"] * 2, ["fast", "slow"] * 2)
+
+
+def test_short_rounds_pass_over_the_batches_again():
+    """A side faster than `min_round_s` per pass repeats its batches inside the round (3+ rounds only);
+    throughput still counts every item it ran."""
+    inputs = BenchInputs(single=[0], serving=[0] * 2, items_per_serving_batch=5, unit="items")
+    for repeats, expect_passes in ((3, 5), (1, 1)):
+        calls = []
+
+        def side(batch, calls=calls):
+            calls.append(batch)
+            time.sleep(0.01)
+
+        res = measure_interleaved({"a": side}, inputs, repeats=repeats, warmup=0, latency_samples=1, min_round_s=0.1)
+        throughput_calls = len(calls) - repeats  # one latency call per round
+        passes = throughput_calls / (2 * repeats)
+        assert passes >= expect_passes and (repeats >= 3 or passes == 1)
+        # 5 items per 10 ms call: at most 500 items/s whatever the number of passes
+        assert 350 < res["a"].summary()["throughput_per_s"] <= 500
 
 
 def test_extra_throughput_reported():
