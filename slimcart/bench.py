@@ -145,14 +145,16 @@ def measure_interleaved(
     latency_samples: int = 32,
     progress: Callable[[str], None] | None = None,
     min_round_s: float = 1.0,
+    max_passes: int = 5,
 ) -> dict[str, SideTiming]:
     """Time every side on the same inputs, round by round, alternating the order each round.
 
     Latency: each round runs `latency_samples` single requests per side, request by request
     interleaved across sides. Throughput: each round runs all serving batches per side, passing over
-    them again until the side has run `min_round_s` seconds: a 0.2 s round of a fast int8 model moved
-    its ratio by +-14% from round to round on the idle machine (bench/busy_machine.py). Runs of fewer
-    than 3 rounds make one pass: their spread cannot be judged anyway (`reliability` flags them).
+    them again (at most `max_passes` times) until the side has run `min_round_s` seconds: a 0.2 s round
+    of a fast int8 model moved its ratio by +-14% from round to round on the idle machine
+    (bench/busy_machine.py). The cap keeps a toy model's round short. Runs of fewer than 3 rounds make
+    one pass: their spread cannot be judged anyway (`reliability` flags them).
     """
     names = list(sides)
     result = {n: SideTiming() for n in names}
@@ -170,7 +172,7 @@ def measure_interleaved(
                 result[name].latency_ms.append(_timed(sides[name], x) * 1e3)
         for name in order:
             c0, t, passes = time.process_time(), 0.0, 0
-            while passes == 0 or (repeats >= 3 and t < min_round_s):
+            while passes == 0 or (repeats >= 3 and t < min_round_s and passes < max_passes):
                 t += sum(_timed(sides[name], b) for b in inputs.serving)
                 passes += 1
             items = inputs.items_per_serving_batch * len(inputs.serving) * passes

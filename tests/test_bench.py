@@ -52,6 +52,10 @@ def test_short_rounds_pass_over_the_batches_again():
         assert passes >= expect_passes and (repeats >= 3 or passes == 1)
         # 5 items per 10 ms call: at most 500 items/s whatever the number of passes
         assert 350 < res["a"].summary()["throughput_per_s"] <= 500
+    calls = []  # a 10 s round asked of a no-op side stops at max_passes
+    measure_interleaved({"a": calls.append}, inputs, repeats=3, warmup=0, latency_samples=1, min_round_s=10.0,
+                        max_passes=4)
+    assert len(calls) == 3 * (1 + 4 * 2)  # per round: one latency call, 4 passes over 2 batches
 
 
 def test_extra_throughput_reported():
