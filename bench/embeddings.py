@@ -300,9 +300,16 @@ COMPARE = {  # technique -> [(label, steps)]: sizes around 3-4x, 8-10x and 16x+ 
 }
 
 
-def bench_compare(args, work: Path) -> dict:
-    res = {"load_before": load()}
-    for section, wname, model in (("ctr", "ctr", "din"), ("sasrec", "recsys", "sasrec")):
+def bench_compare(args, work: Path, previous: dict | None = None) -> dict:
+    """Every model starts from its best fp32 state (DIN as trained; SASRec fine-tuned exactly as the control, so
+    a table that is not retrained is compressed from the control's table); the techniques that need
+    retraining (QR, hashing, mixed-dim, TT) get their recovery after compression. Quality only: every
+    training is bounded by steps, so the machine's load does not change these figures."""
+    previous = previous or {}
+    res = {k: {"measured_at": previous.get("measured_at"), **v} for k, v in previous.items() if k in ("ctr", "sasrec")}
+    res["load_before"] = load()
+    models = [m for m in (("ctr", "ctr", "din"), ("sasrec", "recsys", "sasrec")) if m[0] in args.compare_models.split(",")]
+    for section, wname, model in models:
         wl = get_workload(wname)
         data = wl.load_data(None)
         b = Builder(wl, model, data, args.threads, work / section)
@@ -319,8 +326,8 @@ def bench_compare(args, work: Path) -> dict:
         for family, points in COMPARE.items():
             for label, steps in points:
                 steps = [rec if s == "recover" else s for s in steps]
-                if section == "sasrec":  # every point gets the control's fine-tuning, after compression
-                    steps = [s for s in steps if s is not rec] + [rec]
+                if section == "sasrec":  # from the control's fine-tuned model; retrained techniques fine-tune again
+                    steps = [FINETUNE] + steps
                 runner, loaded, info = b.build(f"{family}-{label}".replace(" ", "_").replace("/", "-"),
                                                recipe_of(label, steps))
                 row = {"family": family, "tables_bytes": info["tables_bytes"], "tables_x": info["tables_x"],
@@ -337,7 +344,8 @@ def bench_compare(args, work: Path) -> dict:
                     f"{row.get('delta_auc', row.get('vs_control'))}")
                 shutil.rmtree(b.work / f"{family}-{label}".replace(" ", "_").replace("/", "-"), ignore_errors=True)
         res[section] = {"fp32" if section == "ctr" else "control_quality": fp32, "tables_fp32_bytes": b.fp32_tables,
-                        "points": rows, "data": wl.data_info(data).as_dict()}
+                        "points": rows, "data": wl.data_info(data).as_dict(), "measured_at": time.strftime("%Y-%m-%d %H:%M"),
+                        "load_before_after": [res["load_before"][0], load()[0]]}
     res["load_after"] = load()
     return res
 
@@ -348,6 +356,7 @@ def main() -> int:
     ap.add_argument("--sections", default="ctr,ipinyou,sasrec,compare")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compare-models", default="ctr,sasrec", help="the compare section's models (others kept)")
     ap.add_argument("--render", action="store_true", help="only rewrite the doc and the plot from the JSON")
     args = ap.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -365,7 +374,7 @@ def main() -> int:
                 elif section == "sasrec":
                     out = bench_sasrec(args, work)
                 elif section == "compare":
-                    out = bench_compare(args, work)
+                    out = bench_compare(args, work, results.get("compare"))
                 else:
                     raise SystemExit(f"unknown section {section}")
             out["threads"], out["measured_at"] = args.threads, time.strftime("%Y-%m-%d %H:%M")

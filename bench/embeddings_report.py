@@ -133,18 +133,25 @@ def sasrec_section(sec: dict, cores: int) -> str:
     return "\n".join(lines)
 
 
+def _when(model_sec: dict) -> str:
+    return f", measured {model_sec['measured_at']}" if "measured_at" in model_sec else ""
+
+
 def compare_section(sec: dict, plot: str, cores: int) -> str:
     lines = ["## Techniques at equal bytes", "",
              f"![quality vs bytes]({plot})", "",
              "Each technique at two or three sizes on both models (TEST split; settings fixed before measuring, "
-             "not tuned). DIN: QR, hashing, mixed dimensions and TT are followed by the `recover` of their recipes "
-             "(BCE, 400 steps); row-wise int, int2-mixed and PQ are not retrained. SASRec: every point gets the "
-             "same fine-tuning as the control, after compression, and is compared with that control. "
+             "not tuned). Row-wise int, int2-mixed and PQ are not retrained; QR, hashing, mixed dimensions and TT are "
+             "followed by a recovery: DIN distils the fp32 model's probabilities over the training split (at most "
+             "2,000 steps, best validation AUC kept); SASRec gets the control's fine-tuning again. SASRec: every "
+             "point starts from the control (the fp32 model given the fine-tuning) and is compared with it. Quality "
+             "only, every training bounded by steps, so the load average does not change these figures. "
              f"`python bench/embeddings.py --sections compare`, {sec.get('threads', 1)} thread(s), "
-             f"{sec.get('measured_at', '')}. {_load_note(sec, cores)}", ""]
+             f"{sec.get('measured_at', '')}; load average {sec.get('load_before', [0])[0]:.2f} before, "
+             f"{sec.get('load_after', [0])[0]:.2f} after.", ""]
     ctr = sec.get("ctr")
     if ctr:
-        lines += ["DIN on Amazon Video Games (both tables):", "",
+        lines += [f"DIN on Amazon Video Games (both tables){_when(ctr)}:", "",
                   "| technique | setting | tables | x smaller | test ΔAUC [95% CI] | test Δlogloss |", "|---|---|---:|---:|---|---:|"]
         for label, r in sorted(ctr["points"].items(), key=lambda kv: -kv[1]["tables_bytes"]):
             lines.append(f"| {r['family']} | {label} | {_kb(r['tables_bytes'])} | {r['tables_x']:.1f} | {_ci(r['delta_auc'])} | "
@@ -155,7 +162,7 @@ def compare_section(sec: dict, plot: str, cores: int) -> str:
         c = sas["points"].get("control")
         lines += ["SASRec on Amazon Video Games (item table), NDCG@10 against the fine-tuned fp32 control"
                   + (f" (control {c['quality']['ndcg@10']:.4f}, {c['vs_fp32']['rel_change'] * 100:+.2f}% vs fp32 as trained)"
-                     if c else "") + ":", "",
+                     if c else "") + f"{_when(sas)}:", "",
                   "| technique | setting | item table | x smaller | NDCG@10 | vs control [95% CI] |", "|---|---|---:|---:|---:|---|"]
         for label, r in sorted(((k, v) for k, v in sas["points"].items() if "family" in v), key=lambda kv: -kv[1]["tables_bytes"]):
             v = r["vs_control"]
