@@ -132,8 +132,8 @@ HOW = [
     "`SearchWorkload.load_model` and swaps the factors back in. An `export_onnx` step after `lowrank` gives plain ONNX.",
     "- **Teacher (recsys).** The SASRec checkpoint slimcart trained and cached (`slimcart train --workload recsys`, "
     "bounded by wall-clock time); its quality is the baseline column, so rows with different baselines had different "
-    "teachers. The 2026-11-30 rerun's teacher (NDCG@10 0.0415) had stopped after 9 epochs on a busy machine; the "
-    "earlier row's (0.0454) trained longer. A student of the weaker teacher reached 95.2% of it.",
+    "teachers: a teacher trained on a busy machine stops earlier (its epochs and stop reason are in the checkpoint's "
+    "config.json under `training`).",
     "- **Time.** Each distillation is bounded by `train.max_minutes` (wall clock) and `max_steps`; the step's total "
     "(teacher labelling + layer choice + training) is reported as wall minutes and as CPU minutes per thread, "
     "which is what the step takes when the cores are not shared. The load average shows how shared they were.",
