@@ -108,7 +108,7 @@ def markdown(r: dict) -> str:
     lines += ["", "Threads, training steps (steps / seconds per training step; budgets are partly wall-clock, so a"
               " busier or smaller machine trains less) and load average at start/end of each recipe:", ""]
     lines += [f"- {n}: {s.get('threads', '?')} thread(s); "
-              + ("; ".join(f"{k} {v.get('steps')} steps / {v.get('seconds')} s{(' (' + v['stopped'] + ')') if v.get('stopped') else ''}" for k, v in s.get("trained", {}).items())
+              + ("; ".join(f"{k} {v.get('steps')} steps / {round(v['seconds']) if isinstance(v.get('seconds'), (int, float)) else '?'} s{(' (' + v['stopped'] + ')') if v.get('stopped') else ''}" for k, v in s.get("trained", {}).items())
                  or "no training")
               + f"; load {s['load_avg_start_end'][0]:.2f} -> {s['load_avg_start_end'][1]:.2f}"
               for n, s in sorted(r["recipes"].items())]
