@@ -48,6 +48,15 @@ def trained(reports: dict) -> dict:
             for kind, rep in reports.items() if isinstance(rep, dict) and "steps" in rep}
 
 
+def training_text(trained: dict) -> str:
+    """'distill 4000 steps / 771 s (step budget)' per training step, or 'no training'."""
+    parts = []
+    for kind, v in trained.items():
+        seconds = f"{round(v['seconds'])} s" if "seconds" in v else "? s"
+        parts.append(f"{kind} {v['steps']} steps / {seconds}" + (f" ({v['stopped']})" if v.get("stopped") else ""))
+    return "; ".join(parts) or "no training"
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="minilm")
@@ -107,11 +116,8 @@ def markdown(r: dict) -> str:
                      + f" | {flag} |")
     lines += ["", "Threads, training steps (steps / seconds per training step; budgets are partly wall-clock, so a"
               " busier or smaller machine trains less) and load average at start/end of each recipe:", ""]
-    lines += [f"- {n}: {s.get('threads', '?')} thread(s); "
-              + ("; ".join(f"{k} {v.get('steps')} steps / {round(v['seconds']) if isinstance(v.get('seconds'), (int, float)) else '?'} s{(' (' + v['stopped'] + ')') if v.get('stopped') else ''}" for k, v in s.get("trained", {}).items())
-                 or "no training")
-              + f"; load {s['load_avg_start_end'][0]:.2f} -> {s['load_avg_start_end'][1]:.2f}"
-              for n, s in sorted(r["recipes"].items())]
+    lines += [f"- {n}: {s.get('threads', '?')} thread(s); {training_text(s.get('trained', {}))}; "
+              f"load {s['load_avg_start_end'][0]:.2f} -> {s['load_avg_start_end'][1]:.2f}" for n, s in sorted(r["recipes"].items())]
     lines.append("")
     return "\n".join(lines)
 

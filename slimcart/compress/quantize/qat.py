@@ -114,7 +114,7 @@ def qat_(model: torch.nn.Module, batches: list, forward: Forward, config: QATCon
     dequantize_(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    return {"act_ranges": ranges, "steps": rep["steps"], "loss_before": before, "loss_after": after,
+    return {"act_ranges": ranges, "steps": rep["steps"], "seconds": rep["seconds"], "loss_before": before, "loss_after": after,
             "loss_first": rep["loss_first"], "loss_last": rep["loss_last"]}
 
 
@@ -134,6 +134,7 @@ class QAT(QATConfig, Step):
         with torch.enable_grad():
             info = qat_(module, batches, run_batch, cfg, progress=ctx.progress)
         state.act_ranges.update(info["act_ranges"])
+        state.reports[self.kind] = {k: v for k, v in info.items() if k != "act_ranges"}  # as every training step reports
         state.notes.append(f"QAT: {info['steps']} steps on {len(batches)} calibration batches, distillation loss "
                            f"{info['loss_before']:.2e} -> {info['loss_after']:.2e} (mean over the batches); learned activation ranges exported")
         return state
