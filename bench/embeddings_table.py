@@ -121,7 +121,7 @@ def scoring(args) -> dict:
         sides[name] = mod.scores
         out[name] = {"bytes_per_row": mod.nbytes() / args.score_rows, "rel_error": err}
     inputs = BenchInputs(single=users, serving=batches, items_per_serving_batch=256, unit="users",
-                         extra={"batch1": (users, 1)}, single_label="one user")
+                         extra={"batch1": (users, 1)})
     with torch.inference_mode():
         timing = measure_interleaved(sides, inputs, repeats=args.repeats, latency_samples=16, progress=log)
     for name, t in timing.items():
@@ -275,7 +275,7 @@ def main() -> int:
     serving = [torch.from_numpy(timed[i * 4096:(i + 1) * 4096].copy()) for i in range(16)]
     singles = [torch.from_numpy(timed[65536 + i: 65537 + i].copy()) for i in range(4000)]
     inputs = BenchInputs(single=singles[:64], serving=serving, items_per_serving_batch=4096, unit="lookups",
-                         extra={"batch1": (singles, 1)}, single_label="one id")
+                         extra={"batch1": (singles, 1)})
     modules, results = {}, {}
     with tempfile.TemporaryDirectory(prefix="slimcart-emb-bench-") as tmp:
         ids_file = Path(tmp) / "ids.npy"
