@@ -49,7 +49,7 @@ def test_codes_are_nearest_centroids_and_lookup_scores_follow(source, bits, subv
     ids = torch.tensor([5, 0, 599, 5, 77])
     np.testing.assert_array_equal(m(ids).detach().numpy(), want[ids.numpy()])
     np.testing.assert_array_equal(m(ids.reshape(1, 5)[:, ::2]).detach().numpy()[0], want[[5, 599, 77]])  # strided ids
-    for batch in (3, 20):  # gathers of centroid products (small batches), decoded tiles + GEMM (larger ones)
+    for batch in (1, 3, 20):  # one query gathers centroid products, a batch sums them in embedding_bag
         h = torch.randn(batch, D)
         np.testing.assert_allclose(m.scores(h).detach().numpy(), h.numpy() @ want.T, rtol=1e-4, atol=1e-5)
     assert m.nbytes() == N * subvectors * bits // 8 + (1 << bits) * D * 4  # codes + float32 codebooks
@@ -77,7 +77,7 @@ def test_hot_tiers_hold_the_hottest_rows_and_take_no_part_in_the_fit(source, tmp
     want[int8_ids] = numpy_dequant(m.tier_rows[1].data.numpy(), 8, D)
     want[fp32_ids] = w[fp32_ids]
     np.testing.assert_allclose(m(torch.arange(N)).detach().numpy(), want, rtol=1e-6, atol=1e-6)
-    for batch in (2, 20):
+    for batch in (1, 2, 20):
         h = torch.randn(batch, D)
         np.testing.assert_allclose(m.scores(h).detach().numpy(), h.numpy() @ want.T, rtol=1e-4, atol=1e-5)
     assert m.nbytes() == N * 2 + 16 * D * 4 + len(fp32_ids) * (4 * D + 4) + len(int8_ids) * (D + 8 + 4)
@@ -134,7 +134,7 @@ def test_rotation_is_orthonormal_lowers_the_error_of_correlated_rows_and_round_t
     np.testing.assert_allclose(r @ r.T, np.eye(D), atol=1e-4)
     want = reconstruct(m) @ r  # codes decode in the rotated space, then turn back
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    for batch in (2, 20):
+    for batch in (1, 2, 20):
         h = torch.randn(batch, D)
         np.testing.assert_allclose(m.scores(h).detach().numpy(), h.numpy() @ want.T, rtol=1e-4, atol=1e-4)
     assert err[True] < err[False]

@@ -17,10 +17,8 @@ instead of 8 at d = 32: 10.7x at best there, where this reaches 16x less the cod
 
 Lookup: gather the requested rows' codes, then one F.embedding over the M codebooks stacked as
 (M K) x s rows at index c_m + m K, reshaped to (n, d) (times R); tiers overwrite their rows.
-Scoring every row: for a few queries, asymmetric distance computation h E^T = sum_m ((h R^T)_m C_m^T)[:, c_m]
-(M small products B x K and gathers, no row decoded; tier columns overwritten); for a batch, rows
-(tiers included) decoded a tile at a time for one GEMM each (the GEMM's cost dominates there, and
-gathers would cost B N M).
+Scoring every row: asymmetric distance computation h E^T = sum_m ((h R^T)_m C_m^T)[:, c_m] (M small
+products B x K, then per row M gathers summed; no row decoded; see `scores`; tier rows overwritten).
 k-means runs in faiss (a well-kept, fast implementation, seeded); only the layout and the lookup are
 written here.
 """
@@ -44,8 +42,6 @@ from .packed_rows import PackedRows
 from .rowwise import bag_mode, source_weight
 
 CODE_BITS = (8, 4)
-ADC_MAX_BATCH = 8  # scoring: up to this batch gather centroid products (ADC); above, decode row tiles for one GEMM
-SCORE_TILE = 8192
 WEIGHTINGS = ("count", "sqrt_count", "none")
 
 
@@ -125,12 +121,13 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
         self.code_bits, self.subvectors, self.centroids = code_bits, m, k
         self.register_buffer("codes", codes.contiguous())
         self.codebooks = nn.Parameter(codebooks.float().contiguous())
-        self._shift = torch.arange(m) * k  # scratch (sub-space m's rows start at m K), not storage
+        self._shift32 = (torch.arange(m) * k).to(torch.int32)  # scratch (sub-space m's rows start at m K), not storage
         if code_bits == 4:  # scratch: byte value of byte column j -> its two shifted codes, one gather instead of
             byte = torch.arange(256)  # mask, shift, stack and add (each a separate op at batch 1)
             pair = torch.arange(m // 2)[:, None]
-            self._lut = torch.stack([(byte & 15) + 2 * pair * k, (byte >> 4) + (2 * pair + 1) * k], -1).reshape(-1, 2)
-            self._byte_base = torch.arange(m // 2) * 256
+            self._lut32 = torch.stack([(byte & 15) + 2 * pair * k, (byte >> 4) + (2 * pair + 1) * k], -1) \
+                .reshape(-1, 2).to(torch.int32)
+            self._byte_base32 = (torch.arange(m // 2) * 256).to(torch.int32)
         if rotation is not None and tuple(rotation.shape) != (m * s, m * s):
             raise SlimcartError(f"a product-quantized table's rotation must be {m * s} x {m * s}")
         self.register_buffer("rotation", None if rotation is None else rotation.float().contiguous())
@@ -173,11 +170,22 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
         return cls(pack_codes(torch.from_numpy(codes), config.code_bits), torch.from_numpy(books), config.code_bits,
                    tiers, emb.padding_idx, bag_mode(emb), None if rotation is None else torch.from_numpy(rotation))
 
+    def _centroid_index(self, codes: torch.Tensor) -> torch.Tensor:
+        """Packed codes (n, bytes) -> rows of the stacked (M K) x s codebooks (n, M), int32: at 8 bits one
+        add whose uint8 + int32 promotion replaces a separate widening pass (~1 ms per 50k ids)."""
+        if self.code_bits == 8:
+            return torch.add(codes, self._shift32)
+        return self._lut32[torch.add(codes, self._byte_base32)]
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Rows from their packed codes, in the rotated frame (no R applied, no tiers): (n, d)."""
+        return F.embedding(self._centroid_index(codes), self.codebooks.view(-1, self.codebooks.shape[-1])) \
+            .view(codes.shape[0], self.embedding_dim)
+
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        # As few torch calls as possible: at batch 1 each costs microseconds against an nn.Embedding's one.
-        c = self.codes[ids].long()
-        c = c + self._shift if self.code_bits == 8 else self._lut[c + self._byte_base]
-        out = F.embedding(c, self.codebooks.view(-1, self.codebooks.shape[-1])).view(len(ids), self.embedding_dim)
+        # As few torch calls as possible: at batch 1 each costs microseconds against an nn.Embedding's one;
+        # index_select gathers the code rows ~3x faster than advanced indexing at 50k ids.
+        out = self._decode(self.codes.index_select(0, ids))
         if self.rotation is not None:
             out = torch.mm(out, self.rotation)
         for held, rows in zip(self.tier_ids, self.tier_rows):
@@ -187,26 +195,36 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
         return out
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
-        if h.shape[0] > ADC_MAX_BATCH:  # decoded tiles (tier rows included) for one GEMM each
-            out = h.new_empty(h.shape[0], self.num_embeddings)
-            for a in range(0, self.num_embeddings, SCORE_TILE):
-                e = min(self.num_embeddings, a + SCORE_TILE)
-                out[:, a:e] = h @ self.lookup(torch.arange(a, e)).t()
+        """h E^T for every row by asymmetric distance computation: T = (h R^T)_m C_m^T, a (B, M K) table of
+        h's sub-vector products with every centroid, then each row's score is the sum of its M entries of T.
+        One query gathers from T directly; a batch sums through F.embedding_bag over T^T, whose rows are
+        B wide, so one fused gather-and-add kernel yields out^T (N, B): N M B adds instead of the N d B
+        multiply-adds of the float GEMM (4x fewer at 4 values a code; measured 1.6-1.9x faster than fp32
+        at batch 64-256 on a SASRec table). Tier rows are scored on their own and enter the same sum."""
+        b, (m, k, s) = h.shape[0], self.codebooks.shape
+        hr = h if self.rotation is None else h @ self.rotation.t()  # h (P R)^T = (h R^T) P^T
+        table = torch.einsum("bms,mks->bmk", hr.reshape(b, m, s), self.codebooks).reshape(b, m * k)
+        idx = self._centroid_index(self.codes).view(self.num_embeddings, m)
+        if b == 1:  # embedding_bag over a one-column table is pathological (~30x slower than this gather)
+            out = table.index_select(1, idx.view(-1)).view(1, self.num_embeddings, m).sum(-1)
+            for held, rows in zip(self.tier_ids, self.tier_rows):
+                if len(held):
+                    out[:, held.ids.long()] = rows.scores_tiled(h)
             return self._zero_padding_column(out)
-        out = self._scores_adc(h)
+        # Tier rows join the same kernel: each one's M indices all point at an extra row of the summed
+        # table holding 1/M of its score (scored on its own), so no strided or row scatter follows
+        # (index_copy of 6.6k rows into out^T cost as much as the whole gather-and-add).
+        n_tier = sum(len(held) for held in self.tier_ids)
+        weight = h.new_empty(m * k + n_tier, b)  # filled in place: concatenating transposed parts costs ~5 ms
+        weight[: m * k] = table.t()
+        base, h_t = m * k, h.t() / m
         for held, rows in zip(self.tier_ids, self.tier_rows):
             if len(held):
-                out[:, held.ids.long()] = rows.scores_tiled(h)
-        return self._zero_padding_column(out)
-
-    def _scores_adc(self, h: torch.Tensor) -> torch.Tensor:
-        """Asymmetric distance computation: one (B, M K) table of h's sub-vector products with every
-        centroid, then M gathers per row, summed: no row is decoded."""
-        b, (m, k, s) = h.shape[0], self.codebooks.shape
-        hr = h if self.rotation is None else h @ self.rotation.t()  # h (PQ R)^T = (h R^T) PQ^T
-        table = torch.einsum("bms,mks->bmk", hr.reshape(b, m, s), self.codebooks).reshape(b, m * k)
-        idx = unpack_codes(self.codes, self.code_bits).to(torch.int32) + self._shift.to(torch.int32)
-        return table.index_select(1, idx.reshape(-1)).reshape(b, self.num_embeddings, m).sum(-1)
+                idx[held.ids.long()] = torch.arange(base, base + len(held), dtype=idx.dtype).unsqueeze(1)
+                weight[base: base + len(held)] = rows.rows(0, len(rows)) @ h_t  # contiguous rows: a cheap copy
+                base += len(held)
+        out_t = F.embedding_bag(idx, weight, mode="sum")
+        return self._zero_padding_column(out_t.t())
 
     def state_for_save(self):
         tensors = {"codes": self.codes, "codebooks": self.codebooks.detach()}
