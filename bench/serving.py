@@ -10,6 +10,8 @@ search (for each model, served the same way by `slimcart serve` in its own proce
                      full connection pool cannot hide queueing (no coordinated omission).
                      Sustainable rate = the highest rate with p99 <= objective and <= 1% refused.
   4. overload        3x the sustainable rate: p99 of answered requests, share refused, 5xx, peak RSS
+                     (the server's deadline, --deadline-ms, turns a request it cannot answer in time
+                     into a 503 instead of a late answer)
   5. recovery        then 0.5x the sustainable rate: p99 back under the objective, nothing refused
 generate: TTFT and decode tokens/s per stream at 1, 2, 4 concurrent streams (greedy, fixed length).
 
@@ -229,7 +231,8 @@ def bench_search(args) -> dict:
     texts = queries()
     out = {}
     serve_args = ["--threads", str(args.threads), "--max-batch", str(args.max_batch), "--max-wait-ms",
-                  str(args.max_wait_ms), "--max-queue-wait-ms", str(args.objective_ms), "--max-queue", "512"]
+                  str(args.max_wait_ms), "--max-queue-wait-ms", str(args.objective_ms), "--max-queue", "512",
+                  "--timeout", str(args.deadline_ms / 1e3)]
     for name, model in (("fp32", args.fp32), ("compressed", args.compressed)):
         print(f"{name}: {model}", flush=True)
         res = {"model": model, **model_only(model, texts, args.threads)}
@@ -314,6 +317,9 @@ def main() -> None:
     s.add_argument("--compressed", required=True)
     s.add_argument("--objective-ms", type=float, default=50.0)
     s.add_argument("--threads", type=int, default=1, help="model threads of each server")
+    s.add_argument("--deadline-ms", type=float, default=100.0,
+                   help="the server's --timeout: a request not answered by then gets 503 instead of a late answer "
+                        "(2x the objective: the overload check's bound on answered requests)")
     s.add_argument("--max-batch", type=int, default=32)
     s.add_argument("--max-wait-ms", type=float, default=5.0)
     s.add_argument("--start-rate", type=float, default=10.0)

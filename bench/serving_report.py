@@ -29,7 +29,10 @@ def search_md(r: dict) -> list[str]:
     lines = ["## Search encoder served by `slimcart serve` (`POST /embed`, one query per request)", "",
              f"`python bench/serving.py search --fp32 {s['fp32']} --compressed {s['compressed']}`: {s['threads']} model "
              f"thread(s) per server, micro-batching up to {s['max_batch']} with {s['max_wait_ms']:g} ms wait, p99 objective "
-             f"{s['objective_ms']:g} ms, open-loop Poisson arrivals, {s['step_s']:g} s per rate step; queries from the "
+             f"{s['objective_ms']:g} ms"
+             + (f", server deadline {s['deadline_ms']:g} ms (a request not answered by then gets 503)" if s.get("deadline_ms") else
+                ", server deadline 10 s")
+             + f", open-loop Poisson arrivals, {s['step_s']:g} s per rate step; queries from the "
              f"CrowdFlower test split; {_load_note(r['environment'])}", "",
              "| model | runtime | model only p50 ms | tokenizer + model p50 ms | HTTP end to end p50 / p99 ms (1 in flight) | "
              "sustainable req/s at p99 ≤ objective |", "|---|---|---|---|---|---|"]
