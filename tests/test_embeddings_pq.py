@@ -77,6 +77,8 @@ def test_hot_tiers_hold_the_hottest_rows_and_take_no_part_in_the_fit(source, tmp
     want[int8_ids] = numpy_dequant(m.tier_rows[1].data.numpy(), 8, D)
     want[fp32_ids] = w[fp32_ids]
     np.testing.assert_allclose(m(torch.arange(N)).detach().numpy(), want, rtol=1e-6, atol=1e-6)
+    many = torch.from_numpy(np.random.default_rng(5).integers(0, N, 3000))  # the large-batch path: tiers first
+    np.testing.assert_allclose(m(many).detach().numpy(), want[many.numpy()], rtol=1e-6, atol=1e-6)
     for batch in (1, 2, 20):
         h = torch.randn(batch, D)
         np.testing.assert_allclose(m.scores(h).detach().numpy(), h.numpy() @ want.T, rtol=1e-4, atol=1e-5)
@@ -141,3 +143,21 @@ def test_rotation_is_orthonormal_lowers_the_error_of_correlated_rows_and_round_t
     assert m.nbytes() == N * 2 + 16 * D * 4 + D * D * 4
     back = load_table(*m.state_for_save())
     assert torch.equal(back(torch.arange(N)), m(torch.arange(N)))
+
+
+@pytest.mark.parametrize("hot", [[], [{"bits": 8, "fraction": 0.05}]])
+def test_padding_row_is_exactly_zero_at_every_batch_size(source, hot):
+    """nn.Embedding's padding row is zero; its PQ codes only approximate zero, so lookups write it."""
+    emb, counts = source
+    padded = torch.nn.Embedding(N, D, padding_idx=0)
+    padded.weight.data[1:] = emb.weight.data[1:]
+    counts = counts.copy()
+    counts[0] = 0
+    cfg = PQConfig(subvector_dim=4, code_bits=8, rotate=True, hot=hot)
+    m = ProductQuantizedEmbedding.from_embedding(padded, cfg, counts)
+    want = m(torch.arange(1, N)).detach().numpy()
+    for ids in (torch.tensor([0, 3, 0, 7]), torch.from_numpy(np.random.default_rng(6).integers(0, N, 3000))):
+        got = m(ids).detach().numpy()
+        ids = ids.numpy()
+        assert not got[ids == 0].any()
+        np.testing.assert_allclose(got[ids != 0], want[ids[ids != 0] - 1], rtol=1e-5, atol=1e-6)

@@ -42,6 +42,7 @@ from .packed_rows import PackedRows
 from .rowwise import bag_mode, source_weight
 
 CODE_BITS = (8, 4)
+LARGE_LOOKUP = 1024  # ids per call from which only rows no tier (nor padding) holds are decoded
 WEIGHTINGS = ("count", "sqrt_count", "none")
 
 
@@ -182,17 +183,34 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
         return F.embedding(self._centroid_index(codes), self.codebooks.view(-1, self.codebooks.shape[-1])) \
             .view(codes.shape[0], self.embedding_dim)
 
+    def _rotate(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.rotation is None else torch.mm(rows, self.rotation)
+
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        # As few torch calls as possible: at batch 1 each costs microseconds against an nn.Embedding's one;
-        # index_select gathers the code rows ~3x faster than advanced indexing at 50k ids.
-        out = self._decode(self.codes.index_select(0, ids))
-        if self.rotation is not None:
-            out = torch.mm(out, self.rotation)
-        for held, rows in zip(self.tier_ids, self.tier_rows):
-            if len(held):
+        """Rows of flat ids; the padding row is exactly zero, as nn.Embedding's (its codes only approximate it)."""
+        tiers = [(held, rows) for held, rows in zip(self.tier_ids, self.tier_rows) if len(held)]
+        pad = None if self.padding_idx is None else (ids == self.padding_idx).unsqueeze(1)
+        if ids.numel() < LARGE_LOOKUP or (not tiers and pad is None):
+            # As few torch calls as possible: at batch 1 each costs microseconds against an nn.Embedding's
+            # one; index_select gathers the code rows ~3x faster than advanced indexing at 50k ids.
+            out = self._rotate(self._decode(self.codes.index_select(0, ids)))
+            for held, rows in tiers:
                 hit, pos = held.locate(ids)
                 out = torch.where(hit.unsqueeze(1), rows.lookup(pos), out)
-        return out
+            return out if pad is None else out.masked_fill(pad, 0.0)
+        # Many ids (a batch of left-padded histories is mostly padding and hot items): tier rows first,
+        # then decode and rotate only the rows that neither a tier nor padding covers.
+        out, covered = None, None if pad is None else pad.squeeze(1)
+        for held, rows in tiers:
+            hit, pos = held.locate(ids)
+            val = rows.lookup(pos)
+            out = val if out is None else torch.where(hit.unsqueeze(1), val, out)
+            covered = hit if covered is None else covered | hit
+        if out is None:
+            out = self.codebooks.new_zeros(ids.numel(), self.embedding_dim)
+        miss = (~covered).nonzero().squeeze(1)
+        out.index_copy_(0, miss, self._rotate(self._decode(self.codes.index_select(0, ids.index_select(0, miss)))))
+        return out if pad is None else out.masked_fill_(pad, 0.0)
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """h E^T for every row by asymmetric distance computation: T = (h R^T)_m C_m^T, a (B, M K) table of
