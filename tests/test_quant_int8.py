@@ -1,6 +1,7 @@
 """Fake-quant, SmoothQuant, static int8 (real ONNX Runtime / OpenVINO kernels), mixed precision and QAT on
 a tiny random BERT encoder."""
 import collections
+import json
 
 import numpy as np
 import onnx
@@ -328,3 +329,28 @@ def test_torch_compile_step_saves_a_reloadable_folder(tmp_path, tiny_encoder_dir
     assert isinstance(runner, CompiledTorchRunner) and runner.runtime == "torch-compile-bf16"
     for k, v in bundle.module.state_dict().items():  # fp32 weights saved unchanged (compiling happens at load)
         assert torch.equal(v, b2.module.state_dict()[k])
+
+
+def test_torch_compile_after_structured_pruning_keeps_the_pruned_format(tmp_path, tiny_encoder_dir):
+    """torch_compile wraps the format the step before left (here structured-hf, whose per-layer shapes
+    only slimcart restores): a plain folder would not reload (the planner's prune + torch_compile trials
+    failed so)."""
+    from slimcart.contracts import FORMAT_FILE, ModelState, StepContext, load_saved
+    from slimcart.recipe import parse_step
+    from slimcart.runtime.torch_compile import CompiledTorchRunner
+    from slimcart.workloads import get_workload
+
+    wl = get_workload("search")
+    ctx = StepContext(wl, None, tmp_path, 1)
+    state = ModelState(bundle=wl.load_model(str(tiny_encoder_dir)))
+    for step in ({"kind": "prune_structured", "heads": 0.5, "ffn": 0.5, "criterion": "magnitude"},
+                 {"kind": "torch_compile", "bf16": False}, {"kind": "torch_compile", "bf16": False}):
+        state = parse_step(step).apply(state, ctx)
+    state.save(tmp_path / "out", wl)
+    meta = json.loads((tmp_path / "out" / FORMAT_FILE).read_text())
+    assert meta["format"] == "torch-compile" and meta["inner"]["format"] == "structured-hf"
+    runner, b2 = load_saved(tmp_path / "out", wl, 1)
+    assert isinstance(runner, CompiledTorchRunner) and runner.runtime == "torch-compile"
+    want = state.bundle.module.state_dict()
+    got = b2.module.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(v, got[k]) for k, v in want.items())

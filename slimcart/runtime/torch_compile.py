@@ -9,7 +9,8 @@ from typing import Any, Literal
 import torch
 
 from ..arch import output_tensor
-from ..contracts import Artifact, ModelBundle, register_artifact, write_format
+from ..contracts import ARTIFACTS, Artifact, ModelBundle, read_format, register_artifact, write_format
+from ..errors import SlimcartError
 from ..recipe import Step, register_step
 
 
@@ -29,22 +30,34 @@ class CompiledTorchRunner:
 
 @register_artifact
 class CompiledFolder(Artifact):
-    """The workload's folder, marked to run under torch.compile when loaded."""
+    """The model saved as the step before left it (the workload's folder, or an in-torch format such as
+    a structurally pruned folder whose shapes only slimcart restores), marked to run under torch.compile."""
 
     format = "torch-compile"
     in_torch = True
 
-    def __init__(self, bf16: bool):
-        self.bf16 = bf16
+    def __init__(self, bf16: bool, inner: Artifact | None = None):
+        self.bf16, self.inner = bf16, inner
         self.runtime = "torch-compile-bf16" if bf16 else "torch-compile"
 
     def save(self, folder: Path, workload, bundle: ModelBundle) -> None:
-        workload.save_model(bundle, folder)
-        write_format(folder, self.format, bf16=self.bf16)
+        if self.inner is None:
+            workload.save_model(bundle, folder)
+            write_format(folder, self.format, bf16=self.bf16)
+            return
+        self.inner.save(folder, workload, bundle)
+        write_format(folder, self.format, bf16=self.bf16, inner=read_format(folder))
 
     @classmethod
     def load(cls, folder: Path, meta: dict, workload, threads: int):
-        bundle = workload.load_model(str(folder))
+        inner = meta.get("inner")
+        if inner is None:
+            bundle = workload.load_model(str(folder))
+        else:
+            inner_cls = ARTIFACTS.get(inner.get("format")) if isinstance(inner, dict) else None
+            if inner_cls is None or not inner_cls.in_torch or inner_cls is cls:
+                raise SlimcartError(f"{folder}: 'inner' in the torch-compile format file must name a PyTorch format")
+            _, bundle = inner_cls.load(Path(folder), inner, workload, threads)
         return CompiledTorchRunner(bundle.module, bool(meta.get("bf16", True))), bundle
 
 
@@ -57,7 +70,8 @@ class TorchCompile(Step):
     bf16: bool = True
 
     def apply(self, state, ctx):
-        state.torch_module(self.kind)
-        state.artifact = CompiledFolder(self.bf16)
+        state.torch_module(self.kind)  # refuses a model already exported
+        inner = state.artifact.inner if isinstance(state.artifact, CompiledFolder) else state.artifact
+        state.artifact = CompiledFolder(self.bf16, inner)
         state.kernels.append("torch.compile (Inductor)" + (" with bf16 autocast (AVX512-BF16)" if self.bf16 else ""))
         return state
