@@ -64,6 +64,20 @@ def search_md(r: dict) -> list[str]:
     return lines
 
 
+def rerun_md(runs: list[tuple[Path, dict]]) -> list[str]:
+    """Further runs of the same search benchmark, one line each, so one run's ladder is not read alone."""
+    lines = ["Other runs of the same command (every one is listed; the sustainable rate moves between runs when one "
+             "ladder step meets a stall):", ""]
+    for path, r in runs:
+        o = {s: r[s].get("overload_3x", {}) for s in ("fp32", "compressed")}
+        lines.append(f"- `{path.relative_to(ROOT)}` ({_load_note(r['environment']).rstrip('.')}): sustainable fp32 "
+                     f"{_f(r['fp32']['sustainable_per_s'])} / compressed {_f(r['compressed']['sustainable_per_s'])} req/s "
+                     f"= **{_f(r.get('sustainable_ratio'), '.2f')}×**; overload at 3x p99 of answered: fp32 "
+                     f"{_f(o['fp32'].get('p99_ms'))} ms at {_f(o['fp32'].get('offered_per_s'))}/s, compressed "
+                     f"{_f(o['compressed'].get('p99_ms'))} ms at {_f(o['compressed'].get('offered_per_s'))}/s")
+    return lines + [""]
+
+
 def generate_md(r: dict) -> list[str]:
     lines = ["## LLM `POST /generate` (token streaming)", "",
              f"`python bench/serving.py generate --model {r['settings']['model']}`: greedy, {r['new_tokens']} new tokens, "
@@ -105,6 +119,7 @@ def main() -> None:
     p.add_argument("--search", type=Path, default=RESULTS / "serving_search.json")
     p.add_argument("--generate", type=Path, default=RESULTS / "serving_llm.json")
     p.add_argument("--embed", type=Path, default=RESULTS / "batch_embed.json")
+    p.add_argument("--search-reruns", type=Path, nargs="*", default=sorted(RESULTS.glob("serving_search_run*.json")))
     args = p.parse_args()
     args.search, args.generate, args.embed = (x.resolve() for x in (args.search, args.generate, args.embed))
     lines = ["# Benchmark: serving and batch inference", "",
@@ -113,6 +128,8 @@ def main() -> None:
     for path, fn in ((args.search, search_md), (args.generate, generate_md), (args.embed, embed_md)):
         if path.exists():
             lines += fn(json.loads(path.read_text())) + [f"Raw: `{path.relative_to(ROOT)}`.", ""]
+            if fn is search_md and args.search_reruns:
+                lines += rerun_md([(q.resolve(), json.loads(q.read_text())) for q in args.search_reruns])
         else:
             lines += [f"(`{path.relative_to(ROOT)}` not measured yet)", ""]
     (ROOT / "docs" / "bench-serving.md").write_text("\n".join(lines))
