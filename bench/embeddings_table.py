@@ -66,6 +66,7 @@ SCORE_FORMS = {
     "int4 tiled": {"method": "rowwise", "bits": 4, "score_kernel": "tiled"},
     "int4 int_mm": {"method": "rowwise", "bits": 4, "score_kernel": "int_mm"},
     "int2 int_mm": {"method": "rowwise", "bits": 2, "score_kernel": "int_mm"},
+    "pq 8-bit / 4 values (ADC)": {"method": "pq", "subvector_dim": 4, "code_bits": 8, "rotate": False, "weighting": "none"},
 }
 LOADED = 0.5  # 1-minute load average (beyond this run's own threads) above which a run is not final
 
