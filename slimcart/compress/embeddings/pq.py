@@ -16,9 +16,10 @@ value with no per-row scale and offset, which row-wise int2 pays 4 more bytes a 
 instead of 8 at d = 32: 10.7x at best there, where this reaches 16x less the codebooks).
 
 Lookup: gather the requested rows' codes, then one F.embedding over the M codebooks stacked as
-(M K) x s rows at index c_m + m K, reshaped to (n, d) (times R); tiers overwrite their rows.
+(M K) x s rows at index c_m + m K, reshaped to (n, d) (times R); tier rows replace theirs (for many
+ids they are read first and only the other rows decoded); the padding row is exactly zero.
 Scoring every row: asymmetric distance computation h E^T = sum_m ((h R^T)_m C_m^T)[:, c_m] (M small
-products B x K, then per row M gathers summed; no row decoded; see `scores`; tier rows overwritten).
+products B x K, then per row M gathers summed; no row decoded; tier rows scored on their own: see `scores`).
 k-means runs in faiss (a well-kept, fast implementation, seeded); only the layout and the lookup are
 written here.
 """
