@@ -9,7 +9,14 @@ from typing import Any, Literal
 import torch
 
 from ..arch import output_tensor
-from ..contracts import ARTIFACTS, Artifact, ModelBundle, read_format, register_artifact, write_format
+from ..contracts import (
+    ARTIFACTS,
+    Artifact,
+    ModelBundle,
+    read_format,
+    register_artifact,
+    write_format,
+)
 from ..errors import SlimcartError
 from ..recipe import Step, register_step
 
