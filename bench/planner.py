@@ -49,7 +49,7 @@ def log(msg: str) -> None:
 def emit(kind: str, x) -> None:
     if kind == "trial":
         f = x.get("figures")
-        log(f"trial {x['number']} {x['params']} " + (f"loss {f['quality_loss']:+.2%} {x['objective']} "
+        log(f"trial {x['number']} {x['params']} " + (f"loss {f['quality_loss']:+.2%} (bound {f.get('quality_loss_bound') or float('nan'):+.2%}) {x['objective']} "
                                                        f"{f[{'throughput_per_core': 'throughput_per_core', 'throughput': 'throughput'}.get(x['objective'], 'latency_p99_ms')]:.4g} "
                                                        f"{f['size_bytes'] / 1e6:.1f} MB feasible={x['feasible']}" if f else x.get("error", "")))
     elif kind in ("warning", "best"):
@@ -77,10 +77,12 @@ def run_case(name: str, args, work: Path) -> dict:
            "feasible_validation": c["feasible_on_validation"], "meets_every_limit_on_test": c["meets_every_limit_on_test"],
            "test_quality_loss": test["quality_loss"], "test_quality": test["quality"],
            "validation_quality_loss": next(t for t in p["trials"] if t["number"] == c["number"])["figures"]["quality_loss"],
+           "validation_quality_loss_bound": next(t for t in p["trials"] if t["number"] == c["number"])["figures"].get("quality_loss_bound"),
+           "quality_confidence": p["profile"].get("quality_confidence"),
            "throughput_ratio": ft["throughput_ratio"], "size_bytes": c["test_figures"]["size_bytes"],
            "latency_p99_ms": c["test_figures"]["latency_p99_ms"], "energy_j_per_item": c["test_figures"]["energy_j_per_item"],
            "energy_method": p["energy_method"]["method"], "peak_rss_bytes": c["test_figures"]["peak_rss_bytes"],
-           "bootstrap": test.get("ndcg@10_paired_bootstrap"), "why": c["why"], "label": p["label"],
+           "bootstrap": next((v for k, v in test.items() if k.endswith("_paired_bootstrap")), None), "why": c["why"], "label": p["label"],
            "wall_min": (time.time() - t0) / 60, "load": [load0[0], os.getloadavg()[0]], "cost": p.get("cost")}
     if name == "llm-edge":
         row["vs_all_4bit"] = llm_vs_all_4bit(work / name, p)
@@ -158,13 +160,17 @@ def render(res: dict) -> str:
              "(tokenization / padding inside every timed call), at the profile's threads and batch.", "",
              f"CPU: {env['cpu']} ({', '.join(env['cpu_flags'])}), {env['logical_cpus']} logical CPUs. "
              f"Budget scale {res['budget_scale']} (1 = the budgets in the script). Load average per case in the last column.",
-             "", "| case | budget / spent (min) | trials | chosen recipe | test loss (primary) | validation loss | "
+             "", "| case | budget / spent (min) | trials | chosen recipe | test loss (primary) | validation loss (upper bound, confidence) | "
              "throughput vs fp32 | p99 ms | size MB | energy J/item | meets every limit on test | load start→end |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def bound(r):
+        b = r.get("validation_quality_loss_bound")
+        return "" if b is None else f" (≤ {b:+.2%}, {r['quality_confidence']:.0%})"
+
     for r in res["cases"]:
         lines.append(f"| {r['case']} | {r['budget_min']:.0f} / {r['spent_min']:.0f} | {r['trials']} | "
                      f"{' → '.join(r['recipe'])} `{json.dumps(r['params'])}` | {r['test_quality_loss']:+.2%} | "
-                     f"{r['validation_quality_loss']:+.2%} | {r['throughput_ratio']:.2f}x | {r['latency_p99_ms']:.1f} | "
+                     f"{r['validation_quality_loss']:+.2%}{bound(r)} | {r['throughput_ratio']:.2f}x | {r['latency_p99_ms']:.1f} | "
                      f"{r['size_bytes'] / 1e6:.1f} | {r['energy_j_per_item']:.3g} ({r['energy_method']}) | "
                      f"{'yes' if r['meets_every_limit_on_test'] else 'NO'} | {r['load'][0]:.1f}→{r['load'][1]:.1f} |")
     if res.get("builtins"):
@@ -184,7 +190,8 @@ def render(res: dict) -> str:
                          f"w4-awq-gptq; perplexity {v['chosen_ppl_ratio']:.3f}x fp32 (all-4-bit: {v['all_4bit_ppl_ratio']:.3f}x).")
         if r.get("bootstrap"):
             b = r["bootstrap"]
-            lines.append(f"\n{r['case']}: NDCG@10 change {b['rel_change']:+.2%} (paired bootstrap over users, 95% CI "
+            lines.append(f"\n{r['case']}: NDCG@10 change on test {b['rel_change']:+.2%} (paired bootstrap over "
+                         f"{'users' if r['workload'] == 'recsys' else 'queries'}, 95% CI "
                          f"{b['ci95'][0]:+.2%} .. {b['ci95'][1]:+.2%}).")
         if r.get("cost"):
             c = r["cost"]

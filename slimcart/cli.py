@@ -443,7 +443,8 @@ def _trial_line(t: dict) -> str:
     from .plan.study import FIG
 
     missed = ", ".join(k for k, v in t["constraints"].items() if v > 0)
-    return (f"#{t['number']:<3} {f['fidelity']:<6} {params} | loss {f['quality_loss']:+.2%} | {obj} {f[FIG[obj]]:.4g} | "
+    bound = "" if f.get("quality_loss_bound") is None else f" (<= {f['quality_loss_bound']:+.2%})"
+    return (f"#{t['number']:<3} {f['fidelity']:<6} {params} | loss {f['quality_loss']:+.2%}{bound} | {obj} {f[FIG[obj]]:.4g} | "
             f"{f['size_bytes'] / 1e6:.1f} MB | {f['energy_j_per_item']:.3g} J/item | "
             + ("[green]feasible[/]" if t["feasible"] else f"[yellow]misses {missed}[/]") + f" | {t['seconds']:.0f} s")
 
@@ -467,6 +468,9 @@ def plan(
     batch: Optional[int] = typer.Option(None, "--batch", help="override the profile's batch"),
     objective: Optional[str] = typer.Option(None, "--objective", help="override the profile's objective"),
     max_quality_loss: Optional[float] = typer.Option(None, "--max-quality-loss", help="e.g. 0.005 = 0.5%"),
+    quality_confidence: Optional[float] = typer.Option(
+        None, "--quality-confidence", help="check the quality limit against this one-sided upper bound of the "
+        "validation loss (paired bootstrap; default 0.9; 0 = the point estimate)"),
     max_latency_p50_ms: Optional[float] = typer.Option(None, "--max-latency-p50-ms"),
     max_latency_p99_ms: Optional[float] = typer.Option(None, "--max-latency-p99-ms"),
     max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb"),
@@ -491,6 +495,7 @@ def plan(
         if out is None and not dry_run:
             raise SlimcartError("--out is required (the plan folder)")
         overrides = {"threads": threads, "batch": batch, "objective": objective, "max_quality_loss": max_quality_loss,
+                     "quality_confidence": quality_confidence,
                      "max_latency_p50_ms": max_latency_p50_ms, "max_latency_p99_ms": max_latency_p99_ms,
                      "max_size_mb": max_size_mb, "max_size_ratio": max_size_ratio, "max_peak_rss_mb": max_peak_rss_mb,
                      "min_throughput": min_throughput, "max_energy_j_per_item": max_energy_j_per_item}

@@ -71,6 +71,10 @@ class EvalResult:
 
     quality: dict[str, float]
     outputs: Any = None
+    # The primary metric per evaluation unit (query, user, session, photo) where the primary metric is
+    # their mean, in a fixed unit order: paired intervals of a candidate against the baseline resample
+    # these units (the planner's quality bound). None where the metric is not a mean (AUC, perplexity).
+    per_unit: Any = None
 
 
 @dataclass

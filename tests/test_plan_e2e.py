@@ -45,6 +45,10 @@ def test_out_is_a_slimcart_output_with_every_trial(planned):
         f = t["figures"]
         assert {"quality_loss", "latency_p50_ms", "latency_p99_ms", "throughput", "energy_j_per_item", "size_bytes"} <= set(f)
         assert f["size_bytes"] == pytest.approx(f["ratios"]["size"] * p["baseline_validation"]["size_bytes"])
+        if f["fidelity"] == "full":  # (screening scores one synthetic validation query: no interval)
+            # quality feasibility is judged by the paired-bootstrap upper bound of the validation loss
+            assert f["quality_loss_bound"] is not None and f["quality_confidence"] == 0.9
+            assert t["constraints"]["max_quality_loss"] == pytest.approx((f["quality_loss_bound"] - 0.05) / 0.05)
     assert p["hardware"]["cpu"] and p["energy_method"]["method"] in ("measured", "estimate")
     assert "emulated" in p["label"] or os.cpu_count() == 1
     assert sum(1 for k, _ in events if k == "trial") >= 3  # one terminal line per trial
@@ -60,6 +64,8 @@ def test_chosen_test_figures_match_an_independent_evaluation(planned):
     assert m["quality"]["ndcg@10"] == pytest.approx(p["test"][str(p["chosen"]["number"])]["quality"]["ndcg@10"], abs=1e-9)
     loss = (base["quality"]["ndcg@10"] - m["quality"]["ndcg@10"]) / base["quality"]["ndcg@10"]
     assert p["chosen"]["test_figures"]["quality_loss"] == pytest.approx(loss, abs=1e-9)
+    boot = p["test"][str(p["chosen"]["number"])]["ndcg@10_paired_bootstrap"]  # over test queries
+    assert boot["rel_change"] == pytest.approx(-loss, abs=1e-9) and boot["ci95"][0] <= boot["rel_change"] <= boot["ci95"][1]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["compressed"]["quality"]["ndcg@10"] == pytest.approx(m["quality"]["ndcg@10"], abs=1e-9)
 

@@ -18,7 +18,7 @@ from slimcart.plan.final import choose, explain, pareto
 from slimcart.plan.profile import builtin_profiles, load_profile
 from slimcart.plan.space import Settings, fingerprint, space_for
 from slimcart.plan.study import constraints_of
-from slimcart.plan.trial import quality_loss, scaled
+from slimcart.plan.trial import quality_loss, quality_loss_bound, scaled
 from slimcart.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -241,6 +241,33 @@ def test_constraints_by_hand():
     assert c["max_peak_rss_mb"] == 0.0  # not measured at screening: not counted against the trial
     assert c["min_throughput"] == pytest.approx(0.2)
     assert c["max_energy_j_per_item"] == pytest.approx(-0.2)
+
+
+def test_quality_limit_is_checked_against_the_upper_bound_where_there_is_one():
+    limits = {"max_quality_loss": 0.005}
+    point = {"quality_loss": 0.001, "quality_loss_bound": None}
+    assert constraints_of(point, limits, 1)["max_quality_loss"] == pytest.approx(-0.8)
+    noisy = {"quality_loss": 0.001, "quality_loss_bound": 0.012}  # a good point estimate, a wide interval
+    assert constraints_of(noisy, limits, 1)["max_quality_loss"] == pytest.approx(1.4)
+
+
+def test_quality_loss_bound_matches_a_direct_bootstrap_and_widens_with_disagreement():
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.2, 1.0, 60)
+    close = base + rng.normal(0, 0.01, 60)
+    far = base + rng.normal(0, 0.15, 60)
+    # independent computation: the same resample indices, loss of each resample, its 90% quantile
+    idx = np.random.default_rng(0).integers(0, 60, (4000, 60))
+    direct = np.quantile((base[idx].mean(1) - far[idx].mean(1)) / base[idx].mean(1), 0.9)
+    assert quality_loss_bound(base, far, True, 0.9) == pytest.approx(direct)
+    loss_far = quality_loss(base.mean(), far.mean(), True)
+    assert quality_loss_bound(base, far, True, 0.9) > loss_far  # an upper bound lies above the point
+    assert quality_loss_bound(base, far, True, 0.9) - loss_far > 5 * (quality_loss_bound(base, close, True, 0.9)
+                                                                      - quality_loss(base.mean(), close.mean(), True))
+    # lower is better (e.g. an error rate): a higher candidate is a loss
+    assert quality_loss_bound(base, base * 1.1, False, 0.5) == pytest.approx(0.1, abs=1e-9)
+    assert quality_loss_bound(base, base, True, 0.0) is None and quality_loss_bound(None, base, True, 0.9) is None
+    assert quality_loss_bound(base, base[:-1], True, 0.9) is None
 
 
 def _row(n, loss, lat, size, energy_, cons, fid="full", state="COMPLETE"):

@@ -47,3 +47,16 @@ def test_cosine_rows():
     a = np.array([[1.0, 0.0], [1.0, 1.0]])
     b = np.array([[2.0, 0.0], [-1.0, -1.0]])
     np.testing.assert_allclose(cosine_rows(a, b), [1.0, -1.0])
+
+
+def test_ndcg_per_query_skips_queries_without_gain_and_averages_to_the_metric():
+    from slimcart.workloads.search import ndcg_rerank_per_query
+
+    pairs, queries, products, q, p = _setup()
+    two = pd.concat([pairs, pd.DataFrame({"query": ["r", "r"], "product": ["p1", "p4"], "label": [1, 1]}),
+                     pd.DataFrame({"query": ["s", "s"], "product": ["p3", "p1"], "label": [2, 1]})])
+    qs = np.vstack([q, [[0.0, 1.0]], [[0.0, 1.0]]])
+    per = ndcg_rerank_per_query(two, ["q", "r", "s"], products, qs, p)
+    assert len(per) == 2  # "r" has no gain above 0: no nDCG
+    assert per[0] == pytest.approx(ndcg_rerank(pairs, queries, products, q, p)) and per[1] == pytest.approx(1.0)
+    assert ndcg_rerank(two, ["q", "r", "s"], products, qs, p) == pytest.approx(per.mean())

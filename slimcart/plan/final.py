@@ -5,8 +5,13 @@ profile's objective (ties: lower quality loss). If none meets them, the nearest 
 relative violation) is published instead, labelled infeasible, with the constraint that binds (the one
 most trials, and the nearest point, miss) — a plan never ends with nothing after hours.
 
-Then, once, on the test split: the chosen model and every Pareto-front model are evaluated (quality;
-for recsys also a paired bootstrap interval of the NDCG@10 change over users), and the chosen one is
+"Meets every limit" checks quality by the upper confidence bound of the validation loss where the
+workload has per-unit values (see Profile.quality_confidence), so the fastest trial cannot win on a
+loss that validation happened to underestimate.
+
+Then, once, on the test split: the chosen model and every Pareto-front model are evaluated (quality,
+and a paired bootstrap interval of the primary metric's change over queries / users where the workload
+gives per-unit values), and the chosen one is
 timed against the fp32 baseline interleaved on test-split requests, like `slimcart compress` does. OUT
 gets the normal compress layout (model/, metrics.json, recipe.yaml, report.md) plus plan.json and
 report.html.
@@ -74,8 +79,12 @@ def explain(chosen: dict, rows: list[dict], objective: str, feasible: bool) -> t
         return [f"no measured trial meets every limit; the binding constraint is {worst[0]} "
                 f"(the nearest point misses it by {worst[1]:+.1%} of the limit; trials missing each limit: {counts})"], binding
     others = [r for r in full if r["feasible"] and r["number"] != chosen["number"]]
-    lines = [f"trial {chosen['number']} has the best {objective} ({chosen['figures'][key]:.4g}) of "
+    f = chosen["figures"]
+    lines = [f"trial {chosen['number']} has the best {objective} ({f[key]:.4g}) of "
              f"{len(others) + 1} trial(s) that meet every limit on validation"]
+    if f.get("quality_loss_bound") is not None:
+        lines.append(f"its validation quality loss is {f['quality_loss']:.2%}, at most {f['quality_loss_bound']:.2%} "
+                     f"with {f['quality_confidence']:.0%} confidence (paired bootstrap), which the limit is checked against")
     if others:
         sign = -1 if objective in MAXIMIZED else 1
         nxt = min(others, key=lambda r: sign * r["figures"][key])
@@ -108,11 +117,8 @@ def test_figures(ctx, numbers: list[int], rows: dict[int, dict]) -> dict[int, di
         runner, cb = api.load(wl, _model_folder(ctx, rows[n]), ev.threads)
         res = wl.evaluate(runner, cb, ev.data, reference=base.outputs)
         fig = {"quality": res.quality, "quality_loss": quality_loss(base.quality[ev.primary], res.quality[ev.primary], ev.hib)}
-        if isinstance(res.outputs, dict) and "ranks" in res.outputs and isinstance(base.outputs, dict):
-            from ..workloads.ranking import ndcg_per_user
-
-            fig["ndcg@10_paired_bootstrap"] = paired_bootstrap(ndcg_per_user(res.outputs["ranks"]),
-                                                               ndcg_per_user(base.outputs["ranks"]))
+        if res.per_unit is not None and base.per_unit is not None and len(res.per_unit) == len(base.per_unit):
+            fig[f"{ev.primary}_paired_bootstrap"] = paired_bootstrap(res.per_unit, base.per_unit)
         out[n] = fig
     return out
 

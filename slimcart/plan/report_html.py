@@ -115,15 +115,18 @@ def render_html(plan: dict) -> str:
     c = plan["chosen"]
     hw = plan["hardware"]
     trials = [(r["number"], r["state"], r["fidelity"] or "", ", ".join(f"{k}={v}" for k, v in r["params"].items()),
-               _fmt(r["figures"], "quality_loss", 100, "%"), _fmt(r["figures"], FIG[objective]),
+               _fmt(r["figures"], "quality_loss", 100, "%"), _fmt(r["figures"], "quality_loss_bound", 100, "%"),
+               _fmt(r["figures"], FIG[objective]),
                _fmt(r["figures"], "size_bytes", 1e-6, " MB"), _fmt(r["figures"], "energy_j_per_item", 1, " J"),
                "yes" if r["feasible"] else "no" if r["feasible"] is False else "",
                r["error"] or r["not_promoted"] or (f"duplicate of {r['duplicate_of']}" if r["duplicate_of"] is not None else "")
                or r["skipped"] or "")
               for r in plan["trials"]]
+    boot = next((k for v in plan["test"].values() for k in v if k.endswith("_paired_bootstrap")), None)
     test = [(k, _fmt(v, "quality_loss", 100, "%"), json.dumps(v.get("quality")),
-             json.dumps(v.get("ndcg@10_paired_bootstrap")) if v.get("ndcg@10_paired_bootstrap") else "")
+             json.dumps(v[boot]) if boot and v.get(boot) else "")
             for k, v in plan["test"].items() if k != "baseline"]
+    boot_head = f"{boot.rsplit('_paired', 1)[0] if boot else 'primary metric'} paired bootstrap (rel. change, 95% CI)"
     body = f"""
 <h1>slimcart plan: {html.escape(plan['workload'])} / {html.escape(plan['model'])} on profile {html.escape(plan['profile']['name'])}</h1>
 {_banner(plan)}<p class="label">{html.escape(plan['label'])}. Tuned on the validation split; the chosen model and the Pareto front were
@@ -137,7 +140,7 @@ evaluated once on the test split at the end.</p>
 <h2>Trade-off (validation split)</h2>
 {divs}
 <h2>Test split: chosen and Pareto-front models</h2>
-{_table(test, ('trial', 'quality loss', 'quality', 'NDCG@10 paired bootstrap (rel. change, 95% CI)'))}
+{_table(test, ('trial', 'quality loss', 'quality', boot_head))}
 <h2>Profile</h2>
 {_table([(k, v) for k, v in plan['profile'].items() if k != 'constraints'] + [(k, v) for k, v in plan['limits'].items()], ('field', 'value'))}
 <h2>Hardware probe</h2>
@@ -149,7 +152,7 @@ evaluated once on the test split at the end.</p>
 <h2>Search space</h2>
 <pre>{html.escape(chr(10).join(plan['space']))}</pre>
 <h2>Every trial</h2>
-{_table(trials, ('#', 'state', 'fidelity', 'parameters', 'quality loss', objective, 'size', 'energy/item', 'feasible', 'note'))}
+{_table(trials, ('#', 'state', 'fidelity', 'parameters', 'quality loss', 'loss upper bound (limit checked)', objective, 'size', 'energy/item', 'feasible', 'note'))}
 """
     style = ("body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px}table{border-collapse:collapse;margin:8px 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}.plot{margin:12px 0}"

@@ -41,14 +41,16 @@ MAXIMIZED = ("throughput", "throughput_per_core")
 
 
 def constraints_of(fig: dict, limits: dict[str, float], base_size: int) -> dict[str, float]:
-    """Each limit's violation, relative to the limit (<= 0: met). Peak RSS unknown (screening) counts as met."""
+    """Each limit's violation, relative to the limit (<= 0: met). Peak RSS unknown (screening) counts as met.
+    Quality is checked by its upper confidence bound where the figures have one (trial.quality_loss_bound)."""
     def over(value, limit):
         return (value - limit) / max(abs(limit), 1e-12)
 
     out = {}
     for k, lim in limits.items():
         if k == "max_quality_loss":
-            out[k] = (fig["quality_loss"] - lim) / max(lim, 1e-4)
+            loss = fig["quality_loss"] if fig.get("quality_loss_bound") is None else fig["quality_loss_bound"]
+            out[k] = (loss - lim) / max(lim, 1e-4)
         elif k == "max_latency_p50_ms":
             out[k] = over(fig["latency_p50_ms"], lim)
         elif k == "max_latency_p99_ms":

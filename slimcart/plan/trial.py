@@ -2,7 +2,10 @@
 validation split against the fp32 baseline in the same run.
 
 Figures of a trial (all on the validation split; test is touched only by the final phase):
-    quality            the workload's metrics; quality_loss = relative loss of the primary metric
+    quality            the workload's metrics; quality_loss = relative loss of the primary metric;
+                       quality_loss_bound = its one-sided upper bound at the profile's
+                       quality_confidence (paired bootstrap over the metric's units), which the
+                       quality limit is checked against where the workload gives per-unit values
     latency_p50/p99    ms per batch-1 request end to end, = (candidate / baseline, same-run ratio) x
                        the baseline's reference figure measured at the plan's start: trials timed under
                        different machine load stay comparable, since only the ratio is taken per trial
@@ -82,6 +85,27 @@ def quality_loss(base: float, cand: float, higher_is_better: bool) -> float:
     return (base - cand) / abs(base) if higher_is_better else (cand - base) / abs(base)
 
 
+def quality_loss_bound(base_units, cand_units, higher_is_better: bool, confidence: float,
+                       resamples: int = 4000, seed: int = 0) -> float | None:
+    """One-sided upper `confidence` bound of the relative loss of a mean metric, by a paired bootstrap:
+    the same units (queries, users) are resampled for both models, so per-unit difficulty cancels and
+    only the candidate's disagreement with the baseline widens the bound. With loss(S) =
+    (mean_S b - mean_S c) / |mean_S b| (sign flipped when lower is better) over resamples S, the bound
+    is its `confidence` quantile. None when either side has no per-unit values or they do not pair."""
+    import numpy as np
+
+    if base_units is None or cand_units is None or confidence <= 0:
+        return None
+    b, c = np.asarray(base_units, float), np.asarray(cand_units, float)
+    if b.shape != c.shape or b.ndim != 1 or len(b) < 2:
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(b), (resamples, len(b)))
+    mb, mc = b[idx].mean(1), c[idx].mean(1)
+    sign = 1.0 if higher_is_better else -1.0
+    loss = sign * (mb - mc) / np.maximum(np.abs(mb), 1e-30)
+    return float(np.quantile(loss, confidence))
+
+
 @dataclass
 class Baseline:
     """What every trial is compared with: the fp32 model, its validation quality per fidelity, its
@@ -89,6 +113,7 @@ class Baseline:
 
     quality: dict[str, dict[str, float]] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)
+    per_unit: dict[str, Any] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)
     throughput: float = 0.0
     energy: dict[str, float] = field(default_factory=dict)
@@ -118,7 +143,7 @@ class Evaluator:
         for fid in ("screen", "full"):
             self.progress(f"baseline quality on validation ({fid})")
             res = self.wl.evaluate(self.base_runner, self.bundle, self.val[fid])
-            self.base.quality[fid], self.base.outputs[fid] = res.quality, res.outputs
+            self.base.quality[fid], self.base.outputs[fid], self.base.per_unit[fid] = res.quality, res.outputs, res.per_unit
         self.progress("baseline reference timing")
         side = {"baseline": EndToEnd(self.base_runner, self.requests.prepare)}
         t = measure_interleaved(side, self.requests.inputs, repeats=repeats)["baseline"].summary()
@@ -165,8 +190,10 @@ class Evaluator:
         phase, t0 = {}, time.perf_counter()
         runner, cbundle = api.load(self.wl, folder / "model", self.threads)
         self.progress(f"evaluating on validation ({fid.name})")
-        q = self.wl.evaluate(runner, cbundle, self.val[fid.name], reference=self.base.outputs[fid.name]).quality
-        base_q = self.base.quality[fid.name]
+        res = self.wl.evaluate(runner, cbundle, self.val[fid.name], reference=self.base.outputs[fid.name])
+        q, base_q = res.quality, self.base.quality[fid.name]
+        confidence = self.resolved.profile.quality_confidence
+        bound = quality_loss_bound(self.base.per_unit.get(fid.name), res.per_unit, self.hib, confidence)
         phase["load_eval"], t0 = time.perf_counter() - t0, time.perf_counter()
         self.progress("timing against the baseline, interleaved")
         sides = {"baseline": EndToEnd(self.base_runner, self.requests.prepare),
@@ -186,6 +213,8 @@ class Evaluator:
             "fidelity": fid.name,
             "quality": q, "baseline_quality": base_q,
             "quality_loss": quality_loss(base_q[self.primary], q[self.primary], self.hib),
+            # the loss the quality limit is checked against: the upper bound where the metric allows one
+            "quality_loss_bound": bound, "quality_confidence": confidence if bound is not None else None,
             "latency_p50_ms": lat_ratio["p50"] * self.base.latency_ms["p50"],
             "latency_p99_ms": lat_ratio["p99"] * self.base.latency_ms["p99"],
             "throughput": tp_ratio * self.base.throughput,

@@ -40,6 +40,7 @@ from .ranking import (
     leave_last_out,
     left_pad,
     ndcg_at,
+    ndcg_per_user,
     rank_users,
 )
 
@@ -308,7 +309,8 @@ class RecsysWorkload:
         r = rank_users(score, inputs, targets, self.max_len(bundle), data.auc_negatives, keep_top=TOP_KEPT)
         quality = {"ndcg@10": ndcg_at(r["ranks"]), "hr@10": hit_rate(r["ranks"]), "auc": r["auc"]}
         return EvalResult(quality=quality, outputs={"users": data.eval_users, "top_items": r["top_items"],
-                                                    "top_scores": r["top_scores"], "ranks": r["ranks"]})
+                                                    "top_scores": r["top_scores"], "ranks": r["ranks"]},
+                          per_unit=ndcg_per_user(r["ranks"]))
 
     # ---------------------------------------------------------------- training
     def train(self, data: str | RecsysData | None = None, out: Path | None = None, epochs: int = 200, seed: int = 0,

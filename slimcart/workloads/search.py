@@ -431,8 +431,9 @@ class SearchWorkload:
         products = list(dict.fromkeys(pairs["product"]))
         q_emb = self.embed(runner, tokenizer, queries, prompt=prompts.get("query", ""))
         p_emb = self.embed(runner, tokenizer, products, prompt=prompts.get("document", ""))
+        per_query = ndcg_rerank_per_query(pairs, queries, products, q_emb, p_emb, k=10)
         quality = {
-            "ndcg@10": ndcg_rerank(pairs, queries, products, q_emb, p_emb, k=10),
+            "ndcg@10": float(np.mean(per_query)),
             "recall@10": recall_corpus(pairs, queries, products, q_emb, p_emb, k=10),
         }
         outputs = np.concatenate([q_emb, p_emb])
@@ -442,7 +443,7 @@ class SearchWorkload:
             found = match_metrics(self.embed(runner, tokenizer, g.titles, prompt=prompts.get("document", "")), g.cluster,
                                   g.queries)
             quality.update({f"guard_{k}": v for k, v in found.items()})
-        return EvalResult(quality=quality, outputs=outputs)
+        return EvalResult(quality=quality, outputs=outputs, per_unit=per_query)
 
 
 def mix_titles(texts: list[str], titles: list[str], seed: int = 0) -> list[str]:
@@ -467,6 +468,11 @@ def dcg(gains: np.ndarray) -> float:
 
 def ndcg_rerank(pairs, queries, products, q_emb, p_emb, k: int = 10) -> float:
     """Mean nDCG@k of re-ranking each query's judged products by cosine; gain = 2^(label-1) - 1."""
+    return float(np.mean(ndcg_rerank_per_query(pairs, queries, products, q_emb, p_emb, k)))
+
+
+def ndcg_rerank_per_query(pairs, queries, products, q_emb, p_emb, k: int = 10) -> np.ndarray:
+    """nDCG@k of each query with a gain above 0 (in the order queries first appear in `pairs`)."""
     qi = {q: i for i, q in enumerate(queries)}
     pi = {p: i for i, p in enumerate(products)}
     scores = []
@@ -481,7 +487,7 @@ def ndcg_rerank(pairs, queries, products, q_emb, p_emb, k: int = 10) -> float:
         scores.append(dcg(gains[order]) / ideal)
     if not scores:
         raise SlimcartError("nDCG@10 is undefined: no query in the test split has a product with a label above 1")
-    return float(np.mean(scores))
+    return np.asarray(scores, dtype=float)
 
 
 def recall_corpus(pairs, queries, products, q_emb, p_emb, k: int = 10) -> float:

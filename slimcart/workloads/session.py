@@ -197,7 +197,7 @@ class SessionWorkload:
         rank (row order = the test file's), for paired comparisons (e.g. `bench.paired_bootstrap` on
         `ranks < 20`)."""
         ranks = rank_rows(lambda seq: runner({"seq": seq}), data.test_prefixes, data.test_targets, self.config(bundle).max_len, data.n_items)
-        return EvalResult(quality=quality(ranks), outputs={"ranks": ranks})
+        return EvalResult(quality=quality(ranks), outputs={"ranks": ranks}, per_unit=(np.asarray(ranks) < K).astype(float))
 
     @staticmethod
     def evaluate_rows(model: torch.nn.Module, prefixes, targets, n_items: int) -> dict[str, float]:

@@ -229,7 +229,8 @@ class VisionWorkload:
             raise SlimcartError(f"the model gives {logits.shape[-1]} scores per photo but its config names {n_classes} classes")
         pred = logits.argmax(1)
         return EvalResult(quality={"accuracy": accuracy(y, pred), "macro_f1": macro_f1(y, pred)},
-                          outputs={"logits": logits, "pred": pred, "labels": y})
+                          outputs={"logits": logits, "pred": pred, "labels": y},
+                          per_unit=(np.asarray(pred) == np.asarray(y)).astype(float))
 
     def task_loss(self, bundle: ModelBundle) -> Callable[[Any, dict], torch.Tensor]:
         """Cross-entropy on a labelled calibration batch. The labels travel inside the batch; the model's
