@@ -15,6 +15,7 @@ from slimcart.compress.embeddings import (
     compress_embeddings_,
     load_table,
 )
+from slimcart.compress.embeddings import pq_native
 from slimcart.compress.embeddings.pq import pack_codes, unpack_codes
 from slimcart.errors import SlimcartError
 
@@ -140,7 +141,7 @@ def test_rotation_is_orthonormal_lowers_the_error_of_correlated_rows_and_round_t
         h = torch.randn(batch, D)
         np.testing.assert_allclose(m.scores(h).detach().numpy(), h.numpy() @ want.T, rtol=1e-4, atol=1e-4)
     assert err[True] < err[False]
-    assert m.nbytes() == N * 2 + 16 * D * 4 + D * D * 4
+    assert m.nbytes() == N * 2 + 16 * D * 4 + D * D * 4  # codes, codebooks, R: the C kernel keeps no copy
     back = load_table(*m.state_for_save())
     assert torch.equal(back(torch.arange(N)), m(torch.arange(N)))
 
@@ -161,3 +162,61 @@ def test_padding_row_is_exactly_zero_at_every_batch_size(source, hot):
         ids = ids.numpy()
         assert not got[ids == 0].any()
         np.testing.assert_allclose(got[ids != 0], want[ids[ids != 0] - 1], rtol=1e-5, atol=1e-6)
+
+
+needs_kernel = pytest.mark.skipif(pq_native.library() is None, reason="no C compiler: the torch path is the only one")
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits, rotate, hot, padding", [
+    (8, True, [{"bits": 4, "fraction": 0.2}], None),
+    (8, False, [{"bits": 8, "fraction": 0.07}], 0),
+    (4, True, [], 5),
+    (4, False, [{"bits": 32, "fraction": 0.05}, {"bits": 8, "fraction": 0.1}, {"bits": 4, "fraction": 0.1}], 3),
+])
+def test_fused_kernel_equals_the_torch_ops(source, bits, rotate, hot, padding):
+    """The C kernel (inference) against the torch path (the one autograd sees) on the same table:
+    every tier width it reads, both code widths, with and without the rotation folded into its rows."""
+    emb, counts = source
+    if padding is not None:
+        emb = torch.nn.Embedding.from_pretrained(emb.weight.detach(), freeze=False, padding_idx=padding)
+    cfg = PQConfig(subvector_dim=2 if bits == 4 else 4, code_bits=bits, rotate=rotate, hot=hot, iters=5)
+    m = ProductQuantizedEmbedding.from_embedding(emb, cfg, counts)
+    ids = torch.from_numpy(np.random.default_rng(7).integers(0, N, (3, 700)))
+    ids[0, :5] = torch.tensor([0, 599, padding or 1, 2, 3])
+    with torch.no_grad():
+        assert m._kernel() is not None
+        want = m.lookup_torch(ids.reshape(-1))
+        got = m(ids)
+        np.testing.assert_allclose(got.reshape(-1, D).numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+        if padding is not None:
+            assert not got[ids == padding].any()
+        for one in (ids[0, :1], ids[0, 2:3], ids[1, ::7]):  # batch 1, the padding id alone, strided ids
+            np.testing.assert_allclose(m(one).numpy(), m.lookup_torch(one.reshape(-1)).reshape(*one.shape, D).numpy(),
+                                       rtol=1e-5, atol=1e-6)
+        h = torch.randn(1, D)
+        np.testing.assert_allclose(m.scores(h).numpy(), m.scores_torch(h).numpy(), rtol=1e-4, atol=1e-5)
+        with pytest.raises(IndexError, match="out of range"):
+            m(torch.tensor([1, N]))
+    grad_path = m(ids[0])  # with autograd on, the torch path runs and the codebooks get gradients
+    grad_path.sum().backward()
+    assert m.codebooks.grad is not None and m.codebooks.grad.abs().sum() > 0
+
+
+@needs_kernel
+def test_fused_kernel_follows_codebook_updates_and_moves(source):
+    """The kernel caches the rotated centroid rows: training the codebooks or loading new tensors must
+    rebuild them, never serve stale rows."""
+    emb, counts = source
+    m = ProductQuantizedEmbedding.from_embedding(emb, PQConfig(subvector_dim=4, code_bits=8, rotate=True, iters=5), counts)
+    ids = torch.arange(0, N, 7)
+    with torch.no_grad():
+        before = m(ids).clone()
+        m.codebooks.mul_(2.0)  # in place: same storage, new version
+        np.testing.assert_allclose(m(ids).numpy(), m.lookup_torch(ids).numpy(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(m(ids), before)
+        m16 = ProductQuantizedEmbedding.from_embedding(emb, PQConfig(subvector_dim=4, hot=[{"bits": 16, "fraction": 0.1}],
+                                                                     iters=5), counts)
+        assert m16._kernel() is None  # 16-bit tier rows: the kernel does not read them, torch runs
+        back = load_table(*m.state_for_save())  # fresh tensors, a fresh kernel view
+        np.testing.assert_allclose(back(ids).numpy(), m(ids).numpy(), rtol=1e-5, atol=1e-6)
