@@ -197,6 +197,16 @@ async def open_loop(url: str, texts: list[str], rate: float, seconds: float, see
     }
 
 
+def settle() -> None:
+    """Before a timed step: collect the client's garbage now and freeze what survives, so a full
+    collection over the client's heap (numpy, aiohttp, the last step's results) never pauses the load
+    generator inside a step, where it would count as server latency."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def ok_at(step: dict, objective_ms: float) -> bool:
     return step["p99_ms"] is not None and step["p99_ms"] <= objective_ms and step["refused_share"] <= 0.01 \
         and step["server_errors_5xx"] == 0 and step["client_errors"] == 0
@@ -206,6 +216,7 @@ def ladder(url, texts, objective_ms, start, step_s, max_rate, budget_s):
     """Rates x1.5 until the objective fails, then bisect between the last pass and the first fail."""
     steps, rate, good, bad, end = [], start, None, None, time.monotonic() + budget_s
     while rate <= max_rate and time.monotonic() < end:
+        settle()
         s = asyncio.run(open_loop(url, texts, rate, step_s, seed=len(steps)))
         steps.append(s)
         print(f"  {rate:7.1f}/s  p50 {s['p50_ms'] or 0:6.1f}  p99 {s['p99_ms'] or 0:7.1f} ms  "
@@ -219,6 +230,7 @@ def ladder(url, texts, objective_ms, start, step_s, max_rate, budget_s):
         if good is None or bad is None or bad / good < 1.1 or time.monotonic() > end:
             break
         mid = (good * bad) ** 0.5
+        settle()
         s = asyncio.run(open_loop(url, texts, mid, step_s, seed=len(steps)))
         steps.append(s)
         print(f"  {mid:7.1f}/s  p50 {s['p50_ms'] or 0:6.1f}  p99 {s['p99_ms'] or 0:7.1f} ms  "
@@ -246,9 +258,11 @@ def bench_search(args) -> dict:
             res["ladder"], res["sustainable_per_s"] = steps, good
             if good:
                 rss_before = max(server.rss[-5:])
+                settle()
                 res["overload_3x"] = asyncio.run(open_loop(server.url, texts, 3 * good, args.step_s, seed=101))
                 res["overload_3x"]["server_rss_peak_mb"] = max(server.rss) / 2**20
                 res["overload_3x"]["server_rss_before_mb"] = rss_before / 2**20
+                settle()
                 res["recovery_0.5x"] = asyncio.run(open_loop(server.url, texts, 0.5 * good, args.step_s, seed=102))
                 for k in ("overload_3x", "recovery_0.5x"):
                     s = res[k]

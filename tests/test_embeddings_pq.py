@@ -3,6 +3,8 @@ scores equal the reconstructed table, hot tiers hold the hottest rows, 4-bit cod
 bytes are exact, save/load and training of the codebooks."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -220,3 +222,7 @@ def test_fused_kernel_follows_codebook_updates_and_moves(source):
         assert m16._kernel() is None  # 16-bit tier rows: the kernel does not read them, torch runs
         back = load_table(*m.state_for_save())  # fresh tensors, a fresh kernel view
         np.testing.assert_allclose(back(ids).numpy(), m(ids).numpy(), rtol=1e-5, atol=1e-6)
+        twin = copy.deepcopy(m)  # a copy (the planner's prefix cache makes them) reads its own tensors
+        twin.codebooks.mul_(0.5)
+        np.testing.assert_allclose(twin(ids).numpy(), twin.lookup_torch(ids).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m(ids).numpy(), m.lookup_torch(ids).numpy(), rtol=1e-5, atol=1e-6)

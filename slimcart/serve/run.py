@@ -30,7 +30,20 @@ def prepare(workload: str, model: str, index: str | Path | None = None, opts: Se
     servable = servable_for(workload, runner, bundle, opts.limits(), wl=wl, index=idx)
     say("warming up")
     warm = servable.warmup(opts.max_batch)
-    return build_app(servable, opts, warm=warm, say=say), opts
+    app = build_app(servable, opts, warm=warm, say=say)
+    freeze_heap()
+    return app, opts
+
+
+def freeze_heap() -> None:
+    """Move every object alive now (the model, torch, transformers: hundreds of thousands of them) out of
+    the garbage collector's view. A full collection walks every tracked object, so with them a pause of
+    tens to hundreds of ms can land on whichever request is running; requests allocate only short-lived
+    objects, which the young generations still collect."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def serve(workload: str, model: str, index: str | Path | None = None, opts: ServeOptions | None = None,

@@ -17,7 +17,9 @@ instead of 8 at d = 32: 10.7x at best there, where this reaches 16x less the cod
 
 Lookup: gather the requested rows' codes, then one F.embedding over the M codebooks stacked as
 (M K) x s rows at index c_m + m K, reshaped to (n, d) (times R); tier rows replace theirs (for many
-ids they are read first and only the other rows decoded); the padding row is exactly zero.
+ids they are read first and only the other rows decoded); the padding row is exactly zero. At
+inference the same lookup (and a single query's scoring) runs as one fused C call instead
+(pq_native.py): the op chain's dispatch cost dominated at batch 1.
 Scoring every row: asymmetric distance computation h E^T = sum_m ((h R^T)_m C_m^T)[:, c_m] (M small
 products B x K, then per row M gathers summed; no row decoded; tier rows scored on their own: see `scores`).
 k-means runs in faiss (a well-kept, fast implementation, seeded); only the layout and the lookup are
@@ -188,6 +190,13 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
 
     def _rotate(self, rows: torch.Tensor) -> torch.Tensor:
         return rows if self.rotation is None else torch.mm(rows, self.rotation)
+
+    def __getstate__(self):
+        """Copies and pickles leave the kernel's view behind (raw pointers into this table's tensors):
+        a copy makes its own on first use."""
+        state = self.__dict__.copy()
+        state["_native"] = None
+        return state
 
     def _kernel(self) -> pq_native.NativePQ | None:
         """The fused C kernel, where this call may use it: float32 on the CPU, inference only. (At 12.8k
