@@ -46,10 +46,14 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {msg}", flush=True)
 
 
+def nan_if_none(v) -> float:
+    return float("nan") if v is None else v
+
+
 def emit(kind: str, x) -> None:
     if kind == "trial":
         f = x.get("figures")
-        log(f"trial {x['number']} {x['params']} " + (f"loss {f['quality_loss']:+.2%} (bound {f.get('quality_loss_bound') or float('nan'):+.2%}) {x['objective']} "
+        log(f"trial {x['number']} {x['params']} " + (f"loss {f['quality_loss']:+.2%} (bound {nan_if_none(f.get('quality_loss_bound')):+.2%}) {x['objective']} "
                                                        f"{f[{'throughput_per_core': 'throughput_per_core', 'throughput': 'throughput'}.get(x['objective'], 'latency_p99_ms')]:.4g} "
                                                        f"{f['size_bytes'] / 1e6:.1f} MB feasible={x['feasible']}" if f else x.get("error", "")))
     elif kind in ("warning", "best"):
@@ -161,7 +165,7 @@ def render(res: dict) -> str:
              f"CPU: {env['cpu']} ({', '.join(env['cpu_flags'])}), {env['logical_cpus']} logical CPUs. "
              f"Budget scale {res['budget_scale']} (1 = the budgets in the script). Load average per case in the last column.",
              "", "| case | budget / spent (min) | trials | chosen recipe | test loss (primary) | validation loss (upper bound, confidence) | "
-             "throughput vs fp32 | p99 ms | size MB | energy J/item | meets every limit on test | load start→end |",
+             "throughput vs fp32 | p99 ms | size MB | energy J/item | meets every limit on test | load start→end, run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def bound(r):
         b = r.get("validation_quality_loss_bound")
@@ -172,7 +176,7 @@ def render(res: dict) -> str:
                      f"{' → '.join(r['recipe'])} `{json.dumps(r['params'])}` | {r['test_quality_loss']:+.2%} | "
                      f"{r['validation_quality_loss']:+.2%}{bound(r)} | {r['throughput_ratio']:.2f}x | {r['latency_p99_ms']:.1f} | "
                      f"{r['size_bytes'] / 1e6:.1f} | {r['energy_j_per_item']:.3g} ({r['energy_method']}) | "
-                     f"{'yes' if r['meets_every_limit_on_test'] else 'NO'} | {r['load'][0]:.1f}→{r['load'][1]:.1f} |")
+                     f"{'yes' if r['meets_every_limit_on_test'] else 'NO'} | {r['load'][0]:.1f}→{r['load'][1]:.1f}{', ' + r['run_date'] if r.get('run_date') else ''} |")
     if res.get("builtins"):
         lines += ["", "## Every built-in search recipe alone (cloud-batch settings, test split)", "",
                   "| recipe | nDCG@10 loss | throughput vs fp32 | size MB | meets ≤ 0.5% loss |", "|---|---|---|---|---|"]
@@ -204,6 +208,22 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
+def merged(res: dict, path: Path) -> dict:
+    """This run's cases, plus the other cases of the results already at `path` (each row keeps its own
+    date and load average), so one case can be rerun without dropping the rest."""
+    if not path.is_file():
+        return res
+    old = json.loads(path.read_text())
+    ran = {r["case"] for r in res["cases"]}
+    for r in old.get("cases", []):
+        if r["case"] not in ran:
+            r.setdefault("run_date", old.get("environment", {}).get("date"))
+            res["cases"].append(r)
+    if "builtins" not in res and old.get("builtins"):
+        res["builtins"] = old["builtins"]
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", nargs="*", default=list(CASES) + ["search-builtins"])
@@ -222,6 +242,9 @@ def main() -> None:
         else:
             res["cases"].append(run_case(name, args, args.work))
     res["wall_min"], res["load_end"] = (time.time() - t0) / 60, os.getloadavg()
+    for r in res["cases"]:
+        r.setdefault("run_date", time.strftime("%Y-%m-%d %H:%M"))
+    res = merged(res, ROOT / "bench" / "results" / "planner.json")
     outputs.write_json(ROOT / "bench" / "results" / "planner.json", res)
     outputs.atomic_write_text(ROOT / "docs" / "bench-planner.md", render(res))
     log(f"done in {res['wall_min']:.1f} min")

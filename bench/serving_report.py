@@ -66,8 +66,10 @@ def search_md(r: dict) -> list[str]:
 
 def rerun_md(runs: list[tuple[Path, dict]]) -> list[str]:
     """Further runs of the same search benchmark, one line each, so one run's ladder is not read alone."""
-    lines = ["Other runs of the same command (every one is listed; the sustainable rate moves between runs when one "
-             "ladder step meets a stall):", ""]
+    lines = ["Other runs of the same command (every one is listed, so one run's ladder is not read alone). The server "
+             "freezes its warmed-up heap out of Python's garbage collector and the client collects before every "
+             "timed step (both since 2026-12-01): the two runs before that change (in git history) each had one "
+             "ladder step with a single ~250 ms p99 stall, which set their sustainable ratio (1.84× and 3.74×).", ""]
     for path, r in runs:
         o = {s: r[s].get("overload_3x", {}) for s in ("fp32", "compressed")}
         lines.append(f"- `{path.relative_to(ROOT)}` ({_load_note(r['environment']).rstrip('.')}): sustainable fp32 "

@@ -17,7 +17,7 @@ from slimcart.plan import energy, hardware
 from slimcart.plan.final import choose, explain, pareto
 from slimcart.plan.profile import builtin_profiles, load_profile
 from slimcart.plan.space import Settings, fingerprint, space_for
-from slimcart.plan.study import constraints_of
+from slimcart.plan.study import clearly_behind, constraints_of
 from slimcart.plan.trial import quality_loss, quality_loss_bound, scaled
 from slimcart.recipe import Recipe
 
@@ -268,6 +268,19 @@ def test_quality_loss_bound_matches_a_direct_bootstrap_and_widens_with_disagreem
     assert quality_loss_bound(base, base * 1.1, False, 0.5) == pytest.approx(0.1, abs=1e-9)
     assert quality_loss_bound(base, base, True, 0.0) is None and quality_loss_bound(None, base, True, 0.9) is None
     assert quality_loss_bound(base, base[:-1], True, 0.9) is None
+
+
+def test_screened_trial_is_only_dropped_when_clearly_behind_the_best_full_trial():
+    # a screened trial that looks better than the best full one is always promoted
+    assert not clearly_behind({"latency_p99_ms": 1.431}, {"latency_p99_ms": 1.456}, "latency_p99")
+    assert not clearly_behind({"throughput_per_core": 1424.0}, {"throughput_per_core": 1335.0}, "throughput_per_core")
+    # within the 15% benefit of the doubt: promoted; beyond it: dropped
+    assert not clearly_behind({"latency_p99_ms": 1.6}, {"latency_p99_ms": 1.456}, "latency_p99")
+    assert clearly_behind({"latency_p99_ms": 1.8}, {"latency_p99_ms": 1.456}, "latency_p99")
+    assert not clearly_behind({"throughput": 1200.0}, {"throughput": 1335.0}, "throughput")
+    assert clearly_behind({"throughput": 1100.0}, {"throughput": 1335.0}, "throughput")
+    assert not clearly_behind({"energy_j_per_item": 0.011}, {"energy_j_per_item": 0.01}, "energy")
+    assert clearly_behind({"energy_j_per_item": 0.013}, {"energy_j_per_item": 0.01}, "energy")
 
 
 def _row(n, loss, lat, size, energy_, cons, fid="full", state="COMPLETE"):

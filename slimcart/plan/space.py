@@ -281,9 +281,12 @@ def recsys_space(hw: dict, budget_s: float | None, settings: Settings, sensitive
         Param("width", [0.5, 0.75], lambda p: p["structure"] == "distill", "structure=distill", "fraction of width kept"),
         Param("prune_hidden", [0.25, 0.5], lambda p: p["structure"] == "prune", "structure=prune",
               "fraction of the hidden width removed, then recovery"),
-        Param("quant", ["none", "int8_dynamic"]),
-        Param("runtime", rts, lambda p: p["quant"] == "none", "quant=none"),
-        Param("per_channel", [False, True], lambda p: p["quant"] == "int8_dynamic", "quant=int8_dynamic"),
+        Param("tables", list(TABLES), what="item-table compression (the table is most of SASRec's bytes; torch runtime)"),
+        Param("dense_int8", [False, True], lambda p: p["tables"] != "none", "tables!=none",
+              "attention and FFN Linear layers on torch's dynamic int8 kernels beside the compressed table"),
+        Param("quant", ["none", "int8_dynamic"], lambda p: p["tables"] == "none", "tables=none"),
+        Param("runtime", rts, lambda p: p.get("quant") == "none", "quant=none"),
+        Param("per_channel", [False, True], lambda p: p.get("quant") == "int8_dynamic", "quant=int8_dynamic"),
     ]
 
     def build(p: dict) -> list[dict]:
@@ -297,16 +300,32 @@ def recsys_space(hw: dict, budget_s: float | None, settings: Settings, sensitive
             steps += [{"kind": "prune_structured", "hidden": p["prune_hidden"], "calibration_batches": 16},
                       {"kind": "recover", "method": "distill", "steps": settings.recover_steps,
                        "max_minutes": settings.recover_minutes, "calibration_batches": 64}]
-        if p["quant"] == "none":
+        if p["tables"] != "none":  # compressed tables run in torch (their lookup kernels do not export)
+            steps.append({"kind": "compress_embeddings", "exclude": ["*pos_emb*"], **TABLES[p["tables"]]})
+            if p["dense_int8"]:
+                steps.append({"kind": "torch_dynamic_int8", "layers": ["linear"], "min_features": 2})
+        elif p["quant"] == "none":
             steps += _runtime_steps(p["runtime"])
         else:
             steps += [{"kind": "export_onnx", "optimize": True}, {"kind": "ort_dynamic_int8", "per_channel": p["per_channel"]}]
         return steps
 
-    seeds = [[{"structure": "none", "quant": "int8_dynamic", "per_channel": pc} for pc in (False, True)]]
+    seeds = [[{"structure": "none", "tables": "none", "quant": "int8_dynamic", "per_channel": pc} for pc in (False, True)]]
+    if size_capped:  # the table dominates the bytes: start from the 8x recipe of docs/bench-embeddings.md
+        seeds.append([{"structure": "none", "tables": "pq_hot_int4", "dense_int8": d} for d in (True, False)])
     if "distill" in structures:
-        seeds.append([{"structure": "distill", "width": 0.5, "quant": "int8_dynamic", "per_channel": True}])
+        seeds.append([{"structure": "distill", "width": 0.5, "tables": "none", "quant": "int8_dynamic", "per_channel": True}])
     return Space("recsys", params, build, seeds, excluded)
+
+
+# the item-table settings of the built-in recipes emb-int8 / emb-int4 / emb-pq-hot-int4 (docs/bench-embeddings.md)
+TABLES = {
+    "none": {},
+    "int8": {"method": "rowwise", "bits": 8},
+    "int4": {"method": "rowwise", "bits": 4, "optimized_range": True},
+    "pq_hot_int4": {"min_rows": 1024, "method": "pq", "subvector_dim": 4, "code_bits": 8, "rotate": True,
+                    "hot": [{"bits": 4, "fraction": 0.28}]},
+}
 
 
 SPACES = {"search": search_space, "llm": llm_space, "recsys": recsys_space}
