@@ -202,7 +202,7 @@ def render(res: dict) -> str:
             lines.append(f"\n{r['case']}: CPU-hours per million texts {c['baseline']['cpu_hours_per_million']:.3f} (fp32) → "
                          f"{c['compressed']['cpu_hours_per_million']:.3f}; artifact {c['compressed']['artifact_bytes'] / 1e6:.1f} MB "
                          f"({c['compressed']['artifact_gzip_bytes'] / 1e6:.1f} MB gzipped) vs {c['baseline']['artifact_bytes'] / 1e6:.1f} MB fp32 weights.")
-    lines += ["", "## Why each choice won", ""] + [f"- **{r['case']}** ({r['label']}): " + " ".join(r["why"]) for r in res["cases"]]
+    lines += ["", "## Why each choice won", ""] + [f"- **{r['case']}** ({r['label']}): " + "; ".join(r["why"]) + "." for r in res["cases"]]
     lines += ["", "Resume after SIGKILL and two workers sharing one PostgreSQL study are checked by "
               "`tests/test_plan_resume_workers.py` (the test starts its own PostgreSQL server).", ""]
     return "\n".join(lines)

@@ -166,6 +166,13 @@ class Driver:
             trial.set_user_attr("duplicate_of", twin)
             raise optuna.TrialPruned()
         trial.set_user_attr("fingerprint", fp)
+        # Claim the recipe, then look again: two workers that sampled it at the same moment have both
+        # passed the check above before either claimed it. Each claims before it looks, so at least one
+        # of them sees the other's claim and backs off (both may; never neither).
+        twin = self._twin(fp, trial.number)
+        if twin is not None:
+            trial.set_user_attr("duplicate_of", twin)
+            raise optuna.TrialPruned()
         trial.set_user_attr("recipe", recipe.to_dict())
         t0 = time.time()
         folder = self.out / "trials" / str(trial.number)
