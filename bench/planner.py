@@ -163,7 +163,8 @@ def render(res: dict) -> str:
              "are medians of per-round ratios against PyTorch fp32 eager timed interleaved in the same run, end to end "
              "(tokenization / padding inside every timed call), at the profile's threads and batch.", "",
              f"CPU: {env['cpu']} ({', '.join(env['cpu_flags'])}), {env['logical_cpus']} logical CPUs. "
-             f"Budget scale {res['budget_scale']} (1 = the budgets in the script). Load average per case in the last column.",
+             f"Budget scale of the last run {res['budget_scale']} (1 = the budgets in the script; each row gives its own budget). "
+             "Load average per case in the last column.",
              "", "| case | budget / spent (min) | trials | chosen recipe | test loss (primary) | validation loss (upper bound, confidence) | "
              "throughput vs fp32 | p99 ms | size MB | energy J/item | meets every limit on test | load start→end, run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
