@@ -198,13 +198,12 @@ async def open_loop(url: str, texts: list[str], rate: float, seconds: float, see
 
 
 def settle() -> None:
-    """Before a timed step: collect the client's garbage now and freeze what survives, so a full
-    collection over the client's heap (numpy, aiohttp, the last step's results) never pauses the load
-    generator inside a step, where it would count as server latency."""
-    import gc
+    """Before a timed step: the server's freeze_heap on the client's own heap (numpy, aiohttp, the last
+    step's results), so a full collection never pauses the load generator inside a step, where it would
+    count as server latency."""
+    from slimcart.serve.run import freeze_heap
 
-    gc.collect()
-    gc.freeze()
+    freeze_heap()
 
 
 def ok_at(step: dict, objective_ms: float) -> bool:

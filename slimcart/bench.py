@@ -229,15 +229,23 @@ def reliability(load_before: float, load_after: float, cpus: int, ratios: dict[s
     return {"reliable": not reasons, "reasons": reasons}
 
 
-def paired_bootstrap(candidate, baseline, resamples: int = 2000, seed: int = 0) -> dict:
-    """Relative change of a mean metric, mean(candidate) / mean(baseline) - 1, with a 95% interval from
-    resampling the same users (rows) for both models, so per-user difficulty cancels out."""
+def paired_changes(candidate, baseline, resamples: int = 2000, seed: int = 0):
+    """mean_S(candidate) / mean_S(baseline) - 1 over `resamples` resamples S of the same rows (users,
+    queries) for both models, so per-row difficulty cancels out: (resamples,) array."""
     import numpy as np
 
     c, b = np.asarray(candidate, float), np.asarray(baseline, float)
     if c.shape != b.shape or c.ndim != 1 or not len(c):
-        raise ValueError("paired_bootstrap needs two 1-D arrays over the same rows")
+        raise ValueError("a paired bootstrap needs two 1-D arrays over the same rows")
     idx = np.random.default_rng(seed).integers(0, len(c), (resamples, len(c)))
-    ratios = c[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-30) - 1
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return c[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-30) - 1
+
+
+def paired_bootstrap(candidate, baseline, resamples: int = 2000, seed: int = 0) -> dict:
+    """Relative change of a mean metric, mean(candidate) / mean(baseline) - 1, with a 95% interval from
+    `paired_changes`."""
+    import numpy as np
+
+    lo, hi = np.percentile(paired_changes(candidate, baseline, resamples, seed), [2.5, 97.5])
+    c, b = np.asarray(candidate, float), np.asarray(baseline, float)
     return {"rel_change": float(c.mean() / max(b.mean(), 1e-30) - 1), "ci95": [float(lo), float(hi)]}

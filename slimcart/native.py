@@ -7,8 +7,8 @@ cores and need ninja), and a call costs one ctypes dispatch (~1 us) instead of a
 The shared object is cached under $SLIMCART_CACHE (default ~/.cache/slimcart) by a hash of the
 source, the compiler's version, the flags and this CPU's model and features (-march=native code is
 only valid where it was built); it is written to a temporary name and renamed into place, so parallel
-first uses never load a half-written file. Where no C compiler works, `load` returns None and every
-caller keeps its pure-torch path (the caller says so in its notes).
+first uses never load a half-written file. Where no C compiler works (or SLIMCART_NO_NATIVE is set),
+`load` returns None and every caller keeps its pure-torch path.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-std=c11")
 _LOADED: dict[str, ctypes.CDLL | None] = {}
-_WHY: dict[str, str] = {}
 _LOCK = threading.Lock()
 
 
@@ -50,19 +49,13 @@ def load(name: str, source: str) -> ctypes.CDLL | None:
         if name in _LOADED:
             return _LOADED[name]
         lib = None
-        if os.environ.get("SLIMCART_NO_NATIVE"):
-            _WHY[name] = "native kernels disabled (SLIMCART_NO_NATIVE)"
-        else:
+        if not os.environ.get("SLIMCART_NO_NATIVE"):
             try:
                 lib = ctypes.CDLL(str(_build(name, source)))
-            except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-                _WHY[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            except (OSError, subprocess.SubprocessError, RuntimeError):
+                lib = None  # no working compiler: the caller's torch path runs
         _LOADED[name] = lib
         return lib
-
-
-def why_unavailable(name: str) -> str | None:
-    return _WHY.get(name)
 
 
 def _build(name: str, source: str) -> Path:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import SlimcartError
-from ..recipe import Recipe
+from ..recipe import Recipe, load_recipe
 
 
 @dataclass
@@ -301,7 +301,7 @@ def recsys_space(hw: dict, budget_s: float | None, settings: Settings, sensitive
                       {"kind": "recover", "method": "distill", "steps": settings.recover_steps,
                        "max_minutes": settings.recover_minutes, "calibration_batches": 64}]
         if p["tables"] != "none":  # compressed tables run in torch (their lookup kernels do not export)
-            steps.append({"kind": "compress_embeddings", "exclude": ["*pos_emb*"], **TABLES[p["tables"]]})
+            steps += [st.model_dump(mode="json") for st in load_recipe(TABLES[p["tables"]]).steps]
             if p["dense_int8"]:
                 steps.append({"kind": "torch_dynamic_int8", "layers": ["linear"], "min_features": 2})
         elif p["quant"] == "none":
@@ -318,14 +318,8 @@ def recsys_space(hw: dict, budget_s: float | None, settings: Settings, sensitive
     return Space("recsys", params, build, seeds, excluded)
 
 
-# the item-table settings of the built-in recipes emb-int8 / emb-int4 / emb-pq-hot-int4 (docs/bench-embeddings.md)
-TABLES = {
-    "none": {},
-    "int8": {"method": "rowwise", "bits": 8},
-    "int4": {"method": "rowwise", "bits": 4, "optimized_range": True},
-    "pq_hot_int4": {"min_rows": 1024, "method": "pq", "subvector_dim": 4, "code_bits": 8, "rotate": True,
-                    "hot": [{"bits": 4, "fraction": 0.28}]},
-}
+# item-table compression = the steps of a built-in recipe (docs/bench-embeddings.md)
+TABLES = {"none": None, "int8": "emb-int8", "int4": "emb-int4", "pq_hot_int4": "emb-pq-hot-int4"}
 
 
 SPACES = {"search": search_space, "llm": llm_space, "recsys": recsys_space}

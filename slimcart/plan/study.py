@@ -161,14 +161,10 @@ class Driver:
             trial.set_user_attr("skipped", "the baseline itself (no step)")
             raise optuna.TrialPruned()
         fp = fingerprint(recipe)
-        twin = self._twin(fp, trial.number)
-        if twin is not None:
-            trial.set_user_attr("duplicate_of", twin)
-            raise optuna.TrialPruned()
+        # Claim the recipe, then look for another claim (complete or running): a claim-free check first
+        # would let two workers that sampled it at the same moment both pass. Each claims before it
+        # looks, so at least one of them sees the other and backs off (both may; never neither).
         trial.set_user_attr("fingerprint", fp)
-        # Claim the recipe, then look again: two workers that sampled it at the same moment have both
-        # passed the check above before either claimed it. Each claims before it looks, so at least one
-        # of them sees the other's claim and backs off (both may; never neither).
         twin = self._twin(fp, trial.number)
         if twin is not None:
             trial.set_user_attr("duplicate_of", twin)

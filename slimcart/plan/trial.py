@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import api, outputs
-from ..bench import measure_interleaved, paired_ratio, set_threads
+from ..bench import measure_interleaved, paired_changes, paired_ratio, set_threads
 from ..contracts import Progress, no_progress
 from ..recipe import Recipe, parse_step
 from .energy import EnergyMeter, energy_per_item
@@ -87,11 +87,11 @@ def quality_loss(base: float, cand: float, higher_is_better: bool) -> float:
 
 def quality_loss_bound(base_units, cand_units, higher_is_better: bool, confidence: float,
                        resamples: int = 4000, seed: int = 0) -> float | None:
-    """One-sided upper `confidence` bound of the relative loss of a mean metric, by a paired bootstrap:
-    the same units (queries, users) are resampled for both models, so per-unit difficulty cancels and
-    only the candidate's disagreement with the baseline widens the bound. With loss(S) =
-    (mean_S b - mean_S c) / |mean_S b| (sign flipped when lower is better) over resamples S, the bound
-    is its `confidence` quantile. None when either side has no per-unit values or they do not pair."""
+    """One-sided upper `confidence` bound of the relative loss of a mean metric, by a paired bootstrap
+    (bench.paired_changes): the same units (queries, users) are resampled for both models, so per-unit
+    difficulty cancels and only the candidate's disagreement with the baseline widens the bound. With
+    loss(S) = 1 - mean_S c / mean_S b (sign flipped when lower is better) over resamples S, the bound is
+    its `confidence` quantile. None when either side has no per-unit values or they do not pair."""
     import numpy as np
 
     if base_units is None or cand_units is None or confidence <= 0:
@@ -99,11 +99,8 @@ def quality_loss_bound(base_units, cand_units, higher_is_better: bool, confidenc
     b, c = np.asarray(base_units, float), np.asarray(cand_units, float)
     if b.shape != c.shape or b.ndim != 1 or len(b) < 2:
         return None
-    idx = np.random.default_rng(seed).integers(0, len(b), (resamples, len(b)))
-    mb, mc = b[idx].mean(1), c[idx].mean(1)
-    sign = 1.0 if higher_is_better else -1.0
-    loss = sign * (mb - mc) / np.maximum(np.abs(mb), 1e-30)
-    return float(np.quantile(loss, confidence))
+    change = paired_changes(c, b, resamples, seed)
+    return float(np.quantile(-change if higher_is_better else change, confidence))
 
 
 @dataclass

@@ -44,6 +44,7 @@ class CompressedEmbedding(nn.Module):
     """Base class. `mode` None behaves as nn.Embedding; "sum"/"mean" as nn.EmbeddingBag."""
 
     kind: ClassVar[str] = ""
+    lookup_zeroes_padding: ClassVar[bool] = False  # True: `lookup` writes the padding row as zeros itself
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
                  mode: str | None = None):
@@ -81,8 +82,11 @@ class CompressedEmbedding(nn.Module):
         if self.mode is None:
             if offsets is not None or per_sample_weights is not None:
                 raise SlimcartError("this table replaces an nn.Embedding: it takes ids only, no offsets")
-            out = self.lookup(ids.reshape(-1))
-            return self._zero_padding(out, ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+            flat = ids.reshape(-1)
+            out = self.lookup(flat)
+            if not self.lookup_zeroes_padding:
+                out = self._zero_padding(out, flat)
+            return out.reshape(*ids.shape, self.embedding_dim)
         if ids.dim() == 2:  # nn.EmbeddingBag's fixed-length bags
             if offsets is not None:
                 raise SlimcartError("2-D ids are fixed-length bags: pass no offsets")

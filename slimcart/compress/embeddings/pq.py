@@ -112,6 +112,7 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
     """M codes per row into M codebooks, plus optional hot-row tiers."""
 
     kind = "pq"
+    lookup_zeroes_padding = True  # both paths write the padding row as zeros (its codes only approximate it)
 
     def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor, code_bits: int,
                  tiers: list[tuple[RowOverrides, PackedRows]] = (), padding_idx=None, mode=None,
@@ -210,14 +211,6 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
         books = self._parameters["codebooks"]
         return k if books.dtype == torch.float32 and books.device.type == "cpu" else None
 
-    def forward(self, ids: torch.Tensor, offsets: torch.Tensor | None = None,
-                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-        if self.mode is None and offsets is None and per_sample_weights is None:
-            k = self._kernel()
-            if k is not None:  # one call: the kernel zeroes the padding row itself
-                return k.lookup(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
-        return super().forward(ids, offsets, per_sample_weights)
-
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of flat ids; the padding row is exactly zero, as nn.Embedding's (its codes only approximate it)."""
         k = self._kernel()
@@ -258,15 +251,21 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
         alone ran 1.6-1.9x faster than the fp32 GEMM at batch 64-256; with the product table, the index
         and the tier rows the whole call is about on par with it at 256 (tile decoding + GEMM: ~0.65x).
         Tier rows are scored on their own and enter the same sum."""
-        return self.scores_torch(h, self._kernel() if h.shape[0] == 1 and h.dtype == torch.float32 else None)
+        kernel = self._kernel() if h.shape[0] == 1 and h.dtype == torch.float32 else None
+        if kernel is not None:  # one pass over the codes, tier rows and padding in the same call
+            return kernel.scores1(self._product_table(h).view(-1), h.view(-1))
+        return self.scores_torch(h)
 
-    def scores_torch(self, h: torch.Tensor, kernel: pq_native.NativePQ | None = None) -> torch.Tensor:
-        """`scores` in torch ops, but for one query's gather-and-add when `kernel` is given."""
+    def _product_table(self, h: torch.Tensor) -> torch.Tensor:
+        """T = (h R^T)_m C_m^T: (B, M K), each query's sub-vector products with every centroid."""
         b, (m, k, s) = h.shape[0], self.codebooks.shape
         hr = h if self.rotation is None else h @ self.rotation.t()  # h (P R)^T = (h R^T) P^T
-        table = torch.einsum("bms,mks->bmk", hr.reshape(b, m, s), self.codebooks).reshape(b, m * k)
-        if kernel is not None:  # one pass over the codes, tier rows and padding in the same call
-            return kernel.scores1(table.view(-1), h.view(-1))
+        return torch.einsum("bms,mks->bmk", hr.reshape(b, m, s), self.codebooks).reshape(b, m * k)
+
+    def scores_torch(self, h: torch.Tensor) -> torch.Tensor:
+        """`scores` in torch ops (autograd; and the reference the kernel is tested against)."""
+        b, (m, k, s) = h.shape[0], self.codebooks.shape
+        table = self._product_table(h)
         idx = self._centroid_index(self.codes).view(self.num_embeddings, m)
         if b == 1:  # embedding_bag over a one-column table is pathological (~30x slower than this gather)
             out = table.index_select(1, idx.view(-1)).view(1, self.num_embeddings, m).sum(-1)

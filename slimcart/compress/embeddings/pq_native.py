@@ -57,30 +57,41 @@ static float half_to_float(uint16_t h) {
     float out; memcpy(&out, &f, 4); return out;
 }
 
+static inline int64_t tier_id(const Tier *t, int64_t p) {
+    return t->ids64 ? ((const int64_t *)t->ids)[p] : (int64_t)((const int32_t *)t->ids)[p];
+}
+
 static int64_t find(const Tier *t, int64_t id) {
     int64_t lo = 0, hi = t->n - 1;
     while (lo <= hi) {
         int64_t mid = (lo + hi) >> 1;
-        int64_t v = t->ids64 ? ((const int64_t *)t->ids)[mid] : (int64_t)((const int32_t *)t->ids)[mid];
+        int64_t v = tier_id(t, mid);
         if (v == id) return mid;
         if (v < id) lo = mid + 1; else hi = mid - 1;
     }
     return -1;
 }
 
+/* a quantized row's scale and bias, stored after its codes: float32 at 8 bits, float16 at 4 */
+static void scale_bias(const Tier *t, const uint8_t *q, float *scale, float *bias) {
+    if (t->bits == 8) {
+        memcpy(scale, q + t->pdim, 4); memcpy(bias, q + t->pdim + 4, 4);
+        return;
+    }
+    uint16_t hs, hb; int64_t off = t->pdim / 2;
+    memcpy(&hs, q + off, 2); memcpy(&hb, q + off + 2, 2);
+    *scale = half_to_float(hs); *bias = half_to_float(hb);
+}
+
 static void tier_row(const Tier *t, int64_t pos, int d, float *out) {
     const uint8_t *q = t->data + pos * t->row_bytes;
     if (t->bits == 32) { memcpy(out, q, (size_t)d * 4); return; }
     float scale, bias;
-    if (t->bits == 8) {
-        memcpy(&scale, q + t->pdim, 4); memcpy(&bias, q + t->pdim + 4, 4);
+    scale_bias(t, q, &scale, &bias);
+    if (t->bits == 8)
         for (int j = 0; j < d; j++) out[j] = (float)q[j] * scale + bias;
-        return;
-    }
-    uint16_t hs, hb; int64_t off = t->pdim * t->bits / 8;
-    memcpy(&hs, q + off, 2); memcpy(&hb, q + off + 2, 2);
-    scale = half_to_float(hs); bias = half_to_float(hb);
-    for (int j = 0; j < d; j++) out[j] = (float)((q[j >> 1] >> ((j & 1) * 4)) & 15) * scale + bias;  /* 4 bits */
+    else
+        for (int j = 0; j < d; j++) out[j] = (float)((q[j >> 1] >> ((j & 1) * 4)) & 15) * scale + bias;
 }
 
 static inline int code_of(const Table *t, const uint8_t *c, int m) {
@@ -148,15 +159,9 @@ static float tier_dot(const Tier *t, int64_t pos, const float *h, const float *h
             for (int l = 0; l < LANES; l++) acc[l] += he[j + l] * (float)(q[j + l] & 15) + ho[j + l] * (float)(q[j + l] >> 4);
         for (; j < nb; j++) acc[0] += he[j] * (float)(q[j] & 15) + ho[j] * (float)(q[j] >> 4);
     }
-    float dot = lanes_sum(acc), scale, bias;
-    if (t->bits == 8) {
-        memcpy(&scale, q + t->pdim, 4); memcpy(&bias, q + t->pdim + 4, 4);
-    } else {
-        uint16_t hs, hb; int64_t off = t->pdim / 2;
-        memcpy(&hs, q + off, 2); memcpy(&hb, q + off + 2, 2);
-        scale = half_to_float(hs); bias = half_to_float(hb);
-    }
-    return scale * dot + bias * hsum;
+    float scale, bias;
+    scale_bias(t, q, &scale, &bias);
+    return scale * lanes_sum(acc) + bias * hsum;
 }
 
 /* out[n] = sum_m table[m k + c_m(n)] for every row, ROWS rows at a time: their sums are independent
@@ -200,8 +205,7 @@ void pq_scores1(const Table *t, const float *table, const float *h, float *out) 
     for (int32_t q = 0; q < t->n_tiers; q++) {
         const Tier *tr = &t->tiers[q];
         for (int64_t p = 0; p < tr->n; p++) {
-            int64_t id = tr->ids64 ? ((const int64_t *)tr->ids)[p] : (int64_t)((const int32_t *)tr->ids)[p];
-            out[id] = tier_dot(tr, p, h, he, ho, hsum, t->d);
+            out[tier_id(tr, p)] = tier_dot(tr, p, h, he, ho, hsum, t->d);
         }
     }
     if (t->pad >= 0) out[t->pad] = 0.0f;
@@ -273,7 +277,7 @@ class NativePQ:
         m, k, s = t.codebooks.shape
         book = t.codebooks.detach().reshape(m * k, s)  # the parameter's own storage, no copy
         rot = None if t.rotation is None else t.rotation.contiguous()
-        tiers = [(held.ids, rows.data.detach(), rows) for held, rows in zip(t.tier_ids, t.tier_rows) if len(held)]
+        tiers = [(held.ids, rows.data.detach(), rows) for held, rows in self._tiers if len(held)]
         arr = (_Tier * max(1, len(tiers)))()
         for i, (ids, data, rows) in enumerate(tiers):
             arr[i] = _Tier(ids.data_ptr(), ids.numel(), int(ids.dtype == torch.int64), rows.bits, data.data_ptr(),
