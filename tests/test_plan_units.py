@@ -403,3 +403,13 @@ def test_plan_cli_refuses_bad_input_in_one_line_before_loading(tmp_path, args, m
     res = CliRunner().invoke(app, base + (args if args[0] == "-w" else ["-w", "search"] + args))
     assert res.exit_code == 2 and match in " ".join(res.output.split()) and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_size_capped_search_plan_starts_from_the_ladder_that_can_meet_the_cap():
+    capped = space_for("search", HW_PLAIN, None, Settings(), [], 6, True)
+    first = capped.seeds[0]
+    assert [r["embedding_rank"] for r in first] == [64, 128] and {r["structure"] for r in first} == {"prune"}
+    kinds = [s.kind for s in capped.recipe(capped.sample(lambda n, o, r=first[0]: r.get(n, o[0]))).steps]
+    assert kinds == ["prune_structured", "lowrank", "distill", "smoothquant", "static_int8"]
+    uncapped = space_for("search", HW_PLAIN, None, Settings(), [], 6, False)
+    assert all(r["embedding_rank"] == 0 for ladder in uncapped.seeds for r in ladder)
