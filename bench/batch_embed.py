@@ -1,13 +1,14 @@
 """`slimcart embed` over the PriceRunner catalogue (35,311 offer titles): data-parallel scaling,
 Ray Data vs local workers, and resuming a killed job.
 
-Runs (same model, same shards, same total thread budget = --cores):
-  1x{cores}   one worker process with all the threads
+Runs (same model, same shards):
+  1x1         one single-threaded worker: the unit that data parallelism multiplies
+  1x{cores}   one worker process with all the threads (the same total thread budget as the next)
   {cores}x1   one single-threaded worker per core
   ray         the same workers as Ray Data actors (local Ray started by the job)
 Reported: wall seconds (worker start and model load included: what a user waits for), rows/s,
-speed-up of {cores}x1 over 1x{cores}, Ray's overhead vs local workers, max |ray - local| over
-all vectors. Resume: a job is started in a subprocess and SIGKILLed once some shards are on
+speed-up of {cores}x1 over 1x1 (how workers scale) and over 1x{cores} (workers vs intra-op threads
+at the same thread budget), Ray's overhead vs local workers, max |ray - local| over all vectors. Resume: a job is started in a subprocess and SIGKILLed once some shards are on
 disk; the rerun must skip exactly those shards (the job's manifest lists skipped/computed shards)
 and give the same vectors.
 
@@ -99,7 +100,7 @@ def main() -> None:
                         break
                     g.write(line)
         runs = {}
-        for name, (workers, threads, engine) in {f"1x{args.cores}": (1, args.cores, "local"),
+        for name, (workers, threads, engine) in {"1x1": (1, 1, "local"), f"1x{args.cores}": (1, args.cores, "local"),
                                                   f"{args.cores}x1": (args.cores, 1, "local"),
                                                   "ray": (args.cores, 1, "ray")}.items():
             if engine == "ray" and args.skip_ray:
@@ -109,6 +110,8 @@ def main() -> None:
         one, many = runs[f"1x{args.cores}"], runs[f"{args.cores}x1"]
         result["runs"] = runs
         result["speedup_workers_vs_threads"] = many["rows_per_s_wall"] / one["rows_per_s_wall"]
+        result["speedup_workers_vs_one_worker"] = many["rows_per_s_wall"] / runs["1x1"]["rows_per_s_wall"]
+        result["speedup_threads_vs_one_thread"] = one["rows_per_s_wall"] / runs["1x1"]["rows_per_s_wall"]
         ref = vectors(tmp / f"{args.cores}x1")
         result["max_abs_diff_1x_vs_workers"] = float(np.abs(vectors(tmp / f"1x{args.cores}") - ref).max())
         if "ray" in runs:

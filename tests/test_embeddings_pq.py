@@ -186,6 +186,10 @@ def test_fused_kernel_equals_the_torch_ops(source, bits, rotate, hot, padding):
     m = ProductQuantizedEmbedding.from_embedding(emb, cfg, counts)
     ids = torch.from_numpy(np.random.default_rng(7).integers(0, N, (3, 700)))
     ids[0, :5] = torch.tensor([0, 599, padding or 1, 2, 3])
+    ids[2, 10:40] = ids[2, 10]  # runs of one id (the kernel copies the row it just wrote), as padded histories have
+    ids[2, 40:60] = padding or 0
+    hot_id = int(m.tier_ids[0].ids[0]) if hot else 1
+    ids[2, 60:70] = hot_id
     with torch.no_grad():
         assert m._kernel() is not None
         want = m.lookup_torch(ids.reshape(-1))
@@ -226,3 +230,22 @@ def test_fused_kernel_follows_codebook_updates_and_moves(source):
         twin.codebooks.mul_(0.5)
         np.testing.assert_allclose(twin(ids).numpy(), twin.lookup_torch(ids).numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(m(ids).numpy(), m.lookup_torch(ids).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_rank_bitmap_gives_each_member_its_position_in_the_sorted_ids():
+    """The kernel's O(1) tier lookup: rank of id = its index in the sorted tier ids (np.searchsorted),
+    non-members not found; ids that are not strictly increasing get no bitmap (binary search instead)."""
+    rng = np.random.default_rng(3)
+    for n_rows in (1, 63, 64, 65, 1000, 4099):
+        ids = np.unique(rng.integers(0, n_rows, max(1, n_rows // 5)))
+        member, before = pq_native.rank_bitmap(torch.from_numpy(ids), n_rows)
+        members = set(ids.tolist())
+        for i in range(n_rows):
+            w, b = i >> 6, i & 63
+            inside = bool((int(member[w]) >> b) & 1)
+            assert inside == (i in members)
+            if inside:
+                assert int(before[w]) + bin(int(member[w]) & ((1 << b) - 1)).count("1") == int(np.searchsorted(ids, i))
+    assert pq_native.rank_bitmap(torch.tensor([3, 3, 5]), 10) is None
+    assert pq_native.rank_bitmap(torch.tensor([5, 3]), 10) is None
+    assert pq_native.rank_bitmap(torch.tensor([3, 10]), 10) is None
