@@ -8,9 +8,10 @@ Runs (same model, same shards):
   ray         the same workers as Ray Data actors (local Ray started by the job)
 Reported: wall seconds (worker start and model load included: what a user waits for), rows/s,
 speed-up of {cores}x1 over 1x1 (how workers scale) and over 1x{cores} (workers vs intra-op threads
-at the same thread budget), Ray's overhead vs local workers, max |ray - local| over all vectors. Resume: a job is started in a subprocess and SIGKILLed once some shards are on
-disk; the rerun must skip exactly those shards (the job's manifest lists skipped/computed shards)
-and give the same vectors.
+at the same thread budget), Ray's overhead vs local workers, max |ray - local| over all vectors.
+Resume: a job is started in a subprocess and SIGKILLed once some shards are on disk; the rerun
+must skip exactly those shards (the job's manifest lists skipped/computed shards) and give the
+same vectors.
 
     python bench/batch_embed.py --model minilm --out bench/results/batch_embed.json [--limit 5000]
 """
