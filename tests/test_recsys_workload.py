@@ -252,7 +252,8 @@ def test_real_data_training_beats_popularity(workload, tmp_path, monkeypatch):
     train, _, _ = leave_last_out(data.histories)
     popularity = np.bincount(np.concatenate(train), minlength=data.n_items + 1).astype(np.float32)
     pop = workload.evaluate(lambda b: np.tile(popularity, (len(b["seq"]), 1)), tiny_bundle(1), data).quality
-    out = workload.train(data, tmp_path / "sasrec", max_minutes=5.0)
+    # 8 epochs (~75 s at one thread): validation nDCG@10 is ~94% of its early-stopped best (epoch 10 of 13)
+    out = workload.train(data, tmp_path / "sasrec", epochs=8, max_minutes=5.0)
     bundle = workload.load_model(str(out))
     q = workload.evaluate(workload.torch_runner(bundle), bundle, data).quality
     assert q["ndcg@10"] > 1.5 * pop["ndcg@10"] and q["hr@10"] > pop["hr@10"] and q["auc"] > pop["auc"]
